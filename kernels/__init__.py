@@ -1,0 +1,1 @@
+"""Hand-written Triton kernels (fused softmax, FlashAttention-style attention) with PyTorch references."""

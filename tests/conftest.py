@@ -1,0 +1,9 @@
+import os
+
+import torch
+
+# Triton kernels run on the CPU through the interpreter when no GPU is present.
+# This must be set before `triton` is imported anywhere.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
