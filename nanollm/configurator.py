@@ -1,0 +1,105 @@
+"""Command-line overrides for the plain module-level hyperparameters at the top of each training script.
+
+`python train_x.py [config.py ...] [--key=value ...]`, as in nanoGPT: a config file is Python that assigns
+some of the script's variables; `--key=value` sets one. Unlike nanoGPT, nothing is exec'd into the script
+blindly: an unknown key or a value of the wrong type is an error that names the file, line and key.
+"""
+import ast
+import difflib
+
+SIMPLE_TYPES = (bool, int, float, str, type(None))
+
+
+def config_keys(namespace):
+    """The overridable settings of a script: its public module-level variables of simple types."""
+    return [k for k, v in namespace.items()
+            if not k.startswith("_") and isinstance(v, SIMPLE_TYPES) and not isinstance(v, type)]
+
+
+def _unknown_key_message(key, keys, where):
+    close = difflib.get_close_matches(key, keys, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return f"{where}: unknown setting '{key}'{hint}"
+
+
+def _coerce(key, value, default, where):
+    """Check `value` against the type of the script's default; ints are accepted where floats are expected."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(value, type(default)) and not isinstance(value, bool):
+        return value
+    raise TypeError(f"{where}: '{key}' must be {type(default).__name__} (default {default!r}), "
+                    f"got {type(value).__name__} {value!r}")
+
+
+def _parse_value(text):
+    """'3' -> 3, '1e-3' -> 0.001, 'True' -> True, "'gpt'" -> 'gpt', and bare words stay strings."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _read_config_file(path, keys):
+    """Run a config file and return {key: (value, 'path:line')} for what it assigns."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file not found: {path}") from None
+    tree = ast.parse(source, filename=path)
+    lines = {}
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        for target in targets:
+            if isinstance(target, ast.Name):
+                lines[target.id] = node.lineno
+    scope = {}
+    exec(compile(tree, path, "exec"), scope)
+    assigned = {}
+    for key, line in lines.items():
+        where = f"{path}:{line}"
+        if key.startswith("_"):
+            continue
+        if key not in keys:
+            raise KeyError(_unknown_key_message(key, keys, where))
+        assigned[key] = (scope[key], where)
+    return assigned
+
+
+def configure(namespace, argv):
+    """Apply config files and --key=value overrides from argv to `namespace` (a script's globals()).
+
+    Returns the final settings as a dict (saved in checkpoints). Raises on unknown keys and wrong types.
+    """
+    keys = config_keys(namespace)
+    for arg in argv:
+        if arg.startswith("--"):
+            key, sep, text = arg[2:].partition("=")
+            if not sep:
+                raise ValueError(f"command line: expected --key=value, got '{arg}'")
+            key = key.replace("-", "_")
+            if key not in keys:
+                raise KeyError(_unknown_key_message(key, keys, "command line"))
+            updates = {key: (_parse_value(text), "command line")}
+        elif arg.endswith(".py"):
+            updates = _read_config_file(arg, keys)
+        else:
+            raise ValueError(f"command line: unexpected argument '{arg}' (use a config .py file or --key=value)")
+        for key, (value, where) in updates.items():
+            default = namespace[key]
+            if isinstance(default, str) and not isinstance(value, str) and where == "command line":
+                value = str(value) if not isinstance(value, bool) else value  # --out_dir=123 is a string
+            namespace[key] = _coerce(key, value, default, where)
+    return {k: namespace[k] for k in keys}

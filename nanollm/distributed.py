@@ -1,0 +1,119 @@
+"""Devices, distributed data parallel (DDP) and mixed precision, written once for every training script.
+
+Under `torchrun --nproc_per_node=N` each process holds a full model copy; gradients are averaged with an
+all-reduce after backward (Li et al. 2020, "PyTorch Distributed"). AMP runs matmuls in bf16/fp16 while
+the weights stay fp32 (Micikevicius et al. 2018); fp16 needs loss scaling (a GradScaler) to avoid underflow.
+"""
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Runtime:
+    device: str  # 'cuda:0', 'mps', 'cpu'
+    device_type: str  # 'cuda' | 'mps' | 'cpu'
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def ddp(self):
+        return self.world_size > 1
+
+    @property
+    def is_master(self):
+        return self.rank == 0
+
+
+def pick_device(device="auto"):
+    """'auto' -> CUDA if present, else Apple MPS, else CPU; anything else is used as given."""
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def setup(device="auto", backend="auto"):
+    """Start DDP when launched by torchrun (RANK is set), else run as one process. Returns a Runtime."""
+    device = pick_device(device)
+    if int(os.environ.get("RANK", -1)) == -1:
+        return Runtime(device=device, device_type=device.split(":")[0])
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    device_type = device.split(":")[0]
+    if backend == "auto":
+        backend = "nccl" if device_type == "cuda" else "gloo"  # nccl needs GPUs; gloo runs on CPUs
+    if device_type == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    return Runtime(device=device, device_type=device_type, rank=rank, local_rank=local_rank, world_size=world_size)
+
+
+def teardown(runtime):
+    if runtime.ddp and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(runtime):
+    if runtime.ddp:
+        dist.barrier()
+
+
+def all_reduce_mean(value, runtime):
+    """Average a float over ranks (for logging the global loss)."""
+    if not runtime.ddp:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=runtime.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.item() / runtime.world_size
+
+
+def any_rank(flag, runtime):
+    """True on every rank if `flag` is True on any rank: control-flow decisions must agree or DDP hangs."""
+    if not runtime.ddp:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=runtime.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def resolve_dtype(dtype, device_type):
+    """'auto' -> bfloat16 on GPUs that support it, else float32. Checks the name."""
+    if dtype == "auto":
+        if device_type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bfloat16"
+        return "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)} or 'auto'")
+    if dtype == "float16" and device_type == "cpu":
+        raise ValueError("dtype='float16' is not supported on the CPU; use 'bfloat16' or 'float32'")
+    return dtype
+
+
+def autocast(device_type, dtype):
+    """Mixed-precision context for forward passes; a no-op in float32."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=DTYPES[dtype])
+
+
+def grad_scaler(device_type, dtype):
+    """A GradScaler for float16 (loss scaling); disabled, hence a pass-through, otherwise."""
+    return torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+
+
+def no_sync_unless(model, sync):
+    """Skip DDP's gradient all-reduce on micro-steps that are not the last of an accumulation."""
+    if sync or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()

@@ -1,0 +1,174 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanollm.model import GPT, GPTConfig, sample_next_token
+
+
+def tiny(**overrides):
+    args = dict(vocab_size=97, block_size=48, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
+    args.update(overrides)
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**args))
+
+
+@pytest.mark.parametrize("attn_impl", ["manual", "sdpa"])
+def test_changing_a_future_token_leaves_earlier_logits_unchanged(attn_impl):
+    model = tiny(attn_impl=attn_impl).eval()
+    idx = torch.randint(0, 97, (2, 20))
+    changed = idx.clone()
+    changed[:, 12] = (changed[:, 12] + 1) % 97
+    logits, _ = model(idx)
+    logits_changed, _ = model(changed)
+    torch.testing.assert_close(logits[:, :12], logits_changed[:, :12], rtol=0, atol=1e-6)
+    assert (logits[:, 12:] - logits_changed[:, 12:]).abs().max() > 1e-4  # the change is visible later
+
+
+def test_manual_and_sdpa_attention_agree_forward_and_backward():
+    manual, sdpa = tiny(attn_impl="manual"), tiny(attn_impl="sdpa")
+    sdpa.load_state_dict(manual.state_dict())
+    idx = torch.randint(0, 97, (3, 17))
+    _, loss_manual = manual(idx, idx)
+    _, loss_sdpa = sdpa(idx, idx)
+    loss_manual.backward()
+    loss_sdpa.backward()
+    torch.testing.assert_close(loss_manual, loss_sdpa, rtol=1e-5, atol=1e-6)
+    for (name, p_manual), p_sdpa in zip(manual.named_parameters(), sdpa.parameters()):
+        torch.testing.assert_close(p_manual.grad, p_sdpa.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("attn_impl", ["manual", "sdpa"])
+def test_kv_cache_per_step_logits_match_full_forward(attn_impl):
+    model = tiny(attn_impl=attn_impl).eval()
+    idx = torch.randint(0, 97, (2, 16))
+    full_logits, _ = model(idx)
+    cache = model.new_kv_cache(2, 16)
+    prefix_logits, _ = model(idx[:, :5], kv_cache=cache)  # a 5-token prompt, then one token at a time
+    step_logits = [prefix_logits]
+    for t in range(5, 16):
+        logits, _ = model(idx[:, t:t + 1], kv_cache=cache)
+        step_logits.append(logits)
+    torch.testing.assert_close(torch.cat(step_logits, dim=1), full_logits, rtol=1e-4, atol=1e-5)
+    assert cache.length == 16
+
+
+def test_greedy_generation_with_and_without_cache_is_identical():
+    model = tiny().eval()
+    prompt = torch.randint(0, 97, (3, 6))
+    with_cache = model.generate(prompt, 30, temperature=0, use_cache=True)
+    without_cache = model.generate(prompt, 30, temperature=0, use_cache=False)
+    assert with_cache.shape == (3, 36)
+    assert torch.equal(with_cache, without_cache)
+
+
+def test_left_padded_batch_generates_what_each_prompt_generates_alone():
+    model = tiny().eval()
+    short, long = torch.randint(0, 97, (1, 3)), torch.randint(0, 97, (1, 7))
+    pad = 0
+    batch = torch.cat([torch.cat([torch.full((1, 4), pad), short], dim=1), long])  # (2, 7), row 0 left-padded
+    mask = torch.ones_like(batch)
+    mask[0, :4] = 0
+    together = model.generate(batch, 12, temperature=0, attention_mask=mask)
+    alone_short = model.generate(short, 12, temperature=0)
+    alone_long = model.generate(long, 12, temperature=0)
+    assert torch.equal(together[0, 7:], alone_short[0, 3:])
+    assert torch.equal(together[1, 7:], alone_long[0, 7:])
+
+
+def test_generation_stops_at_eos_and_pads_finished_rows_with_eos():
+    model = tiny().eval()
+    prompt = torch.randint(0, 97, (2, 4))
+    free = model.generate(prompt, 10, temperature=0)
+    eos = int(free[0, 6])  # make row 0's third generated token the eos
+    out = model.generate(prompt, 10, temperature=0, eos_id=eos)
+    assert torch.equal(out[0, :7], free[0, :7])
+    assert (out[0, 7:] == eos).all()
+    if not (free[1, 4:] == eos).any():  # row 1 never emits it: stopping needs every row finished
+        assert out.size(1) == 14
+
+
+def test_generation_beyond_block_size_is_a_clear_error():
+    model = tiny(block_size=8).eval()
+    with pytest.raises(ValueError, match="block_size"):
+        model.generate(torch.zeros(1, 5, dtype=torch.long), 4)
+
+
+def test_top_k_and_top_p_keep_only_the_allowed_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    gen = torch.Generator().manual_seed(0)
+    top_k_draws = {int(sample_next_token(logits, 1.0, top_k=2, generator=gen)) for _ in range(200)}
+    assert top_k_draws == {0, 1}
+    # nucleus: 0.5 < 0.7, 0.5+0.3 >= 0.7 -> keep {0, 1}; token 2 starts after 0.8 of mass already
+    top_p_draws = {int(sample_next_token(logits, 1.0, top_p=0.7, generator=gen)) for _ in range(200)}
+    assert top_p_draws == {0, 1}
+    assert int(sample_next_token(logits, 0.0)) == 0  # greedy
+
+
+@pytest.mark.parametrize("init, expected_var", [
+    ("xavier", lambda fan_in, fan_out: 2.0 / (fan_in + fan_out)),  # Glorot & Bengio 2010
+    ("he", lambda fan_in, fan_out: 2.0 / fan_in),  # He et al. 2015
+    ("normal", lambda fan_in, fan_out: 0.02 ** 2),  # GPT-2 (non-residual layers)
+])
+def test_init_statistics(init, expected_var):
+    model = tiny(init=init, n_embd=128, n_head=4)
+    weight = model.blocks[0].mlp.c_fc.weight  # (512, 128): fan_out 512, fan_in 128
+    fan_out, fan_in = weight.shape
+    assert weight.mean().abs() < 0.01 * math.sqrt(expected_var(fan_in, fan_out)) + 1e-3
+    assert weight.var().item() == pytest.approx(expected_var(fan_in, fan_out), rel=0.05)
+    assert model.blocks[0].mlp.c_fc.bias.abs().max() == 0
+    assert torch.equal(model.blocks[0].ln_1.weight, torch.ones(128))
+
+
+def test_normal_init_scales_residual_projections():
+    model = tiny(init="normal", n_embd=128, n_layer=8)
+    std = model.blocks[0].mlp.c_proj.weight.std().item()
+    assert std == pytest.approx(0.02 / math.sqrt(2 * 8), rel=0.05)
+
+
+def test_loss_at_init_is_close_to_ln_vocab():
+    model = tiny(vocab_size=500)
+    idx = torch.randint(0, 500, (8, 32))
+    targets = torch.randint(0, 500, (8, 32))
+    _, loss = model(idx, targets)
+    assert loss.item() == pytest.approx(math.log(500), abs=0.1)
+
+
+def test_tiny_model_overfits_one_batch():
+    model = tiny()
+    idx = torch.randint(0, 97, (4, 24))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05
+
+
+def test_weights_are_tied_and_parameters_counted_once():
+    model = tiny()
+    assert model.lm_head.weight is model.wte.weight
+    c = model.config
+    per_block = (3 * c.n_embd * c.n_embd + 3 * c.n_embd) + (c.n_embd * c.n_embd + c.n_embd) \
+        + (4 * c.n_embd * c.n_embd + 4 * c.n_embd) + (4 * c.n_embd * c.n_embd + c.n_embd) + 4 * c.n_embd
+    expected = c.vocab_size * c.n_embd + c.block_size * c.n_embd + c.n_layer * per_block + 2 * c.n_embd
+    assert model.num_parameters() == expected
+
+
+def test_ignored_targets_do_not_count_in_the_loss():
+    model = tiny().eval()
+    idx = torch.randint(0, 97, (2, 10))
+    targets = idx.clone()
+    targets[:, :5] = -100
+    logits, loss = model(idx, targets)
+    expected = F.cross_entropy(logits[:, 5:].reshape(-1, 97), idx[:, 5:].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_bad_config_is_a_clear_error():
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="attn_impl"):
+        GPTConfig(attn_impl="fast")
