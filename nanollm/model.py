@@ -69,9 +69,10 @@ class KVCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
 
-def attention_mask_matrix(key_padding_mask, t_query, t_key, device):
-    """Boolean (B or 1, 1, Tq, Tk) matrix of allowed (query, key) pairs: causal and not padding.
+def attention_mask_matrix(key_padding_mask, t_query, t_key, device, segment_ids=None):
+    """Boolean (B or 1, 1, Tq, Tk) matrix of allowed (query, key) pairs: causal, not padding, same segment.
 
+    segment_ids (B, T) label the examples packed into one row: tokens attend only within their own example.
     Queries are the last Tq of Tk positions (Tk > Tq while decoding with a cache). A padding query would
     see no key at all (0/0 in softmax), so each query may always see itself: its output is ignored anyway.
     """
@@ -81,6 +82,8 @@ def attention_mask_matrix(key_padding_mask, t_query, t_key, device):
     if key_padding_mask is not None:
         allowed = allowed & key_padding_mask[:, None, None, :].bool()  # drop padding keys
         allowed = allowed | (key_pos == query_pos)[None, None]  # ...but a query always sees itself
+    if segment_ids is not None:  # packed examples: block-diagonal (needs Tq == Tk)
+        allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     return allowed
 
 
@@ -96,17 +99,17 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, key_padding_mask=None, kv_cache=None, layer=0):
+    def forward(self, x, key_padding_mask=None, kv_cache=None, layer=0, segment_ids=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if kv_cache is not None:
             k, v = kv_cache.append(layer, k, v)  # (B, H, Tk, D) with Tk = cached + T
         t_key = k.size(2)
-        plain_causal = key_padding_mask is None and t_key == T  # the common training case
+        plain_causal = key_padding_mask is None and segment_ids is None and t_key == T  # the common training case
         dropout_p = self.dropout if self.training else 0.0
 
-        if self.attn_impl == "triton" and t_key == T:
+        if self.attn_impl == "triton" and t_key == T and segment_ids is None:
             from kernels.attention import flash_attention
 
             if dropout_p > 0:
@@ -115,14 +118,14 @@ class CausalSelfAttention(nn.Module):
         elif self.attn_impl == "manual":
             # softmax(Q Kᵀ / √d + mask) V, written out
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, Tk)
-            allowed = attention_mask_matrix(key_padding_mask, T, t_key, x.device)
+            allowed = attention_mask_matrix(key_padding_mask, T, t_key, x.device, segment_ids)
             scores = scores.masked_fill(~allowed, float("-inf"))
             probs = self.attn_dropout(F.softmax(scores, dim=-1))
             y = probs @ v  # (B, H, T, D)
         else:  # 'sdpa', and 'triton' while decoding with a cache (Tq != Tk)
             if self.attn_impl == "triton":
-                _say_once("attn_impl='triton': decoding steps with a KV cache use PyTorch SDPA")
-            mask = None if plain_causal else attention_mask_matrix(key_padding_mask, T, t_key, x.device)
+                _say_once("attn_impl='triton': KV-cache decoding and packed segments use PyTorch SDPA")
+            mask = None if plain_causal else attention_mask_matrix(key_padding_mask, T, t_key, x.device, segment_ids)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=plain_causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
         return self.resid_dropout(self.c_proj(y))
@@ -149,8 +152,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, key_padding_mask=None, kv_cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), key_padding_mask, kv_cache, layer)
+    def forward(self, x, key_padding_mask=None, kv_cache=None, layer=0, segment_ids=None):
+        x = x + self.attn(self.ln_1(x), key_padding_mask, kv_cache, layer, segment_ids)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -215,10 +218,11 @@ class GPT(nn.Module):
         return 6 * self.num_parameters(exclude_positions=True) + 12 * self.config.n_layer * self.config.n_embd * T
 
     # -------------------------------------------------------------------------------------- forward
-    def forward(self, idx, targets=None, attention_mask=None, position_ids=None, kv_cache=None):
+    def forward(self, idx, targets=None, attention_mask=None, position_ids=None, kv_cache=None, segment_ids=None):
         """idx (B, T) token ids -> logits (B, T, V), and the mean cross-entropy if targets are given.
 
         attention_mask (B, Tk): 1 for real tokens, 0 for padding, over all positions seen so far (cache + idx).
+        segment_ids (B, T): packed examples; pass position_ids that restart at 0 for each example.
         Targets equal to -100 are ignored by the loss.
         """
         B, T = idx.shape
@@ -233,7 +237,7 @@ class GPT(nn.Module):
         x = self.drop(self.wte(idx) + self.wpe(position_ids))  # (B, T, C)
         key_padding_mask = attention_mask.bool() if attention_mask is not None else None
         for layer, block in enumerate(self.blocks):
-            x = block(x, key_padding_mask, kv_cache, layer)
+            x = block(x, key_padding_mask, kv_cache, layer, segment_ids)
         if kv_cache is not None:
             kv_cache.length += T
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)

@@ -172,3 +172,16 @@ def test_bad_config_is_a_clear_error():
         GPTConfig(n_embd=30, n_head=4)
     with pytest.raises(ValueError, match="attn_impl"):
         GPTConfig(attn_impl="fast")
+
+
+@pytest.mark.parametrize("attn_impl", ["manual", "sdpa"])
+def test_packed_examples_do_not_attend_across_each_other(attn_impl):
+    model = tiny(attn_impl=attn_impl).eval()
+    first, second = torch.randint(0, 97, (1, 7)), torch.randint(0, 97, (1, 9))
+    packed = torch.cat([first, second], dim=1)  # (1, 16)
+    segment_ids = torch.tensor([[0] * 7 + [1] * 9])
+    position_ids = torch.cat([torch.arange(7), torch.arange(9)])[None]  # positions restart per example
+    logits, _ = model(packed, segment_ids=segment_ids, position_ids=position_ids)
+    alone_first, _ = model(first)
+    alone_second, _ = model(second)
+    torch.testing.assert_close(logits, torch.cat([alone_first, alone_second], dim=1), rtol=1e-4, atol=1e-5)
