@@ -64,7 +64,11 @@ def gather_rng_states(runtime):
     return states
 
 
-def save_checkpoint(path, model, optimizer, scaler, iter_num, best_val_loss, config, model_args, rng_states):
+def save_checkpoint(path, runtime, model, optimizer, scaler, iter_num, best_val_loss, config, model_args, **extra):
+    """Every rank calls this (RNG states are gathered from all); rank 0 writes the file."""
+    rng_states = gather_rng_states(runtime)
+    if not runtime.is_master:
+        return
     atomic_save({
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -74,7 +78,18 @@ def save_checkpoint(path, model, optimizer, scaler, iter_num, best_val_loss, con
         "config": config,
         "model_args": model_args,
         "rng_states": rng_states,
+        **extra,
     }, path)
+
+
+def restore_training_state(checkpoint, model, optimizer, scaler, runtime):
+    """Load weights, optimizer and scaler state and this rank's RNG state; return (iter_num, best_val_loss)."""
+    unwrap(model).load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    rng_states = checkpoint["rng_states"]
+    set_rng_state(rng_states[runtime.rank if len(rng_states) == runtime.world_size else 0])
+    return checkpoint["iter_num"], checkpoint["best_val_loss"]
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -1,0 +1,330 @@
+"""Data preparation and batching: text -> clean -> split -> SentencePiece -> flat token files -> random batches.
+
+Teaches nanoGPT's on-disk format (Karpathy 2022): every document's tokens plus an eos, concatenated into
+one flat uint16/uint32 array per split, read through a memory map. Batches are a pure function of
+(seed, split, step, micro_step), so DDP ranks and resumed runs read exactly what one uninterrupted run reads.
+"""
+import hashlib
+import importlib
+import itertools
+import json
+import os
+import random
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nanollm.clean import clean_documents
+from nanollm.tokenizer import Tokenizer, train_tokenizer
+
+PIPELINE_VERSION = 1  # bump when preparation changes meaning: every cached dataset is then rebuilt
+PREPARED_FILES = ("train.bin", "val.bin", "meta.json")
+META_FIELDS = ("vocab_size", "dtype", "tokenizer", "train_tokens", "val_tokens")
+ENCODE_CHUNK = 1024  # documents per SentencePiece batch call
+
+
+# ----------------------------------------------------------------------------- reading sources
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id (0 .. vocab_size-1) fits in 16 bits, else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 2 ** 16 else np.dtype(np.uint32)
+
+
+def is_prepared(folder: Union[str, Path]) -> bool:
+    return all(os.path.isfile(os.path.join(folder, name)) for name in PREPARED_FILES)
+
+
+def parse_dataset(dataset: Union[str, Sequence[str]]) -> List[str]:
+    """'world' -> ['world']; 'a.txt,b/' -> ['a.txt', 'b/']; a list is taken as is."""
+    if isinstance(dataset, (str, os.PathLike)):
+        parts = [part.strip() for part in str(dataset).split(",")]
+    else:
+        parts = [str(part).strip() for part in dataset]
+    parts = [part for part in parts if part]
+    if not parts:
+        raise ValueError(f"dataset is empty: {dataset!r}")
+    return parts
+
+
+def dataset_name(sources: List[str]) -> str:
+    """Folder name under data/: 'world', a file's stem, or 'first+N' for several sources."""
+    stems = [Path(source).stem or "dataset" for source in sources]
+    return stems[0] if len(stems) == 1 else f"{stems[0]}+{len(stems) - 1}"
+
+
+def list_input_files(sources: List[str]) -> List[Path]:
+    """Expand folders into their *.txt / *.jsonl files (recursive, sorted). Missing paths raise."""
+    files = []
+    for source in sources:
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"dataset path not found: {path}")
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl"))
+            if not found:
+                raise FileNotFoundError(f"no .txt or .jsonl files under folder: {path}")
+            files.extend(found)
+        elif path.suffix in (".txt", ".jsonl"):
+            files.append(path)
+        else:
+            raise ValueError(f"{path}: unsupported file type {path.suffix!r} (expected .txt or .jsonl)")
+    return files
+
+
+def _read_lines(path: Path):
+    """Yield (line_number, text) with UTF-8 decoding errors reported by file and line."""
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                yield line_number, raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}:{line_number}: not valid UTF-8 ({error.reason})") from None
+
+
+def read_txt(path: Path) -> List[str]:
+    """A .txt file holds one document per non-empty line (multi-line documents: use .jsonl)."""
+    return [line for _, line in _read_lines(path) if line.strip()]
+
+
+def read_jsonl(path: Path) -> List[str]:
+    """A .jsonl file holds one {"text": "..."} object per line; blank lines are skipped."""
+    documents = []
+    for line_number, line in _read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{line_number}: malformed JSON ({error.msg}, column {error.colno})") from None
+        if not isinstance(record, dict) or "text" not in record:
+            raise ValueError(f"{path}:{line_number}: missing field 'text'")
+        if not isinstance(record["text"], str):
+            raise ValueError(f"{path}:{line_number}: field 'text' must be a string, "
+                             f"got {type(record['text']).__name__}")
+        documents.append(record["text"])
+    return documents
+
+
+def read_documents(files: List[Path]) -> List[str]:
+    documents = []
+    for path in files:
+        documents.extend(read_jsonl(path) if path.suffix == ".jsonl" else read_txt(path))
+    return documents
+
+
+def _world_module():
+    return importlib.import_module("nanollm.world")  # looked up at call time: written by another stage
+
+
+def source_fingerprint(sources: List[str], world_seed: int, world_documents: Optional[int]) -> dict:
+    """What identifies the raw input: files (path, size, mtime) or the world generator (its code and seed)."""
+    if sources == ["world"]:
+        world_file = getattr(_world_module(), "__file__", None)
+        code_hash = hashlib.sha256(Path(world_file).read_bytes()).hexdigest() if world_file else ""
+        return {"world_seed": world_seed, "world_documents": world_documents, "world_code": code_hash}
+    files = [(str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) for path in list_input_files(sources)]
+    return {"files": files}
+
+
+# ----------------------------------------------------------------------------- splitting and encoding
+
+def split_documents(documents: List[str], val_fraction: float, seed: int) -> Tuple[List[str], List[str]]:
+    """Seeded shuffle, then the first round(n * val_fraction) documents (at least 1) go to val."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if len(documents) < 2:
+        raise ValueError(f"need at least 2 documents to split into train and val, got {len(documents)}")
+    order = list(range(len(documents)))
+    random.Random(seed).shuffle(order)
+    n_val = min(max(1, round(len(documents) * val_fraction)), len(documents) - 1)
+    val = [documents[index] for index in order[:n_val]]
+    train = [documents[index] for index in order[n_val:]]
+    return train, val
+
+
+def encode_documents(tokenizer: Tokenizer, documents: List[str], dtype: np.dtype, description: str) -> np.ndarray:
+    """Tokens of every document followed by eos, as one flat array."""
+    chunks = []
+    for start in tqdm(range(0, len(documents), ENCODE_CHUNK), desc=f"encode {description}", unit="chunk"):
+        batch = tokenizer.encode_batch(documents[start:start + ENCODE_CHUNK], eos=True)
+        total = sum(len(ids) for ids in batch)
+        chunks.append(np.fromiter(itertools.chain.from_iterable(batch), dtype=dtype, count=total))
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
+
+
+def _write_atomic(path: str, write) -> None:
+    """Write through a temp file and os.replace: a crash never leaves a half-written file under `path`."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "wb") as handle:
+        write(handle)
+    os.replace(temporary, path)
+
+
+def _write_json(path: str, payload: dict) -> None:
+    _write_atomic(path, lambda handle: handle.write(json.dumps(payload, indent=2, ensure_ascii=False).encode()))
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+def prepare_dataset(dataset: Union[str, Sequence[str]] = "world", data_dir: Optional[str] = None,
+                    vocab_size: int = 4096, tokenizer_type: str = "bpe", val_fraction: float = 0.05,
+                    seed: int = 1337, world_seed: int = 0, world_documents: Optional[int] = None) -> str:
+    """Build (or reuse) train.bin, val.bin, meta.json and tokenizer.model; return their folder.
+
+    dataset: 'world' (built-in synthetic corpus, `world_seed`), .txt/.jsonl files or folders (comma-separated
+    string or list), or a folder already holding train.bin/val.bin/meta.json (returned unchanged).
+    data_dir defaults to data/<name> under the current directory. `seed` drives only the train/val split.
+    """
+    sources = parse_dataset(dataset)
+    if len(sources) == 1 and sources[0] != "world" and os.path.isdir(sources[0]) and is_prepared(sources[0]):
+        load_meta(sources[0])  # validate before handing it on
+        print(f"[data] using prepared dataset {sources[0]}")
+        return os.path.abspath(sources[0])
+    if tokenizer_type not in ("bpe", "unigram"):
+        raise ValueError(f"tokenizer_type must be 'bpe' or 'unigram', got {tokenizer_type!r}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    data_dir = os.path.abspath(data_dir or os.path.join("data", dataset_name(sources)))
+    settings = {"pipeline_version": PIPELINE_VERSION,
+                "sources": source_fingerprint(sources, world_seed, world_documents), "vocab_size": vocab_size,
+                "tokenizer_type": tokenizer_type, "val_fraction": val_fraction, "seed": seed}
+    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    meta_path = os.path.join(data_dir, "meta.json")
+    if is_prepared(data_dir) and os.path.isfile(os.path.join(data_dir, "tokenizer.model")):
+        try:
+            cached = json.loads(Path(meta_path).read_text(encoding="utf-8")).get("fingerprint")
+        except (json.JSONDecodeError, AttributeError):
+            cached = None
+        if cached == fingerprint:
+            print(f"[data] cache hit: {data_dir} is up to date (fingerprint {fingerprint[:12]})")
+            return data_dir
+
+    # 1. read (bad input fails here, before any file is touched)
+    if sources == ["world"]:
+        size = {} if world_documents is None else {"n_documents": world_documents}
+        raw = _world_module().generate_corpus(seed=world_seed, **size)
+        source_text = f"world(seed={world_seed})"
+    else:
+        files = list_input_files(sources)
+        raw = read_documents(files)
+        source_text = ", ".join(str(path) for path in files)
+    print(f"[data] read {len(raw)} documents from {source_text}")
+    # 2. clean
+    documents, stats = clean_documents(tqdm(raw, desc="clean", unit="doc"))
+    print(f"[data] {stats}")
+    if not documents:
+        raise ValueError(f"empty corpus after cleaning: no document kept from {source_text}")
+    # 3. split by document
+    train_documents, val_documents = split_documents(documents, val_fraction, seed)
+    os.makedirs(data_dir, exist_ok=True)
+    if os.path.exists(meta_path):
+        os.remove(meta_path)  # a stale meta must not vouch for half-rewritten files if we crash below
+    # 4. tokenizer on the train split only (val stays unseen)
+    print(f"[data] training {tokenizer_type} tokenizer (vocab {vocab_size}) on {len(train_documents)} documents")
+    temporary_prefix = os.path.join(data_dir, "tokenizer.tmp")
+    train_tokenizer(train_documents, temporary_prefix, vocab_size, tokenizer_type)
+    os.replace(f"{temporary_prefix}.model", os.path.join(data_dir, "tokenizer.model"))
+    os.replace(f"{temporary_prefix}.vocab", os.path.join(data_dir, "tokenizer.vocab"))
+    tokenizer = Tokenizer(os.path.join(data_dir, "tokenizer.model"))
+    # 5. encode and write
+    dtype = token_dtype(tokenizer.vocab_size)
+    counts = {}
+    for split, documents_of_split in (("train", train_documents), ("val", val_documents)):
+        tokens = encode_documents(tokenizer, documents_of_split, dtype, split)
+        _write_atomic(os.path.join(data_dir, f"{split}.bin"), tokens.tofile)
+        counts[split] = int(tokens.size)
+    meta = {
+        "vocab_size": tokenizer.vocab_size, "dtype": dtype.name, "tokenizer": "tokenizer.model",
+        "tokenizer_type": tokenizer_type, "train_tokens": counts["train"], "val_tokens": counts["val"],
+        "n_documents": len(documents), "train_documents": len(train_documents), "val_documents": len(val_documents),
+        "clean": stats.as_dict(), "special_tokens": special_token_ids(tokenizer),
+        "dataset": sources, "settings": settings, "fingerprint": fingerprint,
+    }
+    _write_json(meta_path, meta)  # written last: its presence means the folder is complete
+    print(f"[data] wrote {data_dir}: train {counts['train']:,} tokens, val {counts['val']:,} tokens, "
+          f"vocab {tokenizer.vocab_size}, {dtype.name}")
+    return data_dir
+
+
+def special_token_ids(tokenizer: Tokenizer) -> dict:
+    names = ("unk", "pad", "bos", "eos", "system", "user", "assistant", "mask")
+    return {f"{name}_id": getattr(tokenizer, f"{name}_id") for name in names}
+
+
+def load_meta(data_dir: Union[str, Path]) -> dict:
+    """Read meta.json, with errors that name the file and the missing field."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"meta file not found: {path} (run prepare_dataset first)")
+    try:
+        meta = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    for field in META_FIELDS:
+        if field not in meta:
+            raise ValueError(f"{path}: missing field '{field}'")
+    return meta
+
+
+def load_tokenizer(data_dir: Union[str, Path]) -> Tokenizer:
+    return Tokenizer(os.path.join(data_dir, load_meta(data_dir)["tokenizer"]))
+
+
+def unigram_perplexity(data_dir: str, chunk_tokens: int = 1 << 24) -> float:
+    """Baseline a trained model must beat: perplexity on val of token frequencies counted on train.
+
+    p(token) = (count_train(token) + 1) / (N_train + V)   (add-one smoothing, so unseen val tokens stay finite)
+    ppl = exp(-mean over val tokens of log p(token))
+    """
+    meta = load_meta(data_dir)
+    vocab_size, dtype = meta["vocab_size"], np.dtype(meta["dtype"])
+    counts = np.ones(vocab_size, dtype=np.float64)  # the +1 of add-one smoothing
+    train = np.memmap(os.path.join(data_dir, "train.bin"), dtype=dtype, mode="r")
+    for start in range(0, len(train), chunk_tokens):  # chunks keep memory flat on big corpora
+        counts += np.bincount(train[start:start + chunk_tokens], minlength=vocab_size)
+    del train
+    log_probabilities = np.log(counts / counts.sum())  # (V,)
+    val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=dtype, mode="r")
+    negative_log_likelihood = 0.0
+    for start in range(0, len(val), chunk_tokens):
+        negative_log_likelihood -= float(log_probabilities[val[start:start + chunk_tokens]].sum())
+    n_val = len(val)
+    del val
+    return float(np.exp(negative_log_likelihood / n_val))
+
+
+# ----------------------------------------------------------------------------- batches
+
+def batch_seed(seed: int, split: str, step: int, micro_step: int) -> int:
+    """Mix (seed, split, step, micro_step) into one 63-bit generator seed (a hash: no two keys collide in practice)."""
+    key = f"{seed}/{split}/{step}/{micro_step}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & ((1 << 63) - 1)
+
+
+def get_batch(data_dir: str, split: str, batch_size: int, block_size: int, seed: int, step: int,
+              micro_step: int, device: Union[str, torch.device] = "cpu") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of `split`: x = tokens[i : i+T], y = tokens[i+1 : i+T+1]; both int64 (B, T).
+
+    A pure function of its arguments. The memmap is opened per call (one kept open grows resident memory).
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    dtype = np.dtype(load_meta(data_dir)["dtype"])
+    path = os.path.join(data_dir, f"{split}.bin")
+    n_tokens = os.path.getsize(path) // dtype.itemsize
+    if n_tokens < block_size + 1:
+        raise ValueError(f"{path}: {n_tokens} tokens, need at least block_size + 1 = {block_size + 1}")
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    generator = torch.Generator().manual_seed(batch_seed(seed, split, step, micro_step))
+    starts = torch.randint(n_tokens - block_size, (batch_size,), generator=generator).tolist()  # i in [0, N-T-1]
+    x = torch.from_numpy(np.stack([tokens[i:i + block_size].astype(np.int64) for i in starts]))          # (B, T)
+    y = torch.from_numpy(np.stack([tokens[i + 1:i + 1 + block_size].astype(np.int64) for i in starts]))  # (B, T)
+    del tokens
+    if torch.device(device).type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)

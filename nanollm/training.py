@@ -1,0 +1,62 @@
+"""Pieces of a training step that every stage shares: the guarded optimizer step and the graceful stop.
+
+The loop itself stays in each train_*.py script; these are the parts that would otherwise be copied.
+Both take decisions that must agree across DDP ranks, so each decision is all-reduced first.
+"""
+import signal
+
+import torch
+from tqdm import tqdm
+
+from nanollm.distributed import any_rank
+
+MAX_BAD_STEPS = 3  # consecutive non-finite steps before a run gives up
+
+
+class GuardedStep:
+    """Unscale, clip, check, step: a non-finite loss or gradient norm skips the step (weights untouched)."""
+
+    def __init__(self, optimizer, scaler, grad_clip, runtime, dtype):
+        self.optimizer, self.scaler, self.grad_clip = optimizer, scaler, grad_clip
+        self.runtime, self.fp16 = runtime, dtype == "float16"
+        self.bad_steps = 0
+
+    def __call__(self, model, loss_mean, iter_num):
+        """Call after the backward passes of one iteration; returns the (pre-clip) global gradient norm."""
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)  # ‖g‖₂ over all parameters
+        # fp16 overflow is the GradScaler's business (it skips that step itself and lowers the scale)
+        non_finite = not torch.isfinite(torch.tensor(loss_mean)) or (not self.fp16 and not torch.isfinite(grad_norm))
+        if any_rank(non_finite, self.runtime):
+            self.bad_steps += 1
+            if self.runtime.is_master:
+                tqdm.write(f"[nanollm] iter {iter_num}: non-finite loss ({loss_mean}) or gradient norm "
+                           f"({float(grad_norm)}); step skipped, weights untouched")
+            if self.bad_steps >= MAX_BAD_STEPS:
+                raise RuntimeError(f"{MAX_BAD_STEPS} non-finite steps in a row: lower learning_rate, "
+                                   f"or use dtype='bfloat16'/'float32'")
+        else:
+            self.bad_steps = 0
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+
+class GracefulStop:
+    """Ctrl-C or SIGTERM asks the loop to checkpoint and exit at the next step boundary; a second Ctrl-C
+    stops at once."""
+
+    def __init__(self):
+        self.flag = False
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def requested(self, runtime):
+        return any_rank(self.flag, runtime)

@@ -1,0 +1,138 @@
+"""End-to-end checks of train_pretrain.py, run as a user runs it (subprocesses, CPU, tiny model)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "train_pretrain.py")
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--vocab_size=400",
+        "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=8", "--learning_rate=3e-3",
+        "--dtype=float32", "--device=cpu", "--sample_tokens=5", "--dropout=0.1"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small text corpus, prepared once (tokenizer + .bin) and shared by the tests of this file."""
+    folder = tmp_path_factory.mktemp("corpus")
+    words = ["river", "stone", "lamp", "garden", "north", "quiet", "seven", "blue", "market", "window"]
+    lines = [f"The {words[i % 10]} near the {words[(i * 3) % 10]} is {words[(i * 7 + 1) % 10]} number {i}."
+             for i in range(600)]
+    (folder / "text.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    data_dir = str(folder / "prepared")
+    run([f"--dataset={folder / 'text.txt'}", f"--data_dir={data_dir}", f"--out_dir={folder / 'out0'}",
+         "--max_iters=0", "--eval_only=True"])
+    return data_dir
+
+
+def run(args, nproc=0, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if nproc:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", SCRIPT]
+    else:
+        command = [sys.executable, SCRIPT]
+    result = subprocess.run(command + TINY + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def losses(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return {r["iter"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_training_logs_metrics_and_lowers_the_loss(corpus, tmp_path):
+    out = run([f"--dataset={corpus}", f"--out_dir={tmp_path}", "--max_iters=8", "--eval_interval=4"])
+    assert "sample:" in out and "unigram baseline" in out
+    with open(tmp_path / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    steps = [r for r in records if "loss" in r]
+    assert [r["iter"] for r in steps] == list(range(8))
+    assert {"iter", "loss", "lr", "grad_norm", "dt_ms", "tokens_per_sec"} <= set(steps[0])
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 4, 8]
+    assert evals[-1]["val_ppl"] == pytest.approx(2.718281828 ** evals[-1]["val_loss"], rel=1e-6)
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert os.path.exists(tmp_path / "ckpt.pt") and os.path.exists(tmp_path / "tokenizer.model")
+
+
+def test_resume_continues_exactly(corpus, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = [f"--dataset={corpus}", "--eval_interval=100", "--gradient_accumulation_steps=2"]
+    run(common + [f"--out_dir={straight}", "--max_iters=8"])
+    run(common + [f"--out_dir={split}", "--max_iters=4"])
+    run(common + [f"--out_dir={split}", "--max_iters=8", "--init_from=resume"])
+    a, b = losses(straight), losses(split)
+    assert sorted(a) == sorted(b) == list(range(8))
+    for it in range(8):  # dropout is on: RNG states must be restored too
+        assert abs(a[it] - b[it]) < 1e-6, (it, a[it], b[it])
+
+
+def test_ddp_two_processes_match_one_process_with_accumulation(corpus, tmp_path):
+    common = [f"--dataset={corpus}", "--eval_interval=100", "--max_iters=4", "--dropout=0.0",
+              "--gradient_accumulation_steps=2"]
+    run(common + [f"--out_dir={tmp_path / 'single'}"])
+    run(common + [f"--out_dir={tmp_path / 'ddp'}"], nproc=2)
+    a, b = losses(tmp_path / "single"), losses(tmp_path / "ddp")
+    assert sorted(a) == sorted(b) == list(range(4))
+    for it in range(4):
+        assert abs(a[it] - b[it]) < 1e-5, (it, a[it], b[it])
+
+
+def test_ctrl_c_checkpoints_and_the_run_resumes_exactly(corpus, tmp_path):
+    common = TINY + [f"--dataset={corpus}", "--eval_interval=1000", "--max_iters=400", "--lr_decay_iters=400"]
+    straight = tmp_path / "straight"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, SCRIPT] + common + [f"--out_dir={straight}", "--max_iters=12"],
+                            cwd=REPO, env=env)
+    assert proc.wait(timeout=300) == 0
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, SCRIPT] + common + [f"--out_dir={interrupted}"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(_lines(interrupted / "metrics.jsonl")) < 4:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output[-3000:]
+    assert "stop requested" in output
+    stopped_at = len(losses(interrupted))
+    assert 3 <= stopped_at < 400
+    resume = [sys.executable, SCRIPT] + common + [f"--out_dir={interrupted}", "--init_from=resume"]
+    resume[resume.index("--max_iters=400")] = f"--max_iters={max(12, stopped_at + 2)}"
+    assert subprocess.run(resume, cwd=REPO, env=env, capture_output=True).returncode == 0
+    a, b = losses(straight), losses(interrupted)
+    for it in range(12):
+        assert abs(a[it] - b[it]) < 1e-6, (it, a[it], b[it])
+
+
+def _lines(path):
+    try:
+        with open(path) as f:
+            return [line for line in f if '"loss"' in line]
+    except FileNotFoundError:
+        return []
+
+
+def test_non_finite_loss_skips_the_step_and_stops_with_a_clear_message(corpus, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, SCRIPT] + TINY + [
+        f"--dataset={corpus}", f"--out_dir={tmp_path}", "--max_iters=10", "--learning_rate=1e30",
+        "--warmup_iters=0", "--grad_clip=0", "--eval_interval=100"], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode != 0
+    assert "step skipped, weights untouched" in result.stdout
+    assert "3 non-finite steps in a row" in result.stderr
+
+
+def test_unknown_setting_is_rejected_before_any_work(tmp_path):
+    result = subprocess.run([sys.executable, SCRIPT, "--max_iter=5", f"--out_dir={tmp_path}"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "unknown setting 'max_iter'" in result.stderr and "max_iters" in result.stderr
+    assert not os.listdir(tmp_path)
