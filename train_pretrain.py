@@ -31,9 +31,9 @@ from nanollm.training import GracefulStop, GuardedStep
 # ------------------------------------------------------------------------------------------ settings
 # I/O
 out_dir = "out"  # checkpoints, metrics.jsonl and a copy of the tokenizer go here
-eval_interval = 250  # evaluate val loss (and checkpoint) every this many iterations
+eval_interval = 200  # evaluate val loss (and checkpoint) every this many iterations
 log_interval = 10  # write a metrics.jsonl line every this many iterations
-eval_iters = 20  # batches per split in an evaluation
+eval_iters = 10  # batches per split in an evaluation
 eval_only = False  # evaluate once and exit
 always_save_checkpoint = True  # checkpoint at every eval, not only when val loss improves
 init_from = "scratch"  # 'scratch' | 'resume' (from out_dir/ckpt.pt)
@@ -43,26 +43,26 @@ data_dir = ""  # where prepared data is cached; '' = data/<dataset name>
 vocab_size = 2048  # SentencePiece vocabulary (special tokens included)
 tokenizer_type = "bpe"  # 'bpe' | 'unigram'
 gradient_accumulation_steps = 1  # micro-steps per optimizer step, over all ranks together
-batch_size = 32  # sequences per micro-step per rank
+batch_size = 16  # sequences per micro-step per rank
 block_size = 128  # context length in tokens
 # model
 n_layer = 4
 n_head = 4
-n_embd = 192
+n_embd = 128
 dropout = 0.0
 bias = True
 attn_impl = "auto"  # 'manual' | 'sdpa' | 'triton' | 'auto' (sdpa)
 init = "normal"  # 'normal' (GPT-2 style) | 'xavier' | 'he'
 # optimizer (AdamW) and schedule
 learning_rate = 2e-3
-max_iters = 1200
+max_iters = 600
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # clip the global gradient norm to this; 0 disables
 decay_lr = True  # False keeps learning_rate constant after warmup
 lr_schedule = "cosine"  # 'cosine' | 'poly'
-warmup_iters = 50
+warmup_iters = 30
 lr_decay_iters = -1  # -1 = max_iters
 min_lr = 2e-4
 # system

@@ -1,6 +1,6 @@
 """Data preparation and batching: text -> clean -> split -> SentencePiece -> flat token files -> random batches.
 
-Teaches nanoGPT's on-disk format (Karpathy 2022): every document's tokens plus an eos, concatenated into
+Teaches nanoGPT's on-disk format (Karpathy 2022): every document as <s> tokens </s>, concatenated into
 one flat uint16/uint32 array per split, read through a memory map. Batches are a pure function of
 (seed, split, step, micro_step), so DDP ranks and resumed runs read exactly what one uninterrupted run reads.
 """
@@ -20,7 +20,7 @@ from tqdm import tqdm
 from nanollm.clean import clean_documents
 from nanollm.tokenizer import Tokenizer, train_tokenizer
 
-PIPELINE_VERSION = 1  # bump when preparation changes meaning: every cached dataset is then rebuilt
+PIPELINE_VERSION = 2  # bump when preparation changes meaning: every cached dataset is then rebuilt
 PREPARED_FILES = ("train.bin", "val.bin", "meta.json")
 META_FIELDS = ("vocab_size", "dtype", "tokenizer", "train_tokens", "val_tokens")
 ENCODE_CHUNK = 1024  # documents per SentencePiece batch call
@@ -146,10 +146,10 @@ def split_documents(documents: List[str], val_fraction: float, seed: int) -> Tup
 
 
 def encode_documents(tokenizer: Tokenizer, documents: List[str], dtype: np.dtype, description: str) -> np.ndarray:
-    """Tokens of every document followed by eos, as one flat array."""
+    """Every document as bos + tokens + eos, concatenated into one flat array."""
     chunks = []
     for start in tqdm(range(0, len(documents), ENCODE_CHUNK), desc=f"encode {description}", unit="chunk"):
-        batch = tokenizer.encode_batch(documents[start:start + ENCODE_CHUNK], eos=True)
+        batch = tokenizer.encode_batch(documents[start:start + ENCODE_CHUNK], bos=True, eos=True)
         total = sum(len(ids) for ids in batch)
         chunks.append(np.fromiter(itertools.chain.from_iterable(batch), dtype=dtype, count=total))
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)

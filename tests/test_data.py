@@ -66,7 +66,10 @@ def test_bin_and_meta_round_trip_to_cleaned_text(prepared):
     for split in ("train", "val"):
         tokens = np.fromfile(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16)
         assert tokens.size == meta[f"{split}_tokens"]
-        decoded[split] = [tokenizer.decode(ids) for ids in split_at_eos(tokens, tokenizer.eos_id)]
+        documents_ids = split_at_eos(tokens, tokenizer.eos_id)
+        assert all(ids[0] == tokenizer.bos_id for ids in documents_ids)  # each document is <s> ... </s>
+        assert tokens[-1] == tokenizer.eos_id
+        decoded[split] = [tokenizer.decode(ids) for ids in documents_ids]
     train, val = split_documents(expected, 0.05, seed=3)
     assert decoded["train"] == train and decoded["val"] == val  # same text, same order
     assert sorted(decoded["train"] + decoded["val"]) == sorted(expected)
