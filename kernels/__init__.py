@@ -1,1 +1,28 @@
-"""Hand-written Triton kernels (fused softmax, FlashAttention-style attention) with PyTorch references."""
+"""Hand-written Triton kernels (fused softmax, FlashAttention-style attention, fused cross-entropy),
+each beside its plain-PyTorch reference. Without a GPU they run on the CPU through Triton's interpreter."""
+import os
+import sys
+
+import torch
+
+# `triton.jit` reads TRITON_INTERPRET when each kernel is defined, so this must run before the kernel
+# modules are imported (importing `kernels.attention` imports this package first).
+if not torch.cuda.is_available():
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        # triton's own helpers (tl.zeros, ...) were already compiled for a GPU: the interpreter would fail later
+        raise ImportError("kernels/__init__.py: no GPU, and triton was imported before `kernels` without "
+                          "TRITON_INTERPRET=1; set TRITON_INTERPRET=1 in the environment or import kernels first")
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def interpreting():
+    """True when kernels run through the Triton interpreter (on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_device(tensor, where):
+    """Compiled kernels need CUDA tensors; the interpreter needs CPU tensors."""
+    wanted = "cpu" if interpreting() else "cuda"
+    if tensor.device.type != wanted:
+        raise ValueError(f"{where}: tensors must be on {wanted} (TRITON_INTERPRET="
+                         f"{os.environ.get('TRITON_INTERPRET', 'unset')}), got {tensor.device}")
