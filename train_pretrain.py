@@ -2,6 +2,7 @@
 
 One process (CPU, one GPU, or Apple MPS):
     python train_pretrain.py
+    python train_pretrain.py --model_type=bert     # or encdec: the other two architectures, same data and loop
     python train_pretrain.py --dataset=my_texts/ --max_iters=5000 --n_layer=6 --n_embd=384
 N processes with DDP (one per GPU; gloo on CPU):
     torchrun --standalone --nproc_per_node=4 train_pretrain.py
@@ -20,9 +21,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from nanollm import distributed as dist_utils
+from nanollm.bert import BERT, BertConfig, fill_mask, mask_tokens, mlm_accuracy
 from nanollm.checkpoint import MetricsLog, load_checkpoint, restore_training_state, save_checkpoint, unwrap
 from nanollm.configurator import configure
-from nanollm.data import get_batch, load_meta, prepare_dataset, unigram_perplexity
+from nanollm.data import batch_seed, get_batch, load_meta, prepare_dataset, unigram_perplexity
+from nanollm.encdec import EncoderDecoder, infilling_batch
 from nanollm.model import GPT, GPTConfig
 from nanollm.optim import configure_optimizer, get_lr
 from nanollm.tokenizer import Tokenizer
@@ -46,6 +49,7 @@ gradient_accumulation_steps = 1  # micro-steps per optimizer step, over all rank
 batch_size = 16  # sequences per micro-step per rank
 block_size = 128  # context length in tokens
 # model
+model_type = "gpt"  # 'gpt' (next token) | 'bert' (masked LM, nanollm/bert.py) | 'encdec' (BART infilling, encdec.py)
 n_layer = 4
 n_head = 4
 n_embd = 128
@@ -76,6 +80,8 @@ sample_prompt = "Talo"
 sample_tokens = 60
 # ----------------------------------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])
+if model_type not in ("gpt", "bert", "encdec"):
+    raise ValueError(f"model_type={model_type!r}: expected 'gpt', 'bert' or 'encdec'")
 
 # ---- setup: device, DDP, precision, seeds
 runtime = dist_utils.setup(device, backend)
@@ -113,13 +119,22 @@ if attn_impl == "auto":
     attn_impl = "sdpa"
 model_args = dict(vocab_size=meta["vocab_size"], block_size=block_size, n_layer=n_layer, n_head=n_head,
                   n_embd=n_embd, dropout=dropout, bias=bias, attn_impl=attn_impl, init=init)
+if checkpoint is not None and checkpoint["config"].get("model_type", "gpt") != model_type:
+    raise ValueError(f"{out_dir}/ckpt.pt holds a {checkpoint['config'].get('model_type', 'gpt')!r} model, "
+                     f"not model_type={model_type!r}")
 if checkpoint is not None:  # the architecture comes from the checkpoint
     model_args.update({k: checkpoint["model_args"][k] for k in ("vocab_size", "block_size", "n_layer", "n_head",
                                                                  "n_embd", "bias")})
 torch.manual_seed(seed)  # same initial weights on every rank
-model = GPT(GPTConfig(**model_args)).to(runtime.device)
+if model_type == "bert":
+    model = BERT(BertConfig(**model_args))
+elif model_type == "encdec":
+    model = EncoderDecoder(GPTConfig(**model_args))
+else:
+    model = GPT(GPTConfig(**model_args))
+model = model.to(runtime.device)
 if master:
-    print(f"[nanollm] GPT, attn_impl={attn_impl}, init={init}:\n{model.parameter_report()}")
+    print(f"[nanollm] {type(model).__name__}, attn_impl={attn_impl}, init={init}:\n{model.parameter_report()}")
 scaler = dist_utils.grad_scaler(runtime.device_type, dtype)
 optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), runtime.device_type, master)
 iter_num, best_val_loss = 0, float("inf")
@@ -138,20 +153,38 @@ if runtime.ddp:
 raw_model = unwrap(model)
 
 
+def objective_batch(split, batch_seed_base, step, micro_step):
+    """One micro-batch of the token stream, as keyword arguments of the model for model_type's objective:
+    gpt: next token; bert: masked tokens (15%, 80/10/10); encdec: BART text infilling."""
+    x, y = get_batch(data_dir, split, batch_size, block_size, batch_seed_base, step=step, micro_step=micro_step,
+                     device=runtime.device)
+    if model_type == "gpt":
+        return dict(idx=x, targets=y)
+    generator = torch.Generator().manual_seed(batch_seed(batch_seed_base, f"{split}/noise", step, micro_step))
+    if model_type == "bert":
+        inputs, targets = mask_tokens(x, meta["vocab_size"], generator)
+        return dict(idx=inputs, targets=targets)
+    return infilling_batch(x, generator)
+
+
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss over eval_iters fixed batches of each split, with the unwrapped model (rank 0 only)."""
+    """Mean loss (and MLM accuracy for bert) over eval_iters fixed batches of each split, with the unwrapped model
+    (rank 0 only)."""
     raw_model.eval()
     out = {}
     for split in ("train", "val"):
-        losses = torch.zeros(eval_iters)
+        losses, accuracies = torch.zeros(eval_iters), torch.zeros(eval_iters)
         for k in range(eval_iters):
-            x, y = get_batch(data_dir, split, batch_size, block_size, seed + 1, step=k, micro_step=0,
-                             device=runtime.device)
+            batch = objective_batch(split, seed + 1, k, 0)
             with ctx:
-                _, loss = raw_model(x, y)
+                logits, loss = raw_model(**batch)
             losses[k] = loss.item()
+            if model_type == "bert":
+                accuracies[k] = mlm_accuracy(logits, batch["targets"])
         out[split] = losses.mean().item()
+        if model_type == "bert":
+            out[f"{split}_mlm_accuracy"] = accuracies.nanmean().item()
     raw_model.train()
     return out
 
@@ -181,10 +214,11 @@ while True:
         if master:
             losses = estimate_loss()
             val_ppl = torch.exp(torch.tensor(losses["val"])).item()
+            accuracy = {"val_mlm_accuracy": losses["val_mlm_accuracy"]} if model_type == "bert" else {}
             tqdm.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-                       f"val ppl {val_ppl:.2f}")
+                       f"val ppl {val_ppl:.2f}" + "".join(f", {k} {v:.4f}" for k, v in accuracy.items()))
             log.write({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                       "val_ppl": val_ppl})
+                       "val_ppl": val_ppl, **accuracy})
             improved = losses["val"] < best_val_loss
             last_val_loss = losses["val"]
             best_val_loss = min(best_val_loss, losses["val"])
@@ -205,11 +239,10 @@ while True:
     t0 = time.time()
     loss_sum = 0.0
     for micro in range(accum_per_rank):
-        x, y = get_batch(data_dir, "train", batch_size, block_size, seed, step=iter_num,
-                         micro_step=runtime.rank * accum_per_rank + micro, device=runtime.device)
+        batch = objective_batch("train", seed, iter_num, runtime.rank * accum_per_rank + micro)
         with dist_utils.no_sync_unless(model, sync=(micro == accum_per_rank - 1)):
             with ctx:
-                _, loss = model(x, y)
+                _, loss = model(**batch)
             scaler.scale(loss / accum_per_rank).backward()  # mean over the global batch (DDP averages ranks)
         loss_sum += loss.item()
     loss_mean = dist_utils.all_reduce_mean(loss_sum / accum_per_rank, runtime)
@@ -235,7 +268,14 @@ if master and not eval_only and not stopped:
           f"(unigram baseline ppl {unigram_perplexity(data_dir):.2f})")
     raw_model.eval()
     prompt = torch.tensor([tokenizer.encode(sample_prompt, bos=True)], device=runtime.device)
-    out = raw_model.generate(prompt, min(sample_tokens, block_size - prompt.size(1)), temperature=0.8, top_k=50,
-                             eos_id=tokenizer.eos_id)
+    masked_prompt = torch.cat([prompt, torch.full_like(prompt[:, :1], tokenizer.mask_id)], dim=1)
+    if model_type == "bert":  # predict the <|mask|> after the prompt
+        out = fill_mask(raw_model, masked_prompt)
+    elif model_type == "encdec":  # the decoder rewrites the prompt, writing out its final <|mask|> span
+        out = raw_model.generate(masked_prompt, min(sample_tokens, block_size - 1), temperature=0.8, top_k=50,
+                                 eos_id=tokenizer.eos_id)
+    else:
+        out = raw_model.generate(prompt, min(sample_tokens, block_size - prompt.size(1)), temperature=0.8,
+                                 top_k=50, eos_id=tokenizer.eos_id)
     print("[nanollm] sample:", tokenizer.decode(out[0].tolist()))
 dist_utils.teardown(runtime)

@@ -1,9 +1,10 @@
-"""A decoder-only GPT written out by hand: embeddings, pre-LayerNorm blocks, causal multi-head attention, MLP.
+"""Transformer building blocks, and the decoder-only GPT assembled from them.
 
-Teaches: scaled dot-product attention (Vaswani et al. 2017), the GPT-2 layout (Radford et al. 2019),
-weight tying (Press & Wolf 2017), Xavier/He initialization (Glorot & Bengio 2010; He et al. 2015) and
-generation with a key/value cache. Three attention paths compute the same thing: 'manual' (the math),
-'sdpa' (PyTorch's fused kernel) and 'triton' (our FlashAttention kernel in kernels/attention.py).
+Teaches: scaled dot-product attention with causal, padding and cross-attention masks (Vaswani et al. 2017),
+pre-LN vs post-LN blocks (Xiong et al. 2020), the GPT-2 layout (Radford et al. 2019), weight tying (Press & Wolf
+2017), Xavier/He init (Glorot & Bengio 2010; He et al. 2015) and generation with a key/value cache. The same blocks
+build BERT (nanollm/bert.py) and the encoder-decoder (nanollm/encdec.py). Three attention paths compute the same
+thing: 'manual' (the math), 'sdpa' (PyTorch's fused kernel), 'triton' (our FlashAttention, kernels/attention.py).
 """
 import math
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 ATTN_IMPLS = ("manual", "sdpa", "triton")
 INITS = ("normal", "xavier", "he")
+NORM_POSITIONS = ("pre", "post")
 _announced = set()
 
 
@@ -26,9 +28,10 @@ def _say_once(message):
 
 @dataclass
 class GPTConfig:
+    """Hyperparameters shared by the three variants (GPT, BERT, encoder-decoder)."""
     vocab_size: int = 4096
     block_size: int = 256  # longest sequence (learned positions)
-    n_layer: int = 4
+    n_layer: int = 4  # blocks (the encoder-decoder has n_layer in the encoder and n_layer in the decoder)
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
@@ -36,6 +39,7 @@ class GPTConfig:
     attn_impl: str = "sdpa"  # 'manual' | 'sdpa' | 'triton'
     init: str = "normal"  # 'normal' (GPT-2) | 'xavier' | 'he'
     layer_norm_eps: float = 1e-5
+    norm_position: str = "pre"  # 'pre' (GPT-2): x + f(LN(x)) | 'post' (Vaswani et al. 2017, BERT): LN(x + f(x))
 
     def __post_init__(self):
         if self.n_embd % self.n_head != 0:
@@ -44,6 +48,8 @@ class GPTConfig:
             raise ValueError(f"attn_impl={self.attn_impl!r}: expected one of {ATTN_IMPLS}")
         if self.init not in INITS:
             raise ValueError(f"init={self.init!r}: expected one of {INITS}")
+        if self.norm_position not in NORM_POSITIONS:
+            raise ValueError(f"norm_position={self.norm_position!r}: expected one of {NORM_POSITIONS}")
 
 
 class KVCache:
@@ -69,66 +75,114 @@ class KVCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
 
-def attention_mask_matrix(key_padding_mask, t_query, t_key, device, segment_ids=None):
+# ------------------------------------------------------------------------------------------ attention
+def attention_mask_matrix(key_padding_mask, t_query, t_key, device, segment_ids=None, causal=True,
+                          self_attention=True):
     """Boolean (B or 1, 1, Tq, Tk) matrix of allowed (query, key) pairs: causal, not padding, same segment.
 
-    segment_ids (B, T) label the examples packed into one row: tokens attend only within their own example.
-    Queries are the last Tq of Tk positions (Tk > Tq while decoding with a cache). A padding query would
-    see no key at all (0/0 in softmax), so each query may always see itself: its output is ignored anyway.
+    causal: queries are the last Tq of Tk positions (Tk > Tq while decoding with a cache); key j is visible from
+    query i if j <= i. segment_ids (B, T) label the examples packed into one row: tokens attend only within their
+    own example. In self-attention a padding query would see no key at all (0/0 in softmax), so each query may
+    always see itself: its output is ignored anyway. Cross-attention needs at least one real key per row.
     """
-    query_pos = torch.arange(t_key - t_query, t_key, device=device)[:, None]  # (Tq, 1) absolute positions
     key_pos = torch.arange(t_key, device=device)[None, :]  # (1, Tk)
-    allowed = (key_pos <= query_pos)[None, None]  # (1, 1, Tq, Tk) causal: key j visible from query i if j <= i
+    query_pos = torch.arange(t_key - t_query, t_key, device=device)[:, None]  # (Tq, 1) absolute positions
+    if causal:
+        allowed = (key_pos <= query_pos)[None, None]  # (1, 1, Tq, Tk) lower triangle
+    else:
+        allowed = torch.ones(1, 1, t_query, t_key, dtype=torch.bool, device=device)  # every key visible
     if key_padding_mask is not None:
         allowed = allowed & key_padding_mask[:, None, None, :].bool()  # drop padding keys
-        allowed = allowed | (key_pos == query_pos)[None, None]  # ...but a query always sees itself
+        if self_attention:
+            allowed = allowed | (key_pos == query_pos)[None, None]  # ...but a query always sees itself
     if segment_ids is not None:  # packed examples: block-diagonal (needs Tq == Tk)
         allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     return allowed
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+def attend(q, k, v, attn_impl, causal, key_padding_mask=None, segment_ids=None, dropout_p=0.0,
+           self_attention=True):
+    """softmax(Q Kᵀ / √d + mask) V for q (B, H, Tq, D) and k, v (B, H, Tk, D), by one of three paths."""
+    t_query, t_key = q.size(2), k.size(2)
+    if attn_impl == "triton" and segment_ids is None and (t_key == t_query or not self_attention):
+        from kernels.attention import flash_attention
+
+        if dropout_p > 0:
+            raise ValueError("attn_impl='triton' has no attention dropout; set dropout=0.0")
+        padding = key_padding_mask.bool() if key_padding_mask is not None else None
+        return flash_attention(q, k, v, causal=causal, key_padding_mask=padding)
+    if attn_impl == "manual":
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)
+        allowed = attention_mask_matrix(key_padding_mask, t_query, t_key, q.device, segment_ids, causal,
+                                        self_attention)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = F.dropout(F.softmax(scores, dim=-1), dropout_p)
+        return probs @ v  # (B, H, Tq, D)
+    # 'sdpa' (PyTorch's fused kernel), also for 'triton' while decoding with a cache or with packed segments
+    if attn_impl == "triton":
+        _say_once("attn_impl='triton': KV-cache decoding and packed segments use PyTorch SDPA")
+    plain = key_padding_mask is None and segment_ids is None and (t_key == t_query or not causal)
+    mask = None if plain else attention_mask_matrix(key_padding_mask, t_query, t_key, q.device, segment_ids,
+                                                    causal, self_attention)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=plain and causal)
+
+
+def split_heads(x, n_head):
+    """(B, T, C) -> (B, H, T, C/H)"""
+    B, T, C = x.shape
+    return x.view(B, T, n_head, C // n_head).transpose(1, 2)
+
+
+def merge_heads(y):
+    """(B, H, T, D) -> (B, T, H·D): heads side by side"""
+    B, H, T, D = y.shape
+    return y.transpose(1, 2).contiguous().view(B, T, H * D)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention: causal (GPT, decoder) or bidirectional (BERT, encoder)."""
+
+    def __init__(self, config: GPTConfig, causal=True):
         super().__init__()
-        self.n_head = config.n_head
-        self.head_dim = config.n_embd // config.n_head
-        self.attn_impl = config.attn_impl
-        self.dropout = config.dropout
+        self.n_head, self.causal = config.n_head, causal
+        self.attn_impl, self.dropout = config.attn_impl, config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, key_padding_mask=None, kv_cache=None, layer=0, segment_ids=None):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        q, k, v = self.c_attn(x).split(x.size(-1), dim=2)  # each (B, T, C)
+        q, k, v = (split_heads(t, self.n_head) for t in (q, k, v))  # (B, H, T, D)
         if kv_cache is not None:
             k, v = kv_cache.append(layer, k, v)  # (B, H, Tk, D) with Tk = cached + T
-        t_key = k.size(2)
-        plain_causal = key_padding_mask is None and segment_ids is None and t_key == T  # the common training case
         dropout_p = self.dropout if self.training else 0.0
+        y = attend(q, k, v, self.attn_impl, self.causal, key_padding_mask, segment_ids, dropout_p)
+        return self.resid_dropout(self.c_proj(merge_heads(y)))
 
-        if self.attn_impl == "triton" and t_key == T and segment_ids is None:
-            from kernels.attention import flash_attention
 
-            if dropout_p > 0:
-                raise ValueError("attn_impl='triton' has no attention dropout; set dropout=0.0")
-            y = flash_attention(q, k, v, causal=True, key_padding_mask=key_padding_mask)
-        elif self.attn_impl == "manual":
-            # softmax(Q Kᵀ / √d + mask) V, written out
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, Tk)
-            allowed = attention_mask_matrix(key_padding_mask, T, t_key, x.device, segment_ids)
-            scores = scores.masked_fill(~allowed, float("-inf"))
-            probs = self.attn_dropout(F.softmax(scores, dim=-1))
-            y = probs @ v  # (B, H, T, D)
-        else:  # 'sdpa', and 'triton' while decoding with a cache (Tq != Tk)
-            if self.attn_impl == "triton":
-                _say_once("attn_impl='triton': KV-cache decoding and packed segments use PyTorch SDPA")
-            mask = None if plain_causal else attention_mask_matrix(key_padding_mask, T, t_key, x.device, segment_ids)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=plain_causal)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
-        return self.resid_dropout(self.c_proj(y))
+class CrossAttention(nn.Module):
+    """Decoder queries attend to the encoder output ("memory"). Keys and values depend on the memory only,
+    so generation computes them once per source (`memory_keys_values`) and reuses them at every step."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.attn_impl, self.dropout = config.n_head, config.attn_impl, config.dropout
+        self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_kv = nn.Linear(config.n_embd, 2 * config.n_embd, bias=config.bias)  # k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def memory_keys_values(self, memory):
+        """memory (B, S, C) -> keys, values, each (B, H, S, D)."""
+        k, v = self.c_kv(memory).split(memory.size(-1), dim=2)
+        return split_heads(k, self.n_head), split_heads(v, self.n_head)
+
+    def forward(self, x, memory_kv, memory_padding_mask=None):
+        q = split_heads(self.c_q(x), self.n_head)  # (B, H, T, D)
+        k, v = memory_kv  # (B, H, S, D)
+        dropout_p = self.dropout if self.training else 0.0
+        y = attend(q, k, v, self.attn_impl, False, memory_padding_mask, None, dropout_p, self_attention=False)
+        return self.resid_dropout(self.c_proj(merge_heads(y)))
 
 
 class MLP(nn.Module):
@@ -139,24 +193,128 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GELU, tanh form (GPT-2)
+
+
+def layer_norm(config):
+    return nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+
+
+def final_norm(config):
+    """The LayerNorm after the last block: needed by pre-LN stacks only (post-LN blocks end normalized)."""
+    return layer_norm(config) if config.norm_position == "pre" else nn.Identity()
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+    """One transformer layer: self-attention, cross-attention (encoder-decoder's decoder only), MLP.
 
-    def __init__(self, config: GPTConfig):
+    pre-LN (default, GPT-2): x + f(LN(x)), a clean residual path that trains without careful warmup.
+    post-LN (the original Transformer, BERT): LN(x + f(x)).
+    """
+
+    def __init__(self, config: GPTConfig, causal=True, cross_attention=False):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.post_norm = config.norm_position == "post"
+        self.ln_1 = layer_norm(config)
+        self.attn = SelfAttention(config, causal)
+        self.ln_cross = layer_norm(config) if cross_attention else None
+        self.cross_attn = CrossAttention(config) if cross_attention else None
+        self.ln_2 = layer_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, key_padding_mask=None, kv_cache=None, layer=0, segment_ids=None):
-        x = x + self.attn(self.ln_1(x), key_padding_mask, kv_cache, layer, segment_ids)
-        return x + self.mlp(self.ln_2(x))
+    def residual(self, x, norm, sublayer):
+        if self.post_norm:
+            return norm(x + sublayer(x))  # post-LN
+        return x + sublayer(norm(x))  # pre-LN
+
+    def forward(self, x, key_padding_mask=None, kv_cache=None, layer=0, segment_ids=None, memory_kv=None,
+                memory_padding_mask=None):
+        x = self.residual(x, self.ln_1, lambda h: self.attn(h, key_padding_mask, kv_cache, layer, segment_ids))
+        if self.cross_attn is not None:
+            x = self.residual(x, self.ln_cross, lambda h: self.cross_attn(h, memory_kv, memory_padding_mask))
+        return self.residual(x, self.ln_2, self.mlp)
 
 
+class Embeddings(nn.Module):
+    """Token + learned position (+ segment) embeddings, then dropout (used by BERT and the encoder-decoder;
+    the GPT keeps its wte/wpe at the top level, GPT-2's layout). Post-LN models normalize them here (BERT)."""
+
+    def __init__(self, config: GPTConfig, n_segments=0, token_embedding=None):
+        super().__init__()
+        self.wte = token_embedding if token_embedding is not None else nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.wse = nn.Embedding(n_segments, config.n_embd) if n_segments else None  # segment A/B
+        self.ln = layer_norm(config) if config.norm_position == "post" else nn.Identity()
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, idx, position_ids, segment_ids=None):
+        x = self.wte(idx) + self.wpe(position_ids)  # (B, T, C)
+        if self.wse is not None:
+            x = x + self.wse(segment_ids if segment_ids is not None else torch.zeros_like(idx))
+        return self.drop(self.ln(x))
+
+
+# ----------------------------------------------------------------------------- shared model utilities
+def position_ids_for(attention_mask, past, length, device, block_size):
+    """Positions of `length` new tokens after `past` cached ones, (B or 1, T); with a padding mask (B, past+T)
+    they count real tokens only, so left padding does not shift them."""
+    if past + length > block_size:
+        raise ValueError(f"sequence of {past + length} tokens exceeds block_size={block_size}")
+    if attention_mask is None:
+        return torch.arange(past, past + length, device=device)[None, :]  # (1, T)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + length]  # (B, T)
+
+
+def init_weights(model, init, n_layer):
+    """Initialize every weight by `init`; biases 0, LayerNorm scale 1, embeddings N(0, 0.02).
+    Linear layers tied to an embedding keep the embedding's init."""
+    residual_std = 0.02 / math.sqrt(2 * n_layer)  # GPT-2: residual projections scaled by 1/√(2L)
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and id(module.weight) not in embedding_weights:
+            if init == "xavier":
+                nn.init.xavier_uniform_(module.weight)  # Var = 2 / (fan_in + fan_out)
+            elif init == "he":
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")  # Var = 2 / fan_in
+            else:
+                std = residual_std if name.endswith("c_proj") else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear) and module.bias is not None:  # tied un-embedding with its own bias
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+def cross_entropy_loss(logits, targets):
+    """Mean cross-entropy over the targets != -100 (ignored); 0, not 0/0 = NaN, when all are ignored
+    (an MLM batch may select no token). The GPT keeps F.cross_entropy's mean, NaN in that case."""
+    total = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
+                            reduction="sum")
+    return total / (targets != -100).sum().clamp(min=1)
+
+
+def parameter_table(groups, total):
+    """Format {group name: count} and the total as the table `parameter_report` prints."""
+    lines = [f"  {name:<38s}{count:>12,d}" for name, count in groups.items()]
+    lines.append(f"  {'total':<38s}{total:>12,d}  ({total / 1e6:.2f} M)")
+    return "\n".join(lines)
+
+
+def stop_finished_rows(next_token, finished, eos_id):
+    """A row that emitted eos_id keeps emitting it. Returns (next_token, finished) both (B,)."""
+    if eos_id is None:
+        return next_token, finished
+    next_token = torch.where(finished, torch.full_like(next_token, eos_id), next_token)
+    return next_token, finished | (next_token == eos_id)
+
+
+# ------------------------------------------------------------------------------------------------ GPT
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -164,34 +322,23 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings
         self.wpe = nn.Embedding(config.block_size, config.n_embd)  # learned position embeddings
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.blocks = nn.ModuleList([Block(config, causal=True) for _ in range(config.n_layer)])
+        self.ln_f = final_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying: one matrix embeds and un-embeds tokens
         self.reset_parameters()
 
+    @classmethod
+    def from_pretrained(cls, path, **overrides):
+        """A GPT from a local Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin)
+        or from our own checkpoint (ckpt.pt or a folder holding one); see nanollm/gpt2.py."""
+        from nanollm.gpt2 import load_pretrained
+
+        return load_pretrained(path, **overrides)
+
     # ----------------------------------------------------------------------------------------- init
     def reset_parameters(self):
-        """Initialize every weight by `config.init`; biases 0, LayerNorm scale 1, embeddings N(0, 0.02)."""
-        init = self.config.init
-        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)  # GPT-2: residual projections scaled by 1/√(2L)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear) and module is not self.lm_head:
-                if init == "xavier":
-                    nn.init.xavier_uniform_(module.weight)  # Var = 2 / (fan_in + fan_out)
-                elif init == "he":
-                    nn.init.kaiming_normal_(module.weight, nonlinearity="relu")  # Var = 2 / fan_in
-                else:
-                    std = residual_std if name.endswith("c_proj") else 0.02
-                    nn.init.normal_(module.weight, mean=0.0, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        init_weights(self, self.config.init, self.config.n_layer)
 
     def num_parameters(self, exclude_positions=False):
         """Parameters counted once (the tied lm_head shares wte's matrix)."""
@@ -208,9 +355,7 @@ class GPT(nn.Module):
             f"{c.n_layer} x MLP": sum(p.numel() for b in self.blocks for p in b.mlp.parameters()),
             "LayerNorms": sum(p.numel() for n, p in self.named_parameters() if "ln_" in n),
         }
-        lines = [f"  {k:<38s}{v:>12,d}" for k, v in groups.items()]
-        lines.append(f"  {'total':<38s}{self.num_parameters():>12,d}  ({self.num_parameters() / 1e6:.2f} M)")
-        return "\n".join(lines)
+        return parameter_table(groups, self.num_parameters())
 
     def flops_per_token(self, seq_len=None):
         """Training FLOPs per token, forward + backward (Kaplan et al. 2020; PaLM appendix B): 6N + 12·L·C·T."""
@@ -228,11 +373,8 @@ class GPT(nn.Module):
         B, T = idx.shape
         past = kv_cache.length if kv_cache is not None else 0
         if position_ids is None:
-            if attention_mask is not None:  # left padding: positions count real tokens only
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
-            else:
-                position_ids = torch.arange(past, past + T, device=idx.device)[None, :]  # (1, T)
-        if past + T > self.config.block_size:
+            position_ids = position_ids_for(attention_mask, past, T, idx.device, self.config.block_size)
+        elif past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} tokens exceeds block_size={self.config.block_size}")
         x = self.drop(self.wte(idx) + self.wpe(position_ids))  # (B, T, C)
         key_padding_mask = attention_mask.bool() if attention_mask is not None else None
@@ -244,7 +386,7 @@ class GPT(nn.Module):
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        return logits, loss  # NaN (0/0) if every target is ignored: callers that can get such batches guard it
 
     def new_kv_cache(self, batch_size, max_len, device=None, dtype=None):
         c = self.config
@@ -276,9 +418,7 @@ class GPT(nn.Module):
             else:
                 logits, _ = self(idx, attention_mask=attention_mask)
             next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
-            if eos_id is not None:
-                next_token = torch.where(finished, torch.full_like(next_token, eos_id), next_token)
-                finished |= next_token == eos_id
+            next_token, finished = stop_finished_rows(next_token, finished, eos_id)
             idx = torch.cat([idx, next_token[:, None]], dim=1)
             attention_mask = torch.cat([attention_mask, torch.ones_like(next_token)[:, None]], dim=1)
             step_input = next_token[:, None]

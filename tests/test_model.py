@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanollm.model import GPT, GPTConfig, sample_next_token
+from nanollm.model import GPT, Block, GPTConfig, attend, attention_mask_matrix, sample_next_token
 
 
 def tiny(**overrides):
@@ -185,3 +185,58 @@ def test_packed_examples_do_not_attend_across_each_other(attn_impl):
     alone_first, _ = model(first)
     alone_second, _ = model(second)
     torch.testing.assert_close(logits, torch.cat([alone_first, alone_second], dim=1), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- shared blocks (BERT, encoder-decoder)
+def test_mask_matrix_for_bidirectional_and_cross_attention_by_hand():
+    padding = torch.tensor([[True, True, False]])
+    bidirectional = attention_mask_matrix(padding, 3, 3, "cpu", causal=False)[0, 0]
+    # real queries see both real keys; the padding query (row 2) also sees itself so softmax is never 0/0
+    assert bidirectional.tolist() == [[True, True, False], [True, True, False], [True, True, True]]
+    cross = attention_mask_matrix(padding, 2, 3, "cpu", causal=False, self_attention=False)[0, 0]
+    assert cross.tolist() == [[True, True, False], [True, True, False]]  # no diagonal across two sequences
+    causal = attention_mask_matrix(None, 2, 4, "cpu")[0, 0]  # decoding: the last 2 of 4 positions
+    assert causal.tolist() == [[True, True, True, False], [True, True, True, True]]
+
+
+def _qkv(t_query, t_key, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 2, t_query, 8, generator=generator)
+    k, v = torch.randn(2, 2, t_key, 8, generator=generator), torch.randn(2, 2, t_key, 8, generator=generator)
+    padding = torch.ones(2, t_key, dtype=torch.bool)
+    padding[1, t_key - 3:] = False
+    return q, k, v, padding
+
+
+def _plain_attention(q, k, v, allowed):
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
+
+
+@pytest.mark.parametrize("attn_impl", ["manual", "sdpa", "triton"])
+def test_bidirectional_and_cross_attention_paths_match_a_plain_reference(attn_impl):
+    q, k, v, padding = _qkv(9, 9)
+    allowed = padding[:, None, None, :].expand(2, 1, 9, 9)
+    out = attend(q, k, v, attn_impl, causal=False, key_padding_mask=padding)
+    real = torch.tensor([[True] * 9, [True] * 6 + [False] * 3])  # outputs at padding queries are ignored
+    torch.testing.assert_close(out.transpose(1, 2)[real], _plain_attention(q, k, v, allowed).transpose(1, 2)[real],
+                               rtol=1e-4, atol=1e-5)
+    q, k, v, padding = _qkv(5, 11, seed=1)  # cross-attention: 5 decoder queries, 11 encoder keys
+    out = attend(q, k, v, attn_impl, causal=False, key_padding_mask=padding, self_attention=False)
+    torch.testing.assert_close(out, _plain_attention(q, k, v, padding[:, None, None, :].expand(2, 1, 5, 11)),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_post_ln_block_computes_layer_norm_after_each_residual():
+    config = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16, norm_position="post")
+    torch.manual_seed(0)
+    block = Block(config, causal=True).eval()
+    x = torch.randn(2, 8, 16)
+    h = block.ln_1(x + block.attn(x))  # LN(x + Attn(x)) (Vaswani et al. 2017)
+    torch.testing.assert_close(block(x), block.ln_2(h + block.mlp(h)))
+    pre = Block(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16), causal=True).eval()
+    pre.load_state_dict(block.state_dict())
+    h = x + pre.attn(pre.ln_1(x))  # x + Attn(LN(x)) (GPT-2)
+    torch.testing.assert_close(pre(x), h + pre.mlp(pre.ln_2(h)))
+    assert isinstance(GPT(config).ln_f, torch.nn.Identity)  # post-LN stacks end normalized already
+
