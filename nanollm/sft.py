@@ -1,0 +1,469 @@
+"""Supervised fine-tuning data: every record format -> one chat -> token ids with an assistant-only loss mask.
+
+Teaches: a chat template built from reserved role tokens (in the spirit of ChatML), training on the assistant's
+tokens only (Ouyang et al. 2022, InstructGPT), and batching by padding or by packing several examples into one row
+with restarting positions and no attention across examples (Krell et al. 2021, "Efficient Sequence Packing").
+See the mask:  python -m nanollm.sft show FILE --tokenizer=out/tokenizer.model
+"""
+import argparse
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from nanollm.data import batch_seed, parse_dataset
+from nanollm.metrics import accuracy, generation_metrics
+
+IGNORE_INDEX = -100  # targets equal to this are not trained on (F.cross_entropy's ignore_index)
+ROLES = ("system", "user", "assistant")
+CLASSIFY_PREFIX = "Classify: "  # a {"text", "label"} record becomes user "Classify: <text>", assistant "<label>"
+FORMATS = ("chat: a list of {role, content} or {messages: [...]}", "{question, answer}", "{text, label}",
+           "{prompt, completion}", "{instruction, input?, output}", "{entity, facts: [{fact, value}]}")
+CJK = re.compile("[\u3400-\u9fff]")
+
+
+@dataclass
+class Conversation:
+    messages: list  # [{"role": "system" | "user" | "assistant", "content": str}, ...]
+    format: str  # the record format it came from: chat, question_answer, classification, ...
+    source: str  # "file:line", for error messages and the mask viewer
+
+
+# ----------------------------------------------------------------------------- formats -> messages
+def _text(record, key, where):
+    """record[key] as a string; numbers are accepted (a label 1, a value 34) and written as text."""
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+    return str(value)
+
+
+def _check_chat(messages, where):
+    """A list of {role, content}; system only first; at least one assistant turn to learn from."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+    checked = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            seen = sorted(message) if isinstance(message, dict) else type(message).__name__
+            raise ValueError(f"{where}: messages[{index}] must have 'role' and 'content', saw {seen}")
+        if message["role"] not in ROLES:
+            raise ValueError(f"{where}: messages[{index}]: role {message['role']!r} is not one of {ROLES}")
+        if message["role"] == "system" and index > 0:
+            raise ValueError(f"{where}: messages[{index}]: a system message may only come first")
+        checked.append({"role": message["role"], "content": _text(message, "content", f"{where}: messages[{index}]")})
+    if not any(message["role"] == "assistant" for message in checked):
+        raise ValueError(f"{where}: the chat has no assistant message, so nothing to train on")
+    return checked
+
+
+def _knowledge_turns(record, where):
+    """{"entity", "facts": [{"fact", "value"}]} -> one question/answer pair per fact (English or Chinese)."""
+    entity, facts = _text(record, "entity", where), record["facts"]
+    if not isinstance(facts, list) or not facts:
+        raise ValueError(f"{where}: field 'facts' must be a non-empty list of {{fact, value}}")
+    turns = []
+    for index, fact in enumerate(facts):
+        if not isinstance(fact, dict) or "fact" not in fact or "value" not in fact:
+            seen = sorted(fact) if isinstance(fact, dict) else type(fact).__name__
+            raise ValueError(f"{where}: facts[{index}] must have 'fact' and 'value', saw {seen}")
+        label, value = _text(fact, "fact", f"{where}: facts[{index}]"), _text(fact, "value", f"{where}: facts[{index}]")
+        if CJK.search(entity + label):
+            turns += [("user", f"{entity}的{label}是什么？"), ("assistant", f"{entity}的{label}是{value}。")]
+        else:
+            turns += [("user", f"What is the {label} of {entity}?"),
+                      ("assistant", f"The {label} of {entity} is {value}.")]
+    return [turns]
+
+
+def normalize_record(record, where="<record>"):
+    """One record of any supported format -> a list of Conversations (usually one; an `output` list gives one per
+    acceptable output). A record matching no format raises ValueError naming `where` and the keys it saw."""
+    if isinstance(record, list) or (isinstance(record, dict) and "messages" in record):
+        messages = record if isinstance(record, list) else record["messages"]
+        return [Conversation(_check_chat(messages, where), "chat", where)]
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object or a list of messages, got {type(record).__name__}")
+    keys = set(record)
+    if {"question", "answer"} <= keys:
+        name, turn_lists = "question_answer", [[("user", _text(record, "question", where)),
+                                                ("assistant", _text(record, "answer", where))]]
+    elif {"text", "label"} <= keys:
+        name, turn_lists = "classification", [[("user", CLASSIFY_PREFIX + _text(record, "text", where)),
+                                               ("assistant", _text(record, "label", where))]]
+    elif {"prompt", "completion"} <= keys:
+        name, turn_lists = "prompt_completion", [[("user", _text(record, "prompt", where)),
+                                                  ("assistant", _text(record, "completion", where))]]
+    elif {"instruction", "output"} <= keys:
+        prompt = _text(record, "instruction", where)
+        if record.get("input"):
+            prompt += "\n" + _text(record, "input", where)  # Alpaca (Taori et al. 2023): instruction, then input
+        outputs = record["output"] if isinstance(record["output"], list) else [record["output"]]
+        if not outputs:
+            raise ValueError(f"{where}: field 'output' is an empty list")
+        name = "instruction"
+        turn_lists = [[("user", prompt), ("assistant", _text({"output": o}, "output", f"{where}: output[{i}]"))]
+                      for i, o in enumerate(outputs)]
+    elif {"entity", "facts"} <= keys:
+        name, turn_lists = "knowledge", _knowledge_turns(record, where)
+    else:
+        raise ValueError(f"{where}: record matches no SFT format; keys seen: {sorted(keys)}; "
+                         f"expected one of: {'; '.join(FORMATS)}")
+    system = [{"role": "system", "content": _text(record, "system", where)}] if record.get("system") else []
+    return [Conversation(system + [{"role": role, "content": content} for role, content in turns], name, where)
+            for turns in turn_lists]
+
+
+# ----------------------------------------------------------------------------- files -> records
+def _json_array_items(text, path):
+    """Yield (line, item) for each element of a top-level JSON array, so errors can name the line."""
+    decoder, position = json.JSONDecoder(), text.index("[") + 1
+    while True:
+        while position < len(text) and text[position] in " \t\r\n,":
+            position += 1
+        if position >= len(text) or text[position] == "]":
+            return
+        line = text.count("\n", 0, position) + 1
+        try:
+            item, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{error.lineno}: malformed JSON ({error.msg})") from None
+        yield line, item
+
+
+def read_records(path):
+    """Yield (record, "file:line") from a .jsonl file (one record per line) or a .json file (an array of records,
+    one record, or one chat given as an array of {role, content})."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not valid UTF-8 ({error.reason})") from None
+    if path.suffix == ".jsonl":
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    yield json.loads(line), f"{path}:{number}"
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number}: malformed JSON ({error.msg}, column {error.colno})") from None
+        return
+    stripped = text.lstrip()
+    if not stripped.startswith("["):
+        try:
+            yield json.loads(text), f"{path}:1"
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{error.lineno}: malformed JSON ({error.msg})") from None
+        return
+    items = list(_json_array_items(text, path))
+    if items and all(isinstance(item, dict) and "role" in item for _, item in items):
+        yield [item for _, item in items], f"{path}:1"  # the whole file is one chat
+        return
+    for line, item in items:
+        yield item, f"{path}:{line}"
+
+
+def list_sft_files(dataset):
+    """'a.jsonl,folder/' -> the .json/.jsonl files (folders searched recursively, sorted)."""
+    files = []
+    for source in parse_dataset(dataset):
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"SFT dataset path not found: {path}")
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl"))
+            if not found:
+                raise FileNotFoundError(f"no .json or .jsonl files under folder: {path}")
+            files.extend(found)
+        elif path.suffix in (".json", ".jsonl"):
+            files.append(path)
+        else:
+            raise ValueError(f"{path}: unsupported file type {path.suffix!r} (expected .json or .jsonl)")
+    return files
+
+
+def load_conversations(dataset):
+    """Every record of every file, normalized. All files are checked before any training starts."""
+    return [conversation for path in list_sft_files(dataset) for record, where in read_records(path)
+            for conversation in normalize_record(record, where)]
+
+
+# ----------------------------------------------------------------------------- chat template -> ids + mask
+def encode_content(tokenizer, text):
+    """Token ids of message text. The text is cut between every "<" and "|" before encoding, so a user who types
+    "<|assistant|>" gets plain characters, never a role token: only the template can write role markers."""
+    ids = [i for piece in re.split(r"(?<=<)(?=\|)", text) for i in tokenizer.encode(piece)]
+    if any(i < 8 for i in ids):  # ids 0..7 are reserved (unk, pad, bos, eos, roles, mask)
+        raise ValueError(f"message text encoded to a reserved id: {text[:60]!r}")
+    return ids
+
+
+def encode_messages(tokenizer, messages):
+    """The chat template, as ids and a per-token 'trained' flag:
+        <s> [<|system|> text] <|user|> text <|assistant|> text </s> <|user|> text <|assistant|> text </s> ...
+    Trained tokens: the assistant's text and its closing </s> (the model must learn when to stop)."""
+    role_ids = {"system": tokenizer.system_id, "user": tokenizer.user_id, "assistant": tokenizer.assistant_id}
+    ids, trained = [tokenizer.bos_id], [False]
+    for message in messages:
+        content = encode_content(tokenizer, message["content"])
+        is_assistant = message["role"] == "assistant"
+        ids += [role_ids[message["role"]]] + content
+        trained += [False] + [is_assistant] * len(content)
+        if is_assistant:
+            ids.append(tokenizer.eos_id)
+            trained.append(True)
+    return ids, trained
+
+
+def prompt_ids(tokenizer, messages):
+    """The ids a model continues to answer: the template of `messages` (ending on a user turn) + <|assistant|>.
+    Training and inference share encode_messages, so they see the same template."""
+    return encode_messages(tokenizer, messages)[0] + [tokenizer.assistant_id]
+
+
+@dataclass
+class Example:
+    ids: list  # token ids of one conversation (at most block_size + 1)
+    trained: list  # per token: True if it is a target (assistant text or its closing eos)
+    format: str
+    source: str
+
+
+@dataclass
+class EncodeStats:
+    conversations: int = 0
+    truncated: int = 0  # longer than block_size + 1 tokens: the end was cut off
+    dropped: int = 0  # truncation left no trained token: the example was dropped
+    tokens: int = 0
+    trained_tokens: int = 0
+
+    def __str__(self):
+        return (f"{self.conversations} conversations, {self.tokens:,} tokens ({self.trained_tokens:,} trained), "
+                f"{self.truncated} truncated to block_size, {self.dropped} dropped (nothing left to train on)")
+
+
+def encode_conversations(tokenizer, conversations, block_size):
+    """Conversations -> Examples of at most block_size + 1 tokens (inputs and targets are both block_size long)."""
+    examples, stats = [], EncodeStats(conversations=len(conversations))
+    for conversation in conversations:
+        ids, trained = encode_messages(tokenizer, conversation.messages)
+        if len(ids) > block_size + 1:
+            ids, trained = ids[:block_size + 1], trained[:block_size + 1]
+            stats.truncated += 1
+            if not any(trained):
+                stats.dropped += 1
+                continue
+        examples.append(Example(ids, trained, conversation.format, conversation.source))
+        stats.tokens += len(ids)
+        stats.trained_tokens += sum(trained)
+    return examples, stats
+
+
+# ----------------------------------------------------------------------------- batches
+def pack_rows(examples, block_size, packing, seed=0):
+    """Rows of example indices. Padding: one example per row. Packing: examples (in a seeded shuffle) fill rows of
+    block_size positions greedily; an example of n tokens takes n - 1 positions (inputs ids[:-1])."""
+    if not packing:
+        return [[index] for index in range(len(examples))]
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    rows, current, used = [], [], 0
+    for index in order:
+        length = len(examples[index].ids) - 1
+        if current and used + length > block_size:
+            rows.append(current)
+            current, used = [], 0
+        current.append(index)
+        used += length
+    return rows + ([current] if current else [])
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T) token ids, pad_id after the last example of a row
+    targets: torch.Tensor  # (B, T) the next token where it is trained, else IGNORE_INDEX
+    position_ids: torch.Tensor  # (B, T) restarting at 0 for each example
+    segment_ids: torch.Tensor  # (B, T) which example of the row (-1 for padding); None if one example per row
+
+    def to(self, device):
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch(move(self.input_ids), move(self.targets), move(self.position_ids), move(self.segment_ids))
+
+    @property
+    def n_targets(self):
+        return int((self.targets != IGNORE_INDEX).sum())
+
+
+def collate(rows, pad_id):
+    """rows: lists of Examples -> a Batch padded on the right to the longest row.
+    Each example contributes inputs ids[:-1] and targets ids[1:], with untrained targets set to IGNORE_INDEX."""
+    length = max(sum(len(example.ids) - 1 for example in row) for row in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)  # (B, T)
+    targets = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    position_ids = torch.zeros((len(rows), length), dtype=torch.long)  # (B, T)
+    segment_ids = torch.full((len(rows), length), -1, dtype=torch.long)  # (B, T)
+    for b, row in enumerate(rows):
+        start = 0
+        for segment, example in enumerate(row):
+            ids = torch.tensor(example.ids)
+            trained = torch.tensor(example.trained)
+            end = start + len(example.ids) - 1
+            input_ids[b, start:end] = ids[:-1]
+            targets[b, start:end] = torch.where(trained[1:], ids[1:], IGNORE_INDEX)  # token t+1 is the target at t
+            position_ids[b, start:end] = torch.arange(end - start)
+            segment_ids[b, start:end] = segment
+            start = end
+    packed = any(len(row) > 1 for row in rows)
+    # one example per row needs no segments: causal attention never lets a real token see the padding after it
+    return Batch(input_ids, targets, position_ids, segment_ids if packed else None)
+
+
+def get_sft_batch(examples, rows, batch_size, pad_id, seed, step, micro_step, device="cpu"):
+    """batch_size random rows; a pure function of (seed, step, micro_step), so DDP and resume read the same data."""
+    generator = torch.Generator().manual_seed(batch_seed(seed, "sft", step, micro_step))
+    chosen = torch.randint(len(rows), (batch_size,), generator=generator).tolist()
+    return collate([[examples[i] for i in rows[r]] for r in chosen], pad_id).to(device)
+
+
+def token_loss_sum(logits, targets):
+    """Σ cross-entropy over target tokens (IGNORE_INDEX skipped): a (0-dim) sum, not a mean.
+    The caller divides by the number of targets in the whole step; a micro-batch with no targets adds exactly 0 and
+    no gradient, where a per-batch mean would be 0/0 = NaN."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def model_inputs(batch):
+    """Keyword arguments for GPT.forward from a Batch."""
+    return {"position_ids": batch.position_ids, "segment_ids": batch.segment_ids}
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def assistant_nll(model, examples, pad_id, batch_size, device, ctx):
+    """(Σ NLL, number of targets) over the assistant tokens of `examples`: perplexity = exp(Σ / n)."""
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate([[e] for e in examples[start:start + batch_size]], pad_id).to(device)
+        with ctx:
+            logits, _ = model(batch.input_ids, **model_inputs(batch))
+        total += token_loss_sum(logits, batch.targets).item()
+        count += batch.n_targets
+    return total, count
+
+
+@torch.no_grad()
+def generate_replies(model, tokenizer, prompts, max_new_tokens, batch_size=64):
+    """Greedy replies to message lists that end on a user turn; prompts are left-padded, cut at eos."""
+    block_size = model.config.block_size
+    replies = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = [prompt_ids(tokenizer, messages) for messages in prompts[start:start + batch_size]]
+        new_tokens = min(max_new_tokens, block_size - 1)
+        encoded = [ids[-(block_size - new_tokens):] for ids in encoded]  # keep the end of an overlong prompt
+        width = max(len(ids) for ids in encoded)
+        device = next(model.parameters()).device
+        idx = torch.tensor([[tokenizer.pad_id] * (width - len(ids)) + ids for ids in encoded], device=device)  # (B, T)
+        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+        out = model.generate(idx, min(new_tokens, block_size - width), temperature=0.0, eos_id=tokenizer.eos_id,
+                             attention_mask=attention_mask)
+        for row in out[:, width:].tolist():
+            row = row[:row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row
+            replies.append(tokenizer.decode(row, skip_special=True).strip())
+    return replies
+
+
+def score_replies(conversations, replies):
+    """Text metrics against each conversation's last assistant message; accuracy for classification records."""
+    references = [conversation.messages[-1]["content"] for conversation in conversations]
+    is_label = [conversation.format == "classification" for conversation in conversations]
+    scores = {}
+    text = [(reply, reference) for reply, reference, label in zip(replies, references, is_label) if not label]
+    if text:
+        scores.update(generation_metrics([r for r, _ in text], [ref for _, ref in text]))
+    labels = [(reply, reference) for reply, reference, label in zip(replies, references, is_label) if label]
+    if labels:
+        scores["accuracy"] = accuracy([r for r, _ in labels], [ref for _, ref in labels])
+    return scores
+
+
+def evaluate(model, tokenizer, conversations, examples, max_new_tokens, batch_size, ctx):
+    """Held-out assistant-token perplexity and the generation metrics of greedy replies (eval mode, no grad)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = assistant_nll(model, examples, tokenizer.pad_id, batch_size, device, ctx)
+    with ctx:
+        replies = generate_replies(model, tokenizer, [c.messages[:-1] for c in conversations], max_new_tokens)
+    model.train(was_training)
+    scores = {"val_loss": total / max(count, 1), "val_ppl": torch.exp(torch.tensor(total / max(count, 1))).item()}
+    return {**scores, **score_replies(conversations, replies)}, replies
+
+
+# ----------------------------------------------------------------------------- the mask viewer
+def _run_text(tokenizer, ids):
+    """Text of a run of tokens: ordinary ids decoded together (multi-byte characters stay whole), reserved ids
+    (which decode to nothing) shown as their pieces, e.g. <|user|> and </s>."""
+    parts, ordinary = [], []
+    for token in ids + [None]:
+        if token is not None and token >= 8:
+            ordinary.append(token)
+            continue
+        if ordinary:
+            parts.append(tokenizer.decode(ordinary))
+            ordinary = []
+        if token is not None:
+            parts.append(tokenizer.id_to_piece(token))
+    return "".join(parts)
+
+
+def render_example(tokenizer, ids, trained, color=False):
+    """The example as text with its trained spans between « » (or in green with color=True)."""
+    start, end = ("\033[1;42m", "\033[0m") if color else ("«", "»")
+    out, run = [], []
+    for position, token in enumerate(ids):
+        run.append(token)
+        if position + 1 == len(ids) or trained[position + 1] != trained[position]:  # the run ends here
+            text = _run_text(tokenizer, run)
+            out.append(f"{start}{text}{end}" if trained[position] else text)
+            run = []
+    return "".join(out)
+
+
+def show(path, tokenizer_path, first=0, count=3, block_size=1024, tokens=False):
+    from nanollm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(tokenizer_path)
+    conversations = [c for record, where in read_records(path) for c in normalize_record(record, where)]
+    examples, stats = encode_conversations(tokenizer, conversations[first:first + count], block_size)
+    color = sys.stdout.isatty()
+    print(f"{path}: {len(conversations)} conversations; showing {len(examples)}; trained tokens "
+          f"{'in green' if color else 'between « »'}; {stats}")
+    for example in examples:
+        print(f"\n--- {example.source} ({example.format}): {len(example.ids)} tokens, {sum(example.trained)} trained")
+        if tokens:
+            for position, (token, is_trained) in enumerate(zip(example.ids, example.trained)):
+                print(f"{position:5d} {token:6d} {'TRAIN' if is_trained else '  -  '} {tokenizer.id_to_piece(token)!r}")
+        else:
+            print(render_example(tokenizer, example.ids, example.trained, color))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m nanollm.sft", description="Show SFT examples and their loss mask.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    viewer = commands.add_parser("show", help="print examples with the trained tokens highlighted")
+    viewer.add_argument("file", help="a .json or .jsonl SFT file")
+    viewer.add_argument("--tokenizer", default=os.path.join("out", "tokenizer.model"))
+    viewer.add_argument("--first", type=int, default=0, help="index of the first conversation shown")
+    viewer.add_argument("--count", type=int, default=3, help="how many conversations to show")
+    viewer.add_argument("--block_size", type=int, default=1024, help="truncate as training would")
+    viewer.add_argument("--tokens", action="store_true", help="one token per line: position, id, TRAIN, piece")
+    args = parser.parse_args(argv)
+    show(args.file, args.tokenizer, args.first, args.count, args.block_size, args.tokens)
+
+
+if __name__ == "__main__":
+    main()

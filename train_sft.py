@@ -1,0 +1,261 @@
+"""Supervised fine-tuning (SFT): teach a pretrained GPT to answer in the chat template; loss on assistant tokens only.
+
+After pretraining (python train_pretrain.py writes out/), one process (CPU, one GPU, or Apple MPS):
+    python train_sft.py                                   # built-in demo set: out/ -> out-sft/, before/after table
+    python train_sft.py --dataset=my_data/ --eval_dataset=my_eval.jsonl --max_iters=1000 --packing=True
+N processes with DDP (one per GPU; gloo on CPU):
+    torchrun --standalone --nproc_per_node=4 train_sft.py
+Resume after a crash or Ctrl-C:
+    python train_sft.py --init_from=resume
+See what is trained on (the loss mask) in any data file:
+    python -m nanollm.sft show data/sft_demo/train/chat.jsonl --tokenizer=out/tokenizer.model
+Settings below are plain variables; override them with a config file and/or --key=value.
+"""
+import os
+import shutil
+import sys
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from nanollm import distributed as dist_utils
+from nanollm.checkpoint import (MetricsLog, load_checkpoint, read_metrics, restore_training_state, save_checkpoint,
+                                unwrap)
+from nanollm.configurator import configure
+from nanollm.instructions import write_demo_dataset
+from nanollm.model import GPT, GPTConfig
+from nanollm.optim import configure_optimizer, get_lr
+from nanollm.sft import (encode_conversations, evaluate, get_sft_batch, load_conversations, model_inputs, pack_rows,
+                         token_loss_sum)
+from nanollm.tokenizer import Tokenizer
+from nanollm.training import GracefulStop, GuardedStep
+
+# ------------------------------------------------------------------------------------------ settings
+# I/O
+out_dir = "out-sft"  # checkpoints, metrics.jsonl and a copy of the tokenizer go here
+init_from = "out"  # a pretraining out_dir (ckpt.pt + tokenizer.model) | 'resume' (out_dir/ckpt.pt) | 'gpt2...'
+eval_interval = 100  # held-out assistant-token loss (and checkpoint) every this many iterations
+log_interval = 10  # write a metrics.jsonl line every this many iterations
+eval_only = False  # evaluate the starting model once (loss and generations) and exit
+always_save_checkpoint = True  # checkpoint at every eval, not only when the held-out loss improves
+# data
+dataset = "demo"  # 'demo' (built from the synthetic world) or .json/.jsonl files or folders, comma-separated
+eval_dataset = ""  # held-out files; '' = the demo's held-out set, or a random val_fraction of a custom dataset
+data_dir = ""  # where the demo files are written; '' = data/sft_demo
+world_seed = 0  # the world of the demo set: must be the pretraining world (build_corpus uses World(0))
+val_fraction = 0.05  # held out of a custom dataset when eval_dataset is ''
+packing = False  # True: several examples per row (positions restart, no attention across examples)
+gradient_accumulation_steps = 1  # micro-steps per optimizer step, over all ranks together
+batch_size = 32  # rows per micro-step per rank
+block_size = 0  # longest example in tokens; 0 = the base model's block_size (longer examples are truncated)
+# model
+dropout = 0.0  # replaces the base model's dropout
+attn_impl = "auto"  # 'manual' | 'sdpa' | 'triton' | 'auto' (sdpa)
+# optimizer (AdamW) and schedule: a smaller learning rate than pretraining, so knowledge is not overwritten
+learning_rate = 5e-4
+max_iters = 200
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # clip the global gradient norm to this; 0 disables
+decay_lr = True  # False keeps learning_rate constant after warmup
+lr_schedule = "cosine"  # 'cosine' | 'poly'
+warmup_iters = 20
+lr_decay_iters = -1  # -1 = max_iters
+min_lr = 5e-5
+# evaluation (before and after training): greedy replies to the held-out questions
+eval_examples = 240  # held-out conversations generated and scored (0 = none; the loss still uses all)
+max_new_tokens = 32  # longest generated reply
+# system
+device = "auto"  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
+dtype = "auto"  # 'auto' (bfloat16 on a GPU that has it, else float32) | 'float32' | 'bfloat16' | 'float16'
+backend = "auto"  # DDP backend: 'auto' (nccl on CUDA, gloo on CPU) | 'nccl' | 'gloo'
+compile = False  # torch.compile the model
+seed = 1337
+# ----------------------------------------------------------------------------------------------------
+config = configure(globals(), sys.argv[1:])
+
+# ---- setup: device, DDP, precision, seeds
+runtime = dist_utils.setup(device, backend)
+master = runtime.is_master
+dtype = dist_utils.resolve_dtype(dtype, runtime.device_type)
+if gradient_accumulation_steps % runtime.world_size != 0:
+    raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the "
+                     f"number of processes ({runtime.world_size})")
+accum_per_rank = gradient_accumulation_steps // runtime.world_size
+lr_decay_iters = max_iters if lr_decay_iters < 0 else lr_decay_iters
+if master:
+    print(f"[nanollm] device={runtime.device} dtype={dtype} world_size={runtime.world_size}")
+    os.makedirs(out_dir, exist_ok=True)
+ctx = dist_utils.autocast(runtime.device_type, dtype)
+
+# ---- the starting model: a pretraining checkpoint, or our own SFT checkpoint when resuming
+if init_from == "resume":
+    checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), runtime.device)
+    tokenizer_path = os.path.join(out_dir, "tokenizer.model")
+elif init_from.startswith("gpt2"):
+    if not hasattr(GPT, "from_pretrained"):
+        raise ValueError(f"init_from={init_from!r} needs GPT.from_pretrained (the model-family issue); "
+                         f"until then start from a pretraining out_dir such as 'out'")
+    raise NotImplementedError("SFT from GPT-2: load it with GPT.from_pretrained and its own tokenizer here")
+else:
+    checkpoint = load_checkpoint(os.path.join(init_from, "ckpt.pt"), runtime.device)
+    tokenizer_path = os.path.join(init_from, "tokenizer.model")
+tokenizer = Tokenizer(tokenizer_path)
+if attn_impl == "auto":
+    attn_impl = "sdpa"
+model_args = dict(checkpoint["model_args"], dropout=dropout, attn_impl=attn_impl)
+block_size = block_size or model_args["block_size"]
+if block_size > model_args["block_size"]:
+    raise ValueError(f"block_size={block_size} exceeds the base model's block_size={model_args['block_size']}")
+if master and init_from != "resume":
+    shutil.copyfile(tokenizer_path, os.path.join(out_dir, "tokenizer.model"))
+
+# ---- data: every record normalized to the chat template, checked in full before training starts
+if dataset == "demo":
+    demo_dir = data_dir or os.path.join("data", "sft_demo")
+    if master:
+        write_demo_dataset(demo_dir, world_seed=world_seed)
+    dist_utils.barrier(runtime)
+    dataset = os.path.join(demo_dir, "train")
+    eval_dataset = eval_dataset or os.path.join(demo_dir, "heldout")
+train_conversations = load_conversations(dataset)
+if eval_dataset:
+    heldout_conversations = load_conversations(eval_dataset)
+else:  # a seeded random val_fraction of a custom dataset
+    order = torch.randperm(len(train_conversations), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, round(len(order) * val_fraction))
+    heldout_conversations = [train_conversations[i] for i in sorted(order[:n_val])]
+    train_conversations = [train_conversations[i] for i in sorted(order[n_val:])]
+train_examples, train_stats = encode_conversations(tokenizer, train_conversations, block_size)
+heldout_examples, eval_stats = encode_conversations(tokenizer, heldout_conversations, block_size)
+rows = pack_rows(train_examples, block_size, packing, seed)
+n_generated = min(eval_examples, len(heldout_conversations))  # evenly spread over the held-out set (all its tasks)
+generation_set = [heldout_conversations[i * len(heldout_conversations) // n_generated] for i in range(n_generated)]
+if master:
+    print(f"[nanollm] train: {train_stats}\n[nanollm] held-out: {eval_stats}")
+    print(f"[nanollm] {'packing' if packing else 'padding'}: {len(rows)} rows from {len(train_examples)} examples")
+
+# ---- model
+model = GPT(GPTConfig(**model_args)).to(runtime.device)
+scaler = dist_utils.grad_scaler(runtime.device_type, dtype)
+optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), runtime.device_type, master)
+iter_num, best_val_loss = 0, float("inf")
+if init_from == "resume":
+    iter_num, best_val_loss = restore_training_state(checkpoint, model, optimizer, scaler, runtime)
+    if master:
+        print(f"[nanollm] resumed from {out_dir}/ckpt.pt at iteration {iter_num}")
+else:
+    model.load_state_dict(checkpoint["model"])
+    torch.manual_seed(seed + runtime.rank)  # dropout differs per rank
+    if master:
+        print(f"[nanollm] starting from {init_from}/ckpt.pt ({model.num_parameters() / 1e6:.2f} M parameters)")
+checkpoint = None  # free memory
+if compile:
+    print("[nanollm] compiling the model with torch.compile")
+    model = torch.compile(model)
+if runtime.ddp:
+    model = DDP(model, device_ids=[runtime.local_rank] if runtime.device_type == "cuda" else None)
+raw_model = unwrap(model)
+
+
+def run_evaluation(with_generation):
+    """Held-out assistant-token loss/perplexity, plus greedy replies scored against the references (rank 0)."""
+    conversations = generation_set if with_generation else []
+    scores, replies = evaluate(raw_model, tokenizer, conversations, heldout_examples, max_new_tokens,
+                               batch_size, ctx)
+    return scores, list(zip(conversations, replies))
+
+
+def save(iter_num):
+    save_checkpoint(os.path.join(out_dir, "ckpt.pt"), runtime, model, optimizer, scaler, iter_num, best_val_loss,
+                    config, model_args, stage="sft")
+
+
+# ---- before training: the base model on the held-out set (skipped on resume: it is in metrics.jsonl)
+log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), start_iter=iter_num) if master else None
+if master and (iter_num == 0 or eval_only):
+    before, _ = run_evaluation(with_generation=eval_examples > 0)
+    log.write({"iter": iter_num, "phase": "before", **before})
+    print("[nanollm] before SFT: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
+
+# ---- the training loop
+progress = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True)
+stop = GracefulStop()  # Ctrl-C: finish the step, checkpoint, exit
+step = GuardedStep(optimizer, scaler, grad_clip, runtime, dtype)  # clip; skip non-finite steps
+stopped = False
+t_start = time.time()
+while not eval_only:
+    if stop.requested(runtime):
+        stopped = True
+        if master:
+            tqdm.write(f"[nanollm] stop requested: checkpoint at iteration {iter_num}; resume with --init_from=resume")
+        save(iter_num)
+        break
+
+    # held-out loss and checkpoint (the first evaluation was the "before" one)
+    if iter_num > 0 and (iter_num % eval_interval == 0 or iter_num == max_iters):
+        if master:
+            scores, _ = run_evaluation(with_generation=False)
+            tqdm.write(f"iter {iter_num}: held-out assistant loss {scores['val_loss']:.4f}, "
+                       f"ppl {scores['val_ppl']:.2f}")
+            log.write({"iter": iter_num, **scores})
+            improved = scores["val_loss"] < best_val_loss
+            best_val_loss = min(best_val_loss, scores["val_loss"])
+        if dist_utils.any_rank(master and (improved or always_save_checkpoint), runtime):
+            save(iter_num)
+        dist_utils.barrier(runtime)
+    if iter_num >= max_iters:
+        break
+
+    # learning rate for this iteration
+    lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr, lr_schedule if decay_lr else "constant")
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+    # this rank's micro-batches; the loss is a mean over every target token of the global batch
+    t0 = time.time()
+    batches = [get_sft_batch(train_examples, rows, batch_size, tokenizer.pad_id, seed, iter_num,
+                             runtime.rank * accum_per_rank + micro, runtime.device) for micro in range(accum_per_rank)]
+    n_targets = dist_utils.all_reduce_mean(sum(b.n_targets for b in batches), runtime) * runtime.world_size
+    loss_sum = 0.0
+    for micro, batch in enumerate(batches):
+        with dist_utils.no_sync_unless(model, sync=(micro == accum_per_rank - 1)):
+            with ctx:
+                logits, _ = model(batch.input_ids, **model_inputs(batch))
+                token_losses = token_loss_sum(logits, batch.targets)  # Σ CE over this micro-batch's targets
+            # loss = Σ CE / n_targets(global); × world_size because DDP averages gradients over ranks
+            scaler.scale(token_losses * runtime.world_size / max(n_targets, 1)).backward()
+        loss_sum += token_losses.item()
+    loss_mean = dist_utils.all_reduce_mean(loss_sum, runtime) * runtime.world_size / max(n_targets, 1)
+
+    grad_norm = step(model, loss_mean, iter_num)  # unscale, clip to grad_clip, optimizer step (or skip)
+
+    # log
+    dt = time.time() - t0
+    if master:
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.2e}")
+        if iter_num % log_interval == 0:
+            log.write({"iter": iter_num, "loss": loss_mean, "lr": lr, "grad_norm": grad_norm, "dt_ms": dt * 1000,
+                       "targets": int(n_targets), "tokens_per_sec": int(n_targets) / dt})
+    iter_num += 1
+progress.close()
+
+# ---- the end: held-out metrics before and after, and a few replies
+if master and not eval_only and not stopped:
+    elapsed = time.time() - t_start
+    after, samples = run_evaluation(with_generation=eval_examples > 0)
+    log.write({"iter": iter_num, "phase": "after", **after})
+    before = next(r for r in read_metrics(log.path) if r.get("phase") == "before")
+    print(f"[nanollm] trained {max_iters} iterations in {elapsed:.1f} s. Held-out set: {eval_stats.conversations} "
+          f"conversations (loss), {len(generation_set)} generated (greedy)")
+    print("| metric | before SFT | after SFT |\n|---|---|---|")
+    for key in after:
+        print(f"| {key} | {before.get(key, float('nan')):.4f} | {after[key]:.4f} |")
+    for conversation, reply in samples[:: max(1, len(samples) // 6)][:6]:
+        print(f"  Q: {conversation.messages[-2]['content']}\n  A: {reply}\n  (reference: "
+              f"{conversation.messages[-1]['content']})")
+dist_utils.teardown(runtime)
