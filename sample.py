@@ -8,10 +8,9 @@ import sys
 
 import torch
 
-from nanollm.checkpoint import load_checkpoint
 from nanollm.configurator import configure
 from nanollm.distributed import pick_device
-from nanollm.model import GPT, GPTConfig
+from nanollm.model import GPT
 from nanollm.tokenizer import Tokenizer
 
 out_dir = "out"  # folder holding ckpt.pt and tokenizer.model
@@ -26,10 +25,7 @@ device = "auto"
 configure(globals(), sys.argv[1:])
 
 device = pick_device(device)
-checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
-model = GPT(GPTConfig(**checkpoint["model_args"]))
-model.load_state_dict(checkpoint["model"])
-model.to(device).eval()
+model = GPT.from_pretrained(out_dir).to(device).eval()  # our ckpt.pt (pretraining or SFT) or a GPT-2 folder
 tokenizer = Tokenizer(os.path.join(out_dir, "tokenizer.model"))
 
 torch.manual_seed(seed)

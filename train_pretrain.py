@@ -210,7 +210,7 @@ while True:
         break
 
     # evaluate and checkpoint
-    if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
+    if iter_num % eval_interval == 0 or iter_num >= max_iters or eval_only:
         if master:
             losses = estimate_loss()
             val_ppl = torch.exp(torch.tensor(losses["val"])).item()

@@ -196,7 +196,7 @@ while not eval_only:
         break
 
     # held-out loss and checkpoint (the first evaluation was the "before" one)
-    if iter_num > 0 and (iter_num % eval_interval == 0 or iter_num == max_iters):
+    if iter_num > 0 and (iter_num % eval_interval == 0 or iter_num >= max_iters):
         if master:
             scores, _ = run_evaluation(with_generation=False)
             tqdm.write(f"iter {iter_num}: held-out assistant loss {scores['val_loss']:.4f}, "

@@ -403,6 +403,14 @@ class GPT(nn.Module):
         With attention_mask, prompts are left-padded. A row that emitted eos_id keeps emitting eos_id,
         and generation stops when every row has. Returns (B, T + n_generated).
         """
+        new_tokens = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id,
+                                               attention_mask, use_cache, generator))
+        return torch.cat([idx] + [token[:, None] for token in new_tokens], dim=1)
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
+                        attention_mask=None, use_cache=True, generator=None):
+        """Like generate, but yields each step's new tokens (B,) as soon as they are sampled (for streaming)."""
         B, T = idx.shape
         if T + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size="
@@ -419,12 +427,12 @@ class GPT(nn.Module):
                 logits, _ = self(idx, attention_mask=attention_mask)
             next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
             next_token, finished = stop_finished_rows(next_token, finished, eos_id)
+            yield next_token
             idx = torch.cat([idx, next_token[:, None]], dim=1)
             attention_mask = torch.cat([attention_mask, torch.ones_like(next_token)[:, None]], dim=1)
             step_input = next_token[:, None]
             if eos_id is not None and bool(finished.all()):
                 break
-        return idx
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

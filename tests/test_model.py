@@ -240,3 +240,10 @@ def test_post_ln_block_computes_layer_norm_after_each_residual():
     torch.testing.assert_close(pre(x), h + pre.mlp(pre.ln_2(h)))
     assert isinstance(GPT(config).ln_f, torch.nn.Identity)  # post-LN stacks end normalized already
 
+
+
+def test_generate_stream_yields_the_tokens_generate_returns():
+    model = tiny().eval()
+    prompt = torch.randint(0, 97, (2, 5))
+    streamed = torch.stack(list(model.generate_stream(prompt, 9, temperature=0)), dim=1)  # (2, 9)
+    assert torch.equal(streamed, model.generate(prompt, 9, temperature=0)[:, 5:])
