@@ -1,0 +1,392 @@
+"""Where preference data comes from: a gold annotator that knows the truth, and simulated human labelers who don't.
+
+Teaches RLHF's feedback step (Stiennon et al. 2020; Ouyang et al. 2022, InstructGPT): sample K replies per prompt,
+have them judged, write what the judges preferred. The gold annotator scores a reply against the synthetic world's
+facts on four readable 1-5 rules; the labelers see that judgement through noise and a length bias (longer answers
+look better to people and to reward models: Singhal et al. 2023), so the reward model is a proxy that can be checked.
+    python -m nanollm.annotators collect --checkpoint=out-sft --out=data/rm_demo
+    python -m nanollm.annotators judge "How old is Videl Guvar?" "Videl Guvar is 40 years old."
+"""
+import argparse
+import json
+import os
+import random
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import torch
+
+from nanollm.metrics import tokenize_for_metrics
+from nanollm.world import TEMPLATES, ZH_OPERATIONS, World
+
+DIMENSIONS = ("accuracy", "relevance", "naturalness", "conciseness")
+# overall = Σ weight · score. Accuracy weighs 4x relevance, so a wrong answer (1, 5, 5, 5) and an irrelevant reply
+# (2, 1, 5, 5) tie at 2.6: both are useless, and a tie makes no preference pair.
+WEIGHTS = {"accuracy": 0.6, "relevance": 0.15, "naturalness": 0.125, "conciseness": 0.125}
+NUMERIC_ATTRIBUTES = ("age", "population")  # answers that are numbers (and arithmetic results)
+SENTENCE_END = ".!?。！？"
+GARBLED = ("<|", "|>", "<s>", "</s>", "<unk>", "<pad>", "\ufffd")  # leaked markup or an undecodable byte
+CJK = re.compile("[\u3400-\u9fff]")
+ARITHMETIC_EN = re.compile(r"^What is (\d+) (plus|minus|times) (\d+)\?$")
+ARITHMETIC_ZH = re.compile(r"^(\d+)(加|减|乘以)(\d+)等于多少？$")
+OPERATIONS = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "times": lambda a, b: a * b}
+
+
+@dataclass
+class Question:
+    """What the gold annotator needs to know about a prompt."""
+    text: str
+    answer: str  # the true value: "teacher", "34", "李明"
+    reference: str  # the canonical one-sentence answer (sets the length a concise reply should have)
+    language: str  # "en" | "zh"
+    subject: str  # the entity asked about, or the echo "3 plus 4" of an arithmetic question
+    candidates: tuple  # every value of the asked kind in the world; () for numeric answers
+
+
+@dataclass
+class Judgement:
+    accuracy: int  # 5 true answer only, 3 true and wrong, 2 no answer, 1 wrong answer
+    relevance: int  # on-topic sentences, more if the question is answered
+    naturalness: int  # 5 minus one per problem: no final punctuation, repetition, wrong language, garbled text
+    conciseness: int  # length against the reference answer: 5 (<= 1.5x) ... 1 (> 4x)
+    overall: float  # Σ WEIGHTS[d] · d over the four dimensions, in [1, 5]
+
+
+# ----------------------------------------------------------------------------- the gold annotator
+def _capitalize(text):
+    return text[:1].upper() + text[1:]
+
+
+def _find_values(text, candidates):
+    """(values found, the text without them): longest candidates first, each span used once ("李明雨" is not also
+    "李明"). English values match whole words, case-insensitively; Chinese values match anywhere; () means numbers."""
+    if not candidates:
+        return re.findall(r"\d+", text), re.sub(r"\d+", " ", text)
+    found, text = [], text.lower()
+    for value in sorted(candidates, key=len, reverse=True):
+        pattern = (r"(?<![a-z0-9])" + re.escape(value.lower()) + r"(?![a-z0-9])") if value.isascii() \
+            else re.escape(value)
+        text, count = re.subn(pattern, " ", text)
+        found += [value] * count
+    return found, text
+
+
+def _sentences(text):
+    return [s for s in re.split(r"(?<=[.!?。！？])\s*", text) if s.strip()]
+
+
+def ranking_string(scores):
+    """[3.1, 4.0, 3.1, 2.0] -> "2 > 1 = 3 > 4" (1-based reply numbers, best first, equal scores joined by '=')."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    text = str(order[0] + 1)
+    for previous, current in zip(order, order[1:]):
+        text += (" = " if scores[current] == scores[previous] else " > ") + str(current + 1)
+    return text
+
+
+class GoldAnnotator:
+    """Judges replies to the world's questions (facts and arithmetic) by readable rules; used for evaluation and for
+    making labels, never inside a training loss."""
+
+    def __init__(self, world: World):
+        self.world = world
+        self.questions = {}  # question text -> (entity, attribute)
+        values = {}  # attribute -> every value it takes
+        for entity in world.entities():
+            for attribute, value in world.profile(entity).items():
+                values.setdefault(attribute, set()).add(value)
+                for template in TEMPLATES[world.language(entity)][attribute][1]:
+                    self.questions[_capitalize(template.format(e=entity))] = (entity, attribute)
+        self.values = {attribute: tuple(sorted(v)) for attribute, v in values.items()}
+
+    def question(self, prompt):
+        """A Question for a prompt (text, or chat messages whose last user turn is asked), or None if unknown."""
+        if isinstance(prompt, list):
+            prompt = [m["content"] for m in prompt if m["role"] == "user"][-1]
+        text = prompt.strip()
+        if text in self.questions:
+            entity, attribute = self.questions[text]
+            language = self.world.language(entity)
+            numeric = attribute in NUMERIC_ATTRIBUTES
+            return Question(text, self.world.lookup(entity, attribute), self.world.statement(entity, attribute),
+                            language, entity, () if numeric else self.values[attribute])
+        for pattern, language in ((ARITHMETIC_EN, "en"), (ARITHMETIC_ZH, "zh")):
+            match = pattern.match(text)
+            if match:
+                a, symbol, b = match.groups()
+                operation = symbol if language == "en" else {v: k for k, v in ZH_OPERATIONS.items()}[symbol]
+                result = str(OPERATIONS[operation](int(a), int(b)))
+                echo = f"{a} {symbol} {b}" if language == "en" else f"{a}{symbol}{b}"
+                reference = f"{echo} is {result}." if language == "en" else f"{echo}等于{result}。"
+                return Question(text, result, reference, language, echo, ())
+        return None
+
+    @staticmethod
+    def on_topic_claims(question, sentence):
+        """(on topic?, values of the asked kind it states). A sentence is on topic if it names the subject, or is a
+        bare answer: at most 2 words besides the values ("Kiby.", "It is 5."). "Zobo lives in Kiby." asked about
+        Nisur is off topic, and its "Kiby" is no claim about Nisur."""
+        names_subject = question.subject.lower() in sentence.lower()
+        without_subject = re.sub(re.escape(question.subject), " ", sentence, flags=re.IGNORECASE)  # an echo: no claim
+        claims, rest = _find_values(without_subject, question.candidates)
+        on_topic = names_subject or (bool(claims) and len(tokenize_for_metrics(rest)) <= 2)
+        return on_topic, claims if on_topic else []
+
+    def judge(self, prompt, reply):
+        """Judgement of `reply` to `prompt`; ValueError if the prompt is not one of the world's questions."""
+        question = self.question(prompt)
+        if question is None:
+            raise ValueError(f"the gold annotator only knows the world's questions; not one: {str(prompt)[:80]!r}")
+        reply = reply.strip()
+        if not reply:
+            return Judgement(1, 1, 1, 1, 1.0)
+        topics = [self.on_topic_claims(question, sentence) for sentence in _sentences(reply)]
+        claims = [claim for _, sentence_claims in topics for claim in sentence_claims]
+        scores = {"accuracy": self.accuracy(question, claims),
+                  "relevance": self.relevance(claims, [on_topic for on_topic, _ in topics]),
+                  "naturalness": self.naturalness(question, reply), "conciseness": self.conciseness(question, reply)}
+        overall = sum(WEIGHTS[d] * scores[d] for d in DIMENSIONS)  # weighted mean of the dimensions
+        return Judgement(**scores, overall=round(overall, 4))
+
+    @staticmethod
+    def accuracy(question, claims):
+        """5: only the true answer; 3: the true answer and a wrong one (hedging); 2: no answer; 1: wrong answer."""
+        right = question.answer in claims
+        wrong = any(claim != question.answer for claim in claims)
+        return 5 if right and not wrong else 3 if right else 1 if wrong else 2
+
+    @staticmethod
+    def relevance(claims, on_topic):
+        """With f = the fraction of sentences on topic: 3 + 2f rounded if the question is answered (right or wrong),
+        else 1 + 2f rounded."""
+        fraction = sum(on_topic) / len(on_topic)
+        return (3 if claims else 1) + round(2 * fraction)
+
+    @staticmethod
+    def naturalness(question, reply):
+        """5, minus 1 for each: no sentence-final punctuation; a repeated word 3-gram; the other language;
+        garbled text (leaked markup, undecodable bytes). Never below 1."""
+        tokens = tokenize_for_metrics(reply)
+        trigrams = Counter(zip(tokens, tokens[1:], tokens[2:]))
+        other_language = bool(CJK.search(reply)) if question.language == "en" else bool(re.search("[A-Za-z]{3}", reply))
+        problems = [reply[-1] not in SENTENCE_END, any(n > 1 for n in trigrams.values()), other_language,
+                    any(mark in reply for mark in GARBLED)]
+        return max(1, 5 - sum(problems))
+
+    @staticmethod
+    def conciseness(question, reply):
+        """Reply length / reference length, in metric tokens (words; one per Chinese character):
+        5 if <= 1.5, 4 if <= 2, 3 if <= 3, 2 if <= 4, else 1."""
+        ratio = len(tokenize_for_metrics(reply)) / len(tokenize_for_metrics(question.reference))
+        return next(score for score, limit in ((5, 1.5), (4, 2), (3, 3), (2, 4), (1, float("inf"))) if ratio <= limit)
+
+
+# ----------------------------------------------------------------------------- simulated labelers
+@dataclass
+class Labeler:
+    """A simulated person: sees the gold overall score through noise and a taste for longer replies."""
+    name: str
+    noise: float = 0.4  # standard deviation of the Gaussian noise on each rating
+    length_bias: float = 0.3  # extra points per 10 words (metric tokens) of reply; 0 = no bias
+
+    def rate(self, judgement, reply, rng):
+        """rating = clip(overall + length_bias · words / 10 + ε, 1, 5), ε ~ N(0, noise²), one decimal."""
+        words = len(tokenize_for_metrics(reply))
+        rating = judgement.overall + self.length_bias * words / 10 + rng.gauss(0.0, self.noise)
+        return round(min(5.0, max(1.0, rating)), 1)
+
+
+def labeler_team(n_labelers=3, noise=0.4, length_bias=0.3):
+    """n labelers, some noisier than others (0.5x .. 1.5x `noise`), all with the same length bias."""
+    scales = [0.5 + i / max(1, n_labelers - 1) for i in range(n_labelers)] if n_labelers > 1 else [1.0]
+    return [Labeler(f"labeler{i + 1}", noise * scale, length_bias) for i, scale in enumerate(scales)]
+
+
+def label_group(team, judgements, replies, rng):
+    """One labeler, drawn at random, rates the K replies of a prompt (as in InstructGPT); a reply sampled twice is
+    rated once, so identical texts tie instead of being ranked by noise. Returns (labeler name, ratings)."""
+    labeler = rng.choice(team)
+    ratings = {}
+    for judgement, reply in zip(judgements, replies):
+        if reply not in ratings:
+            ratings[reply] = labeler.rate(judgement, reply, rng)
+    return labeler.name, [ratings[reply] for reply in replies]
+
+
+# ----------------------------------------------------------------------------- preference records
+def preference_records(prompt, replies, ratings, data_format):
+    """The records a labeler's ratings become: 'scores' (the course format), 'pairwise' or 'ranked'.
+    Equal ratings make no pair; in a ranked list they share a place."""
+    if data_format == "scores":
+        return [{"input": prompt, "outputs": [{"response": r, "score": s} for r, s in zip(replies, ratings)]}]
+    if data_format == "pairwise":
+        return [{"prompt": prompt, "chosen": replies[i], "rejected": replies[j]}
+                for i in range(len(replies)) for j in range(len(replies)) if ratings[i] > ratings[j]]
+    if data_format == "ranked":
+        places = sorted(set(ratings), reverse=True)
+        ranking = [[r for r, s in zip(replies, ratings) if s == place] for place in places]
+        return [{"prompt": prompt, "ranking": [p[0] if len(p) == 1 else p for p in ranking]}]
+    raise ValueError(f"data_format={data_format!r}: expected 'scores', 'pairwise' or 'ranked'")
+
+
+# ----------------------------------------------------------------------------- collection
+def feedback_prompts(world, n_prompts, seed=0):
+    """n distinct questions about the world (facts in both languages, and arithmetic), in a seeded order."""
+    questions = list(dict.fromkeys(pair.question for pair in world.qa_pairs(seed)))
+    random.Random(f"feedback:{seed}").shuffle(questions)
+    if n_prompts > len(questions):
+        raise ValueError(f"n_prompts={n_prompts}: the world has only {len(questions)} distinct questions")
+    return questions[:n_prompts]
+
+
+def parse_temperatures(text):
+    """'0.8,1.2' (or '(0.8, 1.2)', as a command line may turn it) -> (0.8, 1.2); each must be > 0."""
+    try:
+        temperatures = tuple(float(t) for t in str(text).strip("()[] ").split(",") if t.strip())
+    except ValueError:
+        temperatures = ()
+    if not temperatures or any(t <= 0 for t in temperatures):
+        raise ValueError(f"temperatures={text!r}: expected comma-separated numbers > 0, e.g. '1.0' or '0.8,1.2'")
+    return temperatures
+
+
+@torch.no_grad()
+def sample_responses(model, tokenizer, questions, k, temperatures=(1.0,), max_new_tokens=32, batch_size=64, seed=0):
+    """K replies per question by pure sampling (no top-k/top-p): reply j at temperatures[j % len(temperatures)]
+    (several temperatures give more varied replies, as Llama 2 did: Touvron et al. 2023). Prompts are repeated,
+    left-padded and decoded with the KV cache; replies are cut at eos. Returns a list of K-lists of strings."""
+    from nanollm.sft import prompt_ids  # the SFT chat template, so the model sees what it was trained on
+
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    replies = [[None] * k for _ in questions]
+    for temperature in dict.fromkeys(temperatures):  # distinct temperatures, in order
+        slots = [(q, j) for q in range(len(questions)) for j in range(k)
+                 if temperatures[j % len(temperatures)] == temperature]  # (question, reply number) pairs
+        for start in range(0, len(slots), batch_size):
+            chunk = slots[start:start + batch_size]
+            encoded = [prompt_ids(tokenizer, [{"role": "user", "content": questions[q]}]) for q, _ in chunk]
+            width = max(len(ids) for ids in encoded)
+            padding = [width - len(ids) for ids in encoded]
+            idx = torch.tensor([[tokenizer.pad_id] * n + ids for n, ids in zip(padding, encoded)],
+                               device=device)  # (B, T) left-padded
+            mask = torch.tensor([[0] * n + [1] * len(ids) for n, ids in zip(padding, encoded)], device=device)  # (B, T)
+            new_tokens = min(max_new_tokens, model.config.block_size - width)
+            out = model.generate(idx, new_tokens, temperature=temperature, eos_id=tokenizer.eos_id, attention_mask=mask,
+                                 generator=generator)
+            for (q, j), row in zip(chunk, out[:, width:].tolist()):
+                row = row[:row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row
+                replies[q][j] = tokenizer.decode(row, skip_special=True).strip()
+    return replies
+
+
+def _write_jsonl(path, records):
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+
+
+def annotate(questions, replies, gold, team, data_format="scores", heldout_fraction=0.2, seed=0):
+    """Judge every reply (gold), have one labeler rate each prompt's replies, split prompts into train/held-out.
+    Returns {"train": records, "heldout": records, "gold": one inspection record per prompt}."""
+    rng = random.Random(f"labels:{seed}")
+    n_heldout = round(len(questions) * heldout_fraction)
+    out = {"train": [], "heldout": [], "gold": []}
+    for index, (question, group) in enumerate(zip(questions, replies)):
+        judgements = [gold.judge(question, reply) for reply in group]
+        name, ratings = label_group(team, judgements, group, rng)
+        split = "heldout" if index < n_heldout else "train"
+        out[split] += preference_records(question, group, ratings, data_format)
+        out["gold"].append({"prompt": question, "split": split, "labeler": name,
+                            "gold_ranking": ranking_string([j.overall for j in judgements]),
+                            "labeler_ranking": ranking_string(ratings),
+                            "replies": [{"response": r, "rating": s, **asdict(j)}
+                                        for r, j, s in zip(group, judgements, ratings)]})
+    return out
+
+
+def bias_statistics(gold_records):
+    """How far the labels are from the truth: agreement of labeler pairs with gold pairs (gold ties skipped),
+    and the Pearson correlation of (rating − gold overall) with reply length (≈ 0 without a length bias)."""
+    agree, total, excess, lengths = 0, 0, [], []
+    for record in gold_records:
+        replies = record["replies"]
+        for a in replies:
+            excess.append(a["rating"] - a["overall"])
+            lengths.append(len(tokenize_for_metrics(a["response"])))
+            for b in replies:
+                if a["overall"] > b["overall"]:
+                    total += 1
+                    agree += (a["rating"] > b["rating"]) + 0.5 * (a["rating"] == b["rating"])
+    excess_t, length_t = torch.tensor(excess), torch.tensor(lengths, dtype=torch.float)
+    correlation = torch.corrcoef(torch.stack([excess_t, length_t]))[0, 1].item() if len(excess) > 1 else float("nan")
+    return {"labeler_gold_agreement": agree / max(total, 1), "gold_pairs": total,
+            "rating_excess_length_corr": correlation}
+
+
+def collect_feedback(checkpoint_dir, out_dir, n_prompts=800, k=4, temperatures="1.0", max_new_tokens=32,
+                     heldout_fraction=0.2, n_labelers=3, noise=0.4, length_bias=0.3, data_format="scores", seed=0,
+                     world_seed=0, device="cpu", batch_size=64):
+    """Sample, judge, label, write out_dir/{train,heldout}.jsonl (the labels), gold.jsonl (the truth, for reading
+    and evaluation) and meta.json (settings and statistics). Returns meta."""
+    from nanollm.checkpoint import load_checkpoint
+    from nanollm.model import GPT, GPTConfig
+    from nanollm.tokenizer import Tokenizer
+
+    checkpoint = load_checkpoint(os.path.join(checkpoint_dir, "ckpt.pt"), device)
+    model = GPT(GPTConfig(**dict(checkpoint["model_args"], dropout=0.0))).to(device)
+    model.load_state_dict(checkpoint["model"])
+    tokenizer = Tokenizer(os.path.join(checkpoint_dir, "tokenizer.model"))
+    world = World(world_seed)
+    questions = feedback_prompts(world, n_prompts, seed)
+    replies = sample_responses(model, tokenizer, questions, k, parse_temperatures(temperatures), max_new_tokens,
+                               batch_size, seed)
+    out = annotate(questions, replies, GoldAnnotator(world), labeler_team(n_labelers, noise, length_bias), data_format,
+                   heldout_fraction, seed)
+    os.makedirs(out_dir, exist_ok=True)
+    for name in ("train", "heldout", "gold"):
+        _write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), out[name])
+    overall = [r["overall"] for record in out["gold"] for r in record["replies"]]
+    meta = {"checkpoint": os.path.abspath(checkpoint_dir), "checkpoint_iter": checkpoint["iter_num"],
+            "n_prompts": n_prompts, "k": k, "temperatures": str(temperatures), "max_new_tokens": max_new_tokens,
+            "heldout_fraction": heldout_fraction, "n_labelers": n_labelers, "noise": noise,
+            "length_bias": length_bias, "data_format": data_format, "seed": seed, "world_seed": world_seed,
+            "gold_overall_mean": sum(overall) / len(overall), **bias_statistics(out["gold"])}
+    with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as handle:
+        json.dump(meta, handle, indent=1)
+    return meta
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m nanollm.annotators", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    collect = commands.add_parser("collect", help="sample K replies per prompt, judge them, write preference data")
+    collect.add_argument("--checkpoint", default="out-sft", help="an out_dir with ckpt.pt and tokenizer.model")
+    collect.add_argument("--out", default=os.path.join("data", "rm_demo"))
+    collect.add_argument("--n_prompts", type=int, default=800)
+    collect.add_argument("--k", type=int, default=4, help="replies sampled per prompt")
+    collect.add_argument("--temperatures", default="1.0", help="one, or several for reply 1, 2, ...: '0.8,1.2'")
+    collect.add_argument("--max_new_tokens", type=int, default=32)
+    collect.add_argument("--heldout_fraction", type=float, default=0.2)
+    collect.add_argument("--n_labelers", type=int, default=3)
+    collect.add_argument("--noise", type=float, default=0.4)
+    collect.add_argument("--length_bias", type=float, default=0.3, help="points per 10 words; 0 = none")
+    collect.add_argument("--format", default="scores", choices=("scores", "pairwise", "ranked"))
+    collect.add_argument("--seed", type=int, default=0)
+    collect.add_argument("--device", default="cpu")
+    judge = commands.add_parser("judge", help="print the gold judgement of one reply")
+    judge.add_argument("question")
+    judge.add_argument("reply")
+    args = parser.parse_args(argv)
+    if args.command == "judge":
+        print(GoldAnnotator(World(0)).judge(args.question, args.reply))
+        return
+    meta = collect_feedback(args.checkpoint, args.out, args.n_prompts, args.k, args.temperatures, args.max_new_tokens,
+                            args.heldout_fraction, args.n_labelers, args.noise, args.length_bias, args.format,
+                            args.seed, device=args.device)
+    print(json.dumps(meta, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,420 @@
+"""The reward model: a transformer read out by a scalar head at the last real token, trained on preferences.
+
+Teaches RLHF's second step (Christiano et al. 2017; Stiennon et al. 2020; Ouyang et al. 2022, InstructGPT):
+r(x, y) = w·h_last + b, h_last the final hidden state at the eos that closes prompt + response. Losses: MSE on
+scores; Bradley–Terry −log σ(r_chosen − r_rejected − margin) (Bradley & Terry 1952; margin as in Llama 2, Touvron
+et al. 2023); InstructGPT's ranking loss over all K-choose-2 pairs of a prompt, one forward pass per response.
+Data: {"input", "outputs": [{"response", "score"}]}, {"prompt", "chosen", "rejected"}, {"prompt", "ranking": [...]}.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanollm.data import batch_seed
+from nanollm.sft import encode_content, list_sft_files, prompt_ids, read_records
+
+FORMATS = ('scores: {"input", "outputs": [{"response", "score"}, ...]}', 'pairwise: {"prompt", "chosen", "rejected"}',
+           'ranked: {"prompt", "ranking": [best, ..., worst]} (an item may be a list of tied responses)')
+LOSSES = ("mse", "pairwise", "ranking")
+
+
+# ----------------------------------------------------------------------------- the model
+def last_token_index(attention_mask):
+    """(B, T) mask -> (B,) index of each row's last real token; right and left padding alike."""
+    if bool((attention_mask.sum(-1) == 0).any()):
+        raise ValueError("a row of the batch has no real token (its attention_mask is all 0)")
+    positions = torch.arange(attention_mask.size(1), device=attention_mask.device)  # (T,)
+    return (attention_mask.long() * positions).argmax(-1)  # the largest position whose mask is 1
+
+
+class RewardModel(nn.Module):
+    """A GPT backbone (its LM head unused) + Linear(n_embd, 1) read at the last real token."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+        n_embd = backbone.config.n_embd
+        self.head = nn.Linear(n_embd, 1)
+        nn.init.normal_(self.head.weight, std=1 / math.sqrt(n_embd + 1))  # as Stiennon et al. 2020
+        nn.init.zeros_(self.head.bias)
+        # fitted after training so the mean reward on the SFT model's responses is 0; saved in the state dict
+        self.register_buffer("reward_bias", torch.zeros(()))
+
+    def hidden_states(self, idx, attention_mask):
+        """(B, T) ids and mask -> (B, T, C) final hidden states (after ln_f), from the GPT's own submodules."""
+        gpt = self.backbone
+        if idx.size(1) > gpt.config.block_size:
+            raise ValueError(f"sequence of {idx.size(1)} tokens exceeds block_size={gpt.config.block_size}")
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
+        x = gpt.drop(gpt.wte(idx) + gpt.wpe(position_ids))  # (B, T, C)
+        for block in gpt.blocks:
+            x = block(x, attention_mask.bool())  # padding keys masked; causal
+        return gpt.ln_f(x)
+
+    def forward(self, idx, attention_mask):
+        """(B,) rewards, read at each row's last real token (the eos that ends the response)."""
+        hidden = self.hidden_states(idx, attention_mask)  # (B, T, C)
+        last = last_token_index(attention_mask)  # (B,)
+        hidden_last = hidden[torch.arange(idx.size(0), device=idx.device), last]  # (B, C)
+        return self.head(hidden_last).squeeze(-1).float() + self.reward_bias  # r = w·h_last + b + fitted bias
+
+    @torch.no_grad()
+    def score(self, idx, attention_mask):
+        """Rewards with dropout off (eval mode), no gradient; the previous mode is restored."""
+        was_training = self.training
+        self.eval()
+        rewards = self(idx, attention_mask)
+        self.train(was_training)
+        return rewards
+
+
+def load_reward_model(path, device="cpu"):
+    """(RewardModel, checkpoint) from a train_rm.py checkpoint (weights_only load); in eval mode."""
+    from nanollm.checkpoint import load_checkpoint
+    from nanollm.model import GPT, GPTConfig
+
+    checkpoint = load_checkpoint(path, device)
+    if checkpoint.get("stage") != "reward":
+        raise ValueError(f"{path}: not a reward-model checkpoint (stage={checkpoint.get('stage')!r})")
+    model = RewardModel(GPT(GPTConfig(**dict(checkpoint["model_args"], dropout=0.0)))).to(device)
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), checkpoint
+
+
+# ----------------------------------------------------------------------------- losses
+def mse_loss(rewards, scores):
+    """mean (r − s)²: regression on the labelers' scores."""
+    return F.mse_loss(rewards, scores)
+
+
+def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=0.0):
+    """mean −log σ(r_chosen − r_rejected − margin); ln 2 when the rewards are equal and margin is 0."""
+    return -F.logsigmoid(chosen_rewards - rejected_rewards - margin).mean()
+
+
+def ranking_loss(rewards, better, worse, group):
+    """InstructGPT: per prompt, the mean of −log σ(r_better − r_worse) over its pairs; then the mean over prompts.
+    rewards (N,) of every response in the batch; better, worse, group (P,): the pairs and the prompt each is from."""
+    pair_losses = -F.logsigmoid(rewards[better] - rewards[worse])  # (P,)
+    counts = torch.bincount(group)  # (G,) pairs per prompt
+    per_group = torch.zeros(len(counts), device=rewards.device).index_add(0, group, pair_losses)  # (G,) Σ per prompt
+    return (per_group[counts > 0] / counts[counts > 0]).mean()  # mean over prompts of the mean over their pairs
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class PromptGroup:
+    """One prompt with its responses and what the labelers said about them."""
+    prompt: list  # chat messages ending on a user turn
+    responses: list  # strings
+    preference: list  # per response, higher is better: the score, or −place in a ranking, or 1/0 for a pair
+    pairs: list  # (better, worse) response indices; never from equal preference (ties make no pair)
+    has_scores: bool  # True for the scores format (MSE can train on it)
+    source: str  # "file:line"
+    ties: int = 0  # pairs skipped because the two responses were rated equal
+
+
+def _string(value, where, field):
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: field '{field}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _prompt(value, where, field):
+    """A prompt is text (one user turn) or chat messages [{role, content}, ...] ending on a user turn."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not value or not all(isinstance(m, dict) and {"role", "content"} <= set(m)
+                                                           for m in value):
+        raise ValueError(f"{where}: field '{field}' must be a string or a list of {{role, content}} messages")
+    if value[-1]["role"] != "user":
+        raise ValueError(f"{where}: field '{field}': the last message must be from the user, not {value[-1]['role']!r}")
+    return [{"role": m["role"], "content": _string(m["content"], where, f"{field}.content")} for m in value]
+
+
+def _pairs_from_preference(preference):
+    """All (i, j) with preference[i] > preference[j], and how many pairs were skipped as ties."""
+    k = len(preference)
+    pairs = [(i, j) for i in range(k) for j in range(k) if preference[i] > preference[j]]
+    ties = sum(1 for i in range(k) for j in range(i + 1, k) if preference[i] == preference[j])
+    return pairs, ties
+
+
+def parse_record(record, where="<record>"):
+    """One record of any reward-data format -> a PromptGroup; ValueError naming `where` for anything else."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    keys = set(record)
+    if {"input", "outputs"} <= keys:
+        outputs = record["outputs"]
+        if not isinstance(outputs, list) or not outputs:
+            raise ValueError(f"{where}: field 'outputs' must be a non-empty list of {{response, score}}")
+        responses, scores = [], []
+        for index, output in enumerate(outputs):
+            if not isinstance(output, dict) or not {"response", "score"} <= set(output):
+                seen = sorted(output) if isinstance(output, dict) else type(output).__name__
+                raise ValueError(f"{where}: outputs[{index}] must have 'response' and 'score', saw {seen}")
+            score = output["score"]
+            if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+                raise ValueError(f"{where}: outputs[{index}].score must be a finite number, got {score!r}")
+            responses.append(_string(output["response"], where, f"outputs[{index}].response"))
+            scores.append(float(score))
+        pairs, ties = _pairs_from_preference(scores)
+        return PromptGroup(_prompt(record["input"], where, "input"), responses, scores, pairs, True, where, ties)
+    if {"prompt", "chosen", "rejected"} <= keys:
+        chosen, rejected = _string(record["chosen"], where, "chosen"), _string(record["rejected"], where, "rejected")
+        if chosen == rejected:
+            raise ValueError(f"{where}: 'chosen' and 'rejected' are the same text: a tie is not a preference")
+        return PromptGroup(_prompt(record["prompt"], where, "prompt"), [chosen, rejected], [1.0, 0.0], [(0, 1)],
+                           False, where)
+    if {"prompt", "ranking"} <= keys:
+        ranking = record["ranking"]
+        if not isinstance(ranking, list) or len(ranking) < 2:
+            raise ValueError(f"{where}: field 'ranking' must list at least 2 places, best first")
+        responses, preference = [], []
+        for place, item in enumerate(ranking):
+            tied = item if isinstance(item, list) else [item]  # a list at one place = responses rated equal
+            if not tied:
+                raise ValueError(f"{where}: ranking[{place}] is an empty list")
+            responses += [_string(text, where, f"ranking[{place}]") for text in tied]
+            preference += [-float(place)] * len(tied)
+        pairs, ties = _pairs_from_preference(preference)
+        return PromptGroup(_prompt(record["prompt"], where, "prompt"), responses, preference, pairs, False, where, ties)
+    raise ValueError(f"{where}: record matches no reward-data format; keys seen: {sorted(keys)}; "
+                     f"expected one of: {'; '.join(FORMATS)}")
+
+
+def load_groups(dataset):
+    """Every record of every file ('a.jsonl,folder/'), parsed; all files are checked before training starts."""
+    return [parse_record(record, where) for path in list_sft_files(dataset) for record, where in read_records(path)]
+
+
+def check_groups(groups, loss, what="dataset"):
+    """Raise early if the data cannot train `loss`: MSE needs scores; the others need at least one pair."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss={loss!r}: expected one of {LOSSES}")
+    if not groups:
+        raise ValueError(f"{what}: no records")
+    if loss == "mse":
+        unscored = [g.source for g in groups if not g.has_scores]
+        if unscored:
+            raise ValueError(f"{unscored[0]}: loss='mse' needs the scores format ({FORMATS[0]})")
+    elif not any(g.pairs for g in groups):
+        raise ValueError(f"{what}: no pair with different scores, so nothing for loss={loss!r} to learn")
+
+
+def encode_response(tokenizer, prompt, response, block_size):
+    """prompt + response in the chat template, closed by eos (where the reward is read); an overlong sequence loses
+    its beginning, never its eos. Returns (ids, truncated)."""
+    ids = prompt_ids(tokenizer, prompt) + encode_content(tokenizer, response) + [tokenizer.eos_id]
+    return ids[-block_size:], len(ids) > block_size
+
+
+def encode_groups(tokenizer, groups, block_size):
+    """Per group, per response: token ids. Returns (list of lists of ids, number truncated)."""
+    encoded, truncated = [], 0
+    for group in groups:
+        rows = [encode_response(tokenizer, group.prompt, response, block_size) for response in group.responses]
+        encoded.append([ids for ids, _ in rows])
+        truncated += sum(cut for _, cut in rows)
+    return encoded, truncated
+
+
+def pad_sequences(sequences, pad_id, side="right"):
+    """Lists of ids -> (input_ids, attention_mask), both (B, T), padded on the right or the left."""
+    width = max(len(ids) for ids in sequences)
+    if side not in ("right", "left"):
+        raise ValueError(f"padding side must be 'right' or 'left', got {side!r}")
+    rows, masks = [], []
+    for ids in sequences:
+        padding = [pad_id] * (width - len(ids))
+        rows.append(ids + padding if side == "right" else padding + ids)
+        masks.append([1] * len(ids) + [0] * len(padding) if side == "right" else [0] * len(padding) + [1] * len(ids))
+    return torch.tensor(rows), torch.tensor(masks)
+
+
+@dataclass
+class RewardBatch:
+    input_ids: torch.Tensor  # (N, T) every response forwarded once
+    attention_mask: torch.Tensor  # (N, T)
+    better: torch.Tensor  # (P,) row of the better response of each pair
+    worse: torch.Tensor  # (P,)
+    group: torch.Tensor  # (P,) which prompt of the batch each pair is from
+    scores: torch.Tensor  # (N,) labeler scores (MSE); zeros when the data has none
+
+    def to(self, device):
+        return RewardBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.better, self.worse,
+                                                    self.group, self.scores)))
+
+
+def make_batch(groups, encoded, items, loss, pad_id):
+    """items: for 'ranking' group indices (all responses and pairs of each); for 'pairwise' (group, pair) indices
+    (chosen and rejected); for 'mse' (group, response) indices."""
+    sequences, scores, better, worse, pair_group = [], [], [], [], []
+    for slot, item in enumerate(items):
+        if loss == "ranking":
+            g = item
+            offset = len(sequences)
+            sequences += encoded[g]
+            scores += groups[g].preference
+            better += [offset + i for i, _ in groups[g].pairs]
+            worse += [offset + j for _, j in groups[g].pairs]
+            pair_group += [slot] * len(groups[g].pairs)
+        elif loss == "pairwise":
+            g, p = item
+            i, j = groups[g].pairs[p]
+            better.append(len(sequences))  # the chosen response goes first, the rejected one right after
+            worse.append(len(sequences) + 1)
+            pair_group.append(slot)
+            sequences += [encoded[g][i], encoded[g][j]]
+            scores += [groups[g].preference[i], groups[g].preference[j]]
+        else:
+            g, r = item
+            sequences.append(encoded[g][r])
+            scores.append(groups[g].preference[r])
+    input_ids, attention_mask = pad_sequences(sequences, pad_id)
+    long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+    return RewardBatch(input_ids, attention_mask, long(better), long(worse), long(pair_group),
+                       torch.tensor(scores, dtype=torch.float))
+
+
+def training_items(groups, loss):
+    """What one batch element is: a prompt with pairs (ranking), one pair (pairwise), one scored response (mse)."""
+    if loss == "ranking":
+        return [g for g, group in enumerate(groups) if group.pairs]
+    if loss == "pairwise":
+        return [(g, p) for g, group in enumerate(groups) for p in range(len(group.pairs))]
+    return [(g, r) for g, group in enumerate(groups) for r in range(len(group.responses))]
+
+
+def get_reward_batch(groups, encoded, items, loss, batch_size, pad_id, seed, step, micro_step, device="cpu"):
+    """batch_size random items; a pure function of (seed, step, micro_step), so DDP and resume read the same data."""
+    generator = torch.Generator().manual_seed(batch_seed(seed, "reward", step, micro_step))
+    chosen = torch.randint(len(items), (batch_size,), generator=generator).tolist()
+    return make_batch(groups, encoded, [items[i] for i in chosen], loss, pad_id).to(device)
+
+
+def batch_loss(rewards, batch, loss, margin=0.0):
+    """The selected loss on one batch's rewards (N,)."""
+    if loss == "mse":
+        return mse_loss(rewards, batch.scores)
+    if loss == "pairwise":
+        return bradley_terry_loss(rewards[batch.better], rewards[batch.worse], margin)
+    return ranking_loss(rewards, batch.better, batch.worse, batch.group)
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def score_encoded(model, encoded, pad_id, batch_size, device, ctx):
+    """Rewards (dropout off) for lists of ids per group -> lists of floats per group."""
+    flat = [ids for group in encoded for ids in group]
+    rewards = []
+    for start in range(0, len(flat), batch_size):
+        input_ids, attention_mask = pad_sequences(flat[start:start + batch_size], pad_id)
+        with ctx:
+            rewards += model.score(input_ids.to(device), attention_mask.to(device)).tolist()
+    out, start = [], 0
+    for group in encoded:
+        out.append(rewards[start:start + len(group)])
+        start += len(group)
+    return out
+
+
+def _ranks(values):
+    """Ranks 1..n with ties given their average rank (as Spearman's rho needs)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks, start = [0.0] * len(values), 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for position in range(start, end + 1):
+            ranks[order[position]] = (start + end) / 2 + 1  # the average of ranks start+1 .. end+1
+        start = end + 1
+    return ranks
+
+
+def pearson(x, y):
+    """Σ(x−x̄)(y−ȳ) / √(Σ(x−x̄)² Σ(y−ȳ)²); nan if either is constant."""
+    n = len(x)
+    mean_x, mean_y = sum(x) / n, sum(y) / n
+    covariance = sum((a - mean_x) * (b - mean_y) for a, b in zip(x, y))
+    spread = math.sqrt(sum((a - mean_x) ** 2 for a in x) * sum((b - mean_y) ** 2 for b in y))
+    return covariance / spread if spread > 0 else float("nan")
+
+
+def spearman(x, y):
+    """Spearman's rho: the Pearson correlation of the (average) ranks."""
+    return pearson(_ranks(x), _ranks(y))
+
+
+def kendall_tau(x, y):
+    """Kendall's tau-b: (concordant − discordant) / √((n0 − ties_x)(n0 − ties_y)), n0 = n(n−1)/2."""
+    concordant = discordant = ties_x = ties_y = 0
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            sign = (x[i] - x[j]) * (y[i] - y[j])
+            concordant += sign > 0
+            discordant += sign < 0
+            ties_x += x[i] == x[j]
+            ties_y += y[i] == y[j]
+    n0 = len(x) * (len(x) - 1) / 2
+    denominator = math.sqrt((n0 - ties_x) * (n0 - ties_y))
+    return (concordant - discordant) / denominator if denominator > 0 else float("nan")
+
+
+def pair_accuracy(rewards, preference, keep=None):
+    """Over groups: the fraction of pairs (preference_i > preference_j) with r_i > r_j; an equal reward counts 1/2.
+    Ties in preference make no pair; keep(g, i, j) may select pairs. Returns (accuracy, number of pairs)."""
+    correct, total = 0.0, 0
+    for g, (group_rewards, group_preference) in enumerate(zip(rewards, preference)):
+        for i, j in _pairs_from_preference(group_preference)[0]:
+            if keep is None or keep(g, i, j):
+                total += 1
+                difference = group_rewards[i] - group_rewards[j]
+                correct += 1.0 if difference > 0 else 0.5 if difference == 0 else 0.0
+    return (correct / total if total else float("nan")), total
+
+
+def ranking_metrics(rewards, preference, prefix):
+    """Pairwise accuracy and the mean per-prompt Spearman and Kendall correlation of rewards with `preference`."""
+    accuracy, n_pairs = pair_accuracy(rewards, preference)
+    rhos = [spearman(r, p) for r, p in zip(rewards, preference) if len(set(p)) > 1]
+    taus = [kendall_tau(r, p) for r, p in zip(rewards, preference) if len(set(p)) > 1]
+    return {f"{prefix}pair_acc": accuracy, f"{prefix}pairs": n_pairs, f"{prefix}spearman": _mean(rhos),
+            f"{prefix}kendall": _mean(taus)}
+
+
+def _mean(values):
+    """Mean of the values that are not nan (a prompt whose rewards are all equal has no correlation)."""
+    values = [v for v in values if v == v]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def fit_reward_bias(model, encoded, pad_id, batch_size, device, ctx):
+    """Set model.reward_bias so the mean reward over `encoded` (the SFT model's responses) is 0; returns it."""
+    model.reward_bias.zero_()
+    rewards = [r for group in score_encoded(model, encoded, pad_id, batch_size, device, ctx) for r in group]
+    model.reward_bias.fill_(-sum(rewards) / len(rewards))  # r' = r − mean(r)
+    return float(model.reward_bias)
+
+
+def dataset_loss(rewards, groups, loss, margin=0.0):
+    """The training loss over a whole evaluation set, from per-group reward lists (each group one ranking example;
+    for 'pairwise' every pair one example; for 'mse' every scored response)."""
+    flat = torch.tensor([r for group in rewards for r in group])  # (N,)
+    offsets = torch.tensor([0] + [len(group) for group in rewards]).cumsum(0).tolist()
+    if loss == "mse":
+        return mse_loss(flat, torch.tensor([p for g in groups for p in g.preference])).item()
+    better, worse, group_index = [], [], []
+    for g, group in enumerate(groups):
+        better += [offsets[g] + i for i, _ in group.pairs]
+        worse += [offsets[g] + j for _, j in group.pairs]
+        group_index += [g] * len(group.pairs)
+    better, worse = torch.tensor(better), torch.tensor(worse)
+    if loss == "pairwise":
+        return bradley_terry_loss(flat[better], flat[worse], margin).item()
+    return ranking_loss(flat, better, worse, torch.tensor(group_index)).item()

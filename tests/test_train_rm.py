@@ -1,0 +1,139 @@
+"""End-to-end checks of train_rm.py, run as a user runs it (subprocesses, CPU, a tiny pretrained model)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanollm.annotators import GoldAnnotator, feedback_prompts
+from nanollm.reward import encode_groups, load_groups, load_reward_model, score_encoded
+from nanollm.tokenizer import Tokenizer
+from nanollm.world import World
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "train_rm.py")
+TINY = ["--batch_size=4", "--log_interval=1", "--warmup_iters=2", "--learning_rate=1e-3", "--dtype=float32",
+        "--device=cpu"]
+
+
+def run(args, nproc=0, check=True):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
+        else [sys.executable]
+    result = subprocess.run(prefix + [SCRIPT] + TINY + args, cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A pretraining out_dir made by train_pretrain.py: a 2-layer GPT over a 400-piece tokenizer (2 iterations)."""
+    folder = tmp_path_factory.mktemp("base")
+    lines = [f"{p.question} {p.answer}" for p in World(0).qa_pairs(0) if p.language == "en"]
+    (folder / "text.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = subprocess.run([sys.executable, os.path.join(REPO, "train_pretrain.py"),
+                             f"--dataset={folder / 'text.txt'}", f"--data_dir={folder / 'prepared'}",
+                             f"--out_dir={folder / 'out'}", "--max_iters=2", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=4",
+                             "--vocab_size=400", "--eval_iters=1", "--device=cpu", "--sample_tokens=2"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return str(folder / "out")
+
+
+@pytest.fixture(scope="module")
+def scored_data(tmp_path_factory):
+    """Score-format files about world questions (3 replies each, scored by the gold annotator) and a pairwise file."""
+    folder = tmp_path_factory.mktemp("prefs")
+    world, records = World(0), []
+    gold = GoldAnnotator(world)
+    for question in feedback_prompts(world, 40, seed=0):
+        parsed = gold.question(question)
+        replies = [parsed.reference, parsed.answer, "I do not know."]
+        records.append({"input": question, "outputs": [{"response": r, "score": gold.judge(question, r).overall}
+                                                       for r in replies]})
+    for name, part in (("train.jsonl", records[:32]), ("heldout.jsonl", records[32:])):
+        (folder / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
+    pairs = [{"prompt": r["input"], "chosen": r["outputs"][0]["response"], "rejected": "I do not know."}
+             for r in records]
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+    return folder
+
+
+def metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(out_dir):
+    return {r["iter"]: r["loss"] for r in metrics(out_dir) if "loss" in r}
+
+
+def test_demo_run_collects_trains_logs_and_saves_a_centred_reward_model(base, tmp_path):
+    demo = ["--demo_prompts=24", "--demo_k=3", "--demo_max_new_tokens=8", f"--data_dir={tmp_path / 'demo'}"]
+    result = run([f"--init_from={base}", f"--out_dir={tmp_path / 'out'}", "--max_iters=6", "--eval_interval=3"] + demo)
+    assert "collected 24 x 3 replies" in result.stdout and "| response length (tokens) |" in result.stdout
+    records = metrics(tmp_path / "out")
+    evals = [r for r in records if "val_pair_acc" in r]
+    assert [r["iter"] for r in evals] == [0, 3, 6, 6] and evals[-1]["phase"] == "final"
+    assert {"val_loss", "val_pair_acc", "val_spearman", "val_kendall", "val_gold_pair_acc", "val_gold_kendall",
+            "reward_mean", "reward_std", "val_length_corr"} <= set(evals[-1])
+    assert sorted(losses(tmp_path / "out")) == list(range(6))
+    assert {"train.jsonl", "heldout.jsonl", "gold.jsonl", "meta.json"} <= set(os.listdir(tmp_path / "demo"))
+    # the saved model: stage, bias, and a mean reward of 0 on the SFT model's (here: the base model's) responses
+    model, checkpoint = load_reward_model(str(tmp_path / "out" / "ckpt.pt"))
+    assert checkpoint["stage"] == "reward" and checkpoint["iter_num"] == 6 and checkpoint["loss"] == "ranking"
+    assert model.reward_bias.item() == pytest.approx(checkpoint["reward_bias"])
+    tokenizer = Tokenizer(str(tmp_path / "out" / "tokenizer.model"))
+    encoded, _ = encode_groups(tokenizer, load_groups(str(tmp_path / "demo" / "train.jsonl")), 64)
+    rewards = sum(score_encoded(model, encoded, tokenizer.pad_id, 32, "cpu", torch.no_grad()), [])
+    assert abs(sum(rewards) / len(rewards)) < 1e-4
+    # a second run with the same settings reuses the collected data
+    again = run([f"--init_from={base}", f"--out_dir={tmp_path / 'again'}", "--max_iters=1"] + demo)
+    assert "collected" not in again.stdout
+
+
+def test_resume_continues_exactly(base, scored_data, tmp_path):
+    common = [f"--init_from={base}", f"--dataset={scored_data / 'train.jsonl'}",
+              f"--eval_dataset={scored_data / 'heldout.jsonl'}", "--eval_interval=100", "--dropout=0.1",
+              "--gradient_accumulation_steps=2"]
+    run(common + [f"--out_dir={tmp_path / 'straight'}", "--max_iters=6"])
+    run(common + [f"--out_dir={tmp_path / 'split'}", "--max_iters=3"])
+    run(common[1:] + [f"--out_dir={tmp_path / 'split'}", "--max_iters=6", "--init_from=resume"])
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "split")
+    assert sorted(a) == sorted(b) == list(range(6))
+    for it in range(6):  # dropout is on: RNG states must be restored too
+        assert abs(a[it] - b[it]) < 1e-6, (it, a[it], b[it])
+
+
+def test_ddp_two_processes_match_one_process_with_accumulation(base, scored_data, tmp_path):
+    common = [f"--init_from={base}", f"--dataset={scored_data / 'pairs.jsonl'}", "--loss=pairwise", "--margin=0.5",
+              "--eval_interval=100", "--max_iters=3", "--gradient_accumulation_steps=2"]
+    run(common + [f"--out_dir={tmp_path / 'single'}"])
+    run(common + [f"--out_dir={tmp_path / 'ddp'}"], nproc=2)
+    a, b = losses(tmp_path / "single"), losses(tmp_path / "ddp")
+    assert sorted(a) == sorted(b) == list(range(3))
+    for it in range(3):
+        assert abs(a[it] - b[it]) < 1e-5, (it, a[it], b[it])
+
+
+def test_mse_trains_on_scores_and_is_refused_on_pairs(base, scored_data, tmp_path):
+    result = run([f"--init_from={base}", f"--dataset={scored_data / 'train.jsonl'}", "--loss=mse", "--max_iters=2",
+                  f"--out_dir={tmp_path / 'mse'}"])
+    assert "loss=mse" in result.stdout and sorted(losses(tmp_path / "mse")) == [0, 1]
+    refused = run([f"--init_from={base}", f"--dataset={scored_data / 'pairs.jsonl'}", "--loss=mse",
+                   f"--out_dir={tmp_path / 'refused'}"], check=False)
+    assert refused.returncode != 0 and "pairs.jsonl:1: loss='mse' needs the scores format" in refused.stderr
+
+
+def test_a_bad_record_stops_the_run_before_training(base, scored_data, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "response": "r"}\n')
+    result = run([f"--init_from={base}", f"--dataset={bad}", f"--out_dir={tmp_path / 'out'}"], check=False)
+    assert result.returncode != 0
+    assert f"{bad}:2: record matches no reward-data format" in result.stderr
+    assert not os.path.exists(tmp_path / "out" / "metrics.jsonl")
