@@ -87,10 +87,7 @@ if model_type not in ("gpt", "bert", "encdec"):
 runtime = dist_utils.setup(device, backend)
 master = runtime.is_master
 dtype = dist_utils.resolve_dtype(dtype, runtime.device_type)
-if gradient_accumulation_steps % runtime.world_size != 0:
-    raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the "
-                     f"number of processes ({runtime.world_size})")
-accum_per_rank = gradient_accumulation_steps // runtime.world_size
+accum_per_rank = dist_utils.micro_steps_per_rank(gradient_accumulation_steps, runtime)
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 lr_decay_iters = max_iters if lr_decay_iters < 0 else lr_decay_iters
 if master:

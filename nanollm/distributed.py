@@ -117,3 +117,11 @@ def no_sync_unless(model, sync):
     if sync or not hasattr(model, "no_sync"):
         return contextlib.nullcontext()
     return model.no_sync()
+
+
+def micro_steps_per_rank(gradient_accumulation_steps, runtime):
+    """Split the global number of micro-steps over the ranks (it must divide evenly)."""
+    if gradient_accumulation_steps % runtime.world_size != 0:
+        raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the "
+                         f"number of processes ({runtime.world_size})")
+    return gradient_accumulation_steps // runtime.world_size
