@@ -293,7 +293,7 @@ def init_weights(model, init, n_layer):
 
 def cross_entropy_loss(logits, targets):
     """Mean cross-entropy over the targets != -100 (ignored); 0, not 0/0 = NaN, when all are ignored
-    (an MLM batch may select no token). The GPT keeps F.cross_entropy's mean, NaN in that case."""
+    (an MLM batch may select no token, an SFT micro-batch may hold only prompt tokens)."""
     total = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
                             reduction="sum")
     return total / (targets != -100).sum().clamp(min=1)
@@ -385,7 +385,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        loss = cross_entropy_loss(logits, targets)
         return logits, loss  # NaN (0/0) if every target is ignored: callers that can get such batches guard it
 
     def new_kv_cache(self, batch_size, max_len, device=None, dtype=None):

@@ -247,3 +247,12 @@ def test_generate_stream_yields_the_tokens_generate_returns():
     prompt = torch.randint(0, 97, (2, 5))
     streamed = torch.stack(list(model.generate_stream(prompt, 9, temperature=0)), dim=1)  # (2, 9)
     assert torch.equal(streamed, model.generate(prompt, 9, temperature=0)[:, 5:])
+
+
+def test_all_ignored_targets_give_zero_loss_and_no_gradient_not_nan():
+    model = tiny()
+    idx = torch.randint(0, 97, (2, 10))
+    _, loss = model(idx, torch.full((2, 10), -100))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in model.parameters())
