@@ -368,8 +368,16 @@ class GPT(nn.Module):
 
         attention_mask (B, Tk): 1 for real tokens, 0 for padding, over all positions seen so far (cache + idx).
         segment_ids (B, T): packed examples; pass position_ids that restart at 0 for each example.
-        Targets equal to -100 are ignored by the loss.
+        Targets equal to -100 are ignored by the loss (0, not NaN, if all are).
         """
+        logits = self.lm_head(self.hidden_states(idx, attention_mask, position_ids, kv_cache, segment_ids))  # (B, T, V)
+        if targets is None:
+            return logits, None
+        return logits, cross_entropy_loss(logits, targets)
+
+    def hidden_states(self, idx, attention_mask=None, position_ids=None, kv_cache=None, segment_ids=None):
+        """(B, T) ids -> (B, T, C) final hidden states (after ln_f), the input of the LM head; reward models and
+        critics put their own head on these. Arguments as in forward."""
         B, T = idx.shape
         past = kv_cache.length if kv_cache is not None else 0
         if position_ids is None:
@@ -382,11 +390,7 @@ class GPT(nn.Module):
             x = block(x, key_padding_mask, kv_cache, layer, segment_ids)
         if kv_cache is not None:
             kv_cache.length += T
-        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
-        if targets is None:
-            return logits, None
-        loss = cross_entropy_loss(logits, targets)
-        return logits, loss  # NaN (0/0) if every target is ignored: callers that can get such batches guard it
+        return self.ln_f(x)
 
     def new_kv_cache(self, batch_size, max_len, device=None, dtype=None):
         c = self.config

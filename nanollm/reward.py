@@ -44,15 +44,8 @@ class RewardModel(nn.Module):
         self.register_buffer("reward_bias", torch.zeros(()))
 
     def hidden_states(self, idx, attention_mask):
-        """(B, T) ids and mask -> (B, T, C) final hidden states (after ln_f), from the GPT's own submodules."""
-        gpt = self.backbone
-        if idx.size(1) > gpt.config.block_size:
-            raise ValueError(f"sequence of {idx.size(1)} tokens exceeds block_size={gpt.config.block_size}")
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
-        x = gpt.drop(gpt.wte(idx) + gpt.wpe(position_ids))  # (B, T, C)
-        for block in gpt.blocks:
-            x = block(x, attention_mask.bool())  # padding keys masked; causal
-        return gpt.ln_f(x)
+        """(B, T) ids and mask -> (B, T, C) final hidden states of the GPT backbone (positions from the mask)."""
+        return self.backbone.hidden_states(idx, attention_mask)
 
     def forward(self, idx, attention_mask):
         """(B,) rewards, read at each row's last real token (the eos that ends the response)."""
