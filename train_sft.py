@@ -35,7 +35,7 @@ from nanollm.training import GracefulStop, GuardedStep
 # ------------------------------------------------------------------------------------------ settings
 # I/O
 out_dir = "out-sft"  # checkpoints, metrics.jsonl and a copy of the tokenizer go here
-init_from = "out"  # a pretraining out_dir (ckpt.pt + tokenizer.model) | 'resume' (out_dir/ckpt.pt) | 'gpt2...'
+init_from = "out"  # a pretraining out_dir (ckpt.pt + tokenizer.model) | 'resume' (out_dir/ckpt.pt)
 eval_interval = 100  # held-out assistant-token loss (and checkpoint) every this many iterations
 log_interval = 10  # write a metrics.jsonl line every this many iterations
 eval_only = False  # evaluate the starting model once (loss and generations) and exit
@@ -93,10 +93,8 @@ if init_from == "resume":
     checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), runtime.device)
     tokenizer_path = os.path.join(out_dir, "tokenizer.model")
 elif init_from.startswith("gpt2"):
-    if not hasattr(GPT, "from_pretrained"):
-        raise ValueError(f"init_from={init_from!r} needs GPT.from_pretrained (the model-family issue); "
-                         f"until then start from a pretraining out_dir such as 'out'")
-    raise NotImplementedError("SFT from GPT-2: load it with GPT.from_pretrained and its own tokenizer here")
+    raise ValueError(f"init_from={init_from!r}: GPT.from_pretrained loads GPT-2 weights, but SFT also needs GPT-2's "
+                     f"tokenizer, which nanollm does not have; start from a pretraining out_dir such as 'out'")
 else:
     checkpoint = load_checkpoint(os.path.join(init_from, "ckpt.pt"), runtime.device)
     tokenizer_path = os.path.join(init_from, "tokenizer.model")

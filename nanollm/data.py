@@ -55,22 +55,23 @@ def dataset_name(sources: List[str]) -> str:
     return stems[0] if len(stems) == 1 else f"{stems[0]}+{len(stems) - 1}"
 
 
-def list_input_files(sources: List[str]) -> List[Path]:
-    """Expand folders into their *.txt / *.jsonl files (recursive, sorted). Missing paths raise."""
+def list_input_files(sources: List[str], suffixes: Tuple[str, ...] = (".txt", ".jsonl")) -> List[Path]:
+    """Expand folders into their files with one of `suffixes` (recursive, sorted). Missing paths raise."""
+    wanted = " or ".join(suffixes)
     files = []
     for source in sources:
         path = Path(source)
         if not path.exists():
             raise FileNotFoundError(f"dataset path not found: {path}")
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl"))
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
             if not found:
-                raise FileNotFoundError(f"no .txt or .jsonl files under folder: {path}")
+                raise FileNotFoundError(f"no {wanted} files under folder: {path}")
             files.extend(found)
-        elif path.suffix in (".txt", ".jsonl"):
+        elif path.suffix in suffixes:
             files.append(path)
         else:
-            raise ValueError(f"{path}: unsupported file type {path.suffix!r} (expected .txt or .jsonl)")
+            raise ValueError(f"{path}: unsupported file type {path.suffix!r} (expected {wanted})")
     return files
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nanollm.data import batch_seed, parse_dataset
+from nanollm.data import batch_seed, list_input_files, parse_dataset
 from nanollm.metrics import accuracy, generation_metrics
 
 IGNORE_INDEX = -100  # targets equal to this are not trained on (F.cross_entropy's ignore_index)
@@ -169,21 +169,7 @@ def read_records(path):
 
 def list_sft_files(dataset):
     """'a.jsonl,folder/' -> the .json/.jsonl files (folders searched recursively, sorted)."""
-    files = []
-    for source in parse_dataset(dataset):
-        path = Path(source)
-        if not path.exists():
-            raise FileNotFoundError(f"SFT dataset path not found: {path}")
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl"))
-            if not found:
-                raise FileNotFoundError(f"no .json or .jsonl files under folder: {path}")
-            files.extend(found)
-        elif path.suffix in (".json", ".jsonl"):
-            files.append(path)
-        else:
-            raise ValueError(f"{path}: unsupported file type {path.suffix!r} (expected .json or .jsonl)")
-    return files
+    return list_input_files(parse_dataset(dataset), suffixes=(".json", ".jsonl"))
 
 
 def load_conversations(dataset):
