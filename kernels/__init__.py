@@ -26,3 +26,8 @@ def check_device(tensor, where):
     if tensor.device.type != wanted:
         raise ValueError(f"{where}: tensors must be on {wanted} (TRITON_INTERPRET="
                          f"{os.environ.get('TRITON_INTERPRET', 'unset')}), got {tensor.device}")
+
+
+def kernel_device():
+    """Where the kernels run: 'cpu' under the interpreter, 'cuda' when compiled (tests put their tensors here)."""
+    return "cpu" if interpreting() else "cuda"

@@ -110,6 +110,7 @@ def attend(q, k, v, attn_impl, causal, key_padding_mask=None, segment_ids=None, 
         if dropout_p > 0:
             raise ValueError("attn_impl='triton' has no attention dropout; set dropout=0.0")
         padding = key_padding_mask.bool() if key_padding_mask is not None else None
+        k, v = k.to(q.dtype), v.to(q.dtype)  # under autocast q is bf16/fp16 while a KV cache may hold fp32
         return flash_attention(q, k, v, causal=causal, key_padding_mask=padding)
     if attn_impl == "manual":
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)

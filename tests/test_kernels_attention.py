@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kernels.attention import _flash_attention_forward, attention_reference, flash_attention
+from kernels import kernel_device
 
 # (atol, rtol) per dtype. Interpreter: the kernel computes in fp32 like the reference, so the only
 # difference is the final rounding to the input dtype (≈1 ulp: 2^-11 fp16, 2^-8 bf16).
@@ -17,16 +18,26 @@ TOLERANCE = {torch.float32: (2e-5, 2e-5), torch.float16: (5e-3, 5e-3), torch.bfl
 TOLERANCE_CUDA = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (8e-2, 8e-2)}
 
 
-def make_inputs(batch, heads, seq_len_q, seq_len_k, head_dim, dtype, device="cpu", padding=False, seed=0):
+DEVICE = kernel_device()  # the CPU checks run compiled on CUDA when a GPU is present
+if DEVICE == "cuda":
+    TOLERANCE = TOLERANCE_CUDA
+@pytest.fixture(autouse=True)
+def on_kernel_device():
+    """Tensors the tests create land where the kernels run: CPU (interpreter) or CUDA (compiled kernels)."""
+    with torch.device(DEVICE):
+        yield
+
+
+def make_inputs(batch, heads, seq_len_q, seq_len_k, head_dim, dtype, device=None, padding=False, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(batch, heads, length, head_dim, generator=generator).to(device, dtype).requires_grad_()
+    q, k, v = (torch.randn(batch, heads, length, head_dim, generator=generator, device="cpu").to(device or DEVICE, dtype).requires_grad_()
                for length in (seq_len_q, seq_len_k, seq_len_k))
     mask = None
     if padding:  # right padding with per-sequence lengths; with B ≥ 2 the first sequence is all padding
-        lengths = torch.randint(1, seq_len_k + 1, (batch,), generator=generator)
+        lengths = torch.randint(1, seq_len_k + 1, (batch,), generator=generator, device="cpu")
         lengths[0] = 0 if batch >= 2 else lengths[0]
-        mask = (torch.arange(seq_len_k)[None, :] < lengths[:, None]).to(device)  # (B, T_k) True = real token
-    grad_out = torch.randn(batch, heads, seq_len_q, head_dim, generator=generator).to(device, dtype)
+        mask = (torch.arange(seq_len_k, device="cpu")[None, :] < lengths[:, None]).to(device or DEVICE)  # (B, T_k) True = real token
+    grad_out = torch.randn(batch, heads, seq_len_q, head_dim, generator=generator, device="cpu").to(device or DEVICE, dtype)
     return q, k, v, mask, grad_out
 
 
@@ -142,7 +153,7 @@ def test_tiny_gpt_trains_the_same_with_triton_and_manual_attention(monkeypatch):
         model = GPT(config)
         model.load_state_dict(state)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        tokens = torch.randint(0, 64, (2, 21), generator=torch.Generator().manual_seed(1))  # T = 20: ragged block
+        tokens = torch.randint(0, 64, (2, 21), generator=torch.Generator().manual_seed(1), device="cpu").to(DEVICE)  # T = 20: ragged block
         losses = []
         for _ in range(steps):  # the same batch each step: the loss must fall
             _, loss = model(tokens[:, :-1], tokens[:, 1:])

@@ -8,15 +8,25 @@ import torch
 import torch.nn.functional as F
 
 from kernels.cross_entropy import _cross_entropy_forward, cross_entropy, cross_entropy_reference
+from kernels import kernel_device
 
 # (atol, rtol) per dtype: math in fp32 in both; the gradient is rounded to the logits' dtype.
 TOLERANCE = {torch.float32: (1e-6, 1e-5), torch.float16: (1e-3, 5e-3), torch.bfloat16: (8e-3, 3e-2)}
 
 
-def make_inputs(rows, vocab_size, dtype, device="cpu", seed=0):
+DEVICE = kernel_device()  # the CPU checks run compiled on CUDA when a GPU is present
+@pytest.fixture(autouse=True)
+def on_kernel_device():
+    """Tensors the tests create land where the kernels run: CPU (interpreter) or CUDA (compiled kernels)."""
+    with torch.device(DEVICE):
+        yield
+
+
+def make_inputs(rows, vocab_size, dtype, device=None, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    logits = (4 * torch.randn(rows, vocab_size, generator=generator)).to(device, dtype).requires_grad_()
-    targets = torch.randint(0, vocab_size, (rows,), generator=generator).to(device)
+    logits = 4 * torch.randn(rows, vocab_size, generator=generator, device="cpu")
+    logits = logits.to(device or DEVICE, dtype).requires_grad_()
+    targets = torch.randint(0, vocab_size, (rows,), generator=generator, device="cpu").to(device or DEVICE)
     targets[::3] = -100  # ignored positions (prompt tokens in SFT, padding)
     return logits, targets
 

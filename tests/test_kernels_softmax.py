@@ -7,20 +7,29 @@ import pytest
 import torch
 
 from kernels.softmax import MAX_BLOCK_CPU, _softmax_forward, softmax, softmax_reference
+from kernels import kernel_device
 
 # (atol, rtol) per dtype: the kernel computes in fp32 like the reference; the output is rounded to the dtype.
 TOLERANCE = {torch.float32: (1e-6, 1e-5), torch.float16: (1e-3, 5e-3), torch.bfloat16: (8e-3, 3e-2)}
 
 
-def make_inputs(shape, dtype, padding=False, device="cpu", seed=0):
+DEVICE = kernel_device()  # the CPU checks run compiled on CUDA when a GPU is present
+@pytest.fixture(autouse=True)
+def on_kernel_device():
+    """Tensors the tests create land where the kernels run: CPU (interpreter) or CUDA (compiled kernels)."""
+    with torch.device(DEVICE):
+        yield
+
+
+def make_inputs(shape, dtype, padding=False, device=None, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    x = (3 * torch.randn(shape, generator=generator)).to(device, dtype).requires_grad_()
+    x = (3 * torch.randn(shape, generator=generator, device="cpu")).to(device or DEVICE, dtype).requires_grad_()
     mask = None
     if padding:  # per-sequence lengths; with B ≥ 2 the first sequence is all padding
-        lengths = torch.randint(1, shape[-1] + 1, (shape[0],), generator=generator)
+        lengths = torch.randint(1, shape[-1] + 1, (shape[0],), generator=generator, device="cpu")
         lengths[0] = 0 if shape[0] >= 2 else lengths[0]
-        mask = (torch.arange(shape[-1])[None, :] < lengths[:, None]).to(device)  # (B, T_k) True = real token
-    grad_probs = torch.randn(shape, generator=generator).to(device, dtype)
+        mask = (torch.arange(shape[-1], device="cpu")[None, :] < lengths[:, None]).to(device or DEVICE)  # (B, T_k) True = real token
+    grad_probs = torch.randn(shape, generator=generator, device="cpu").to(device or DEVICE, dtype)
     return x, mask, grad_probs
 
 

@@ -215,13 +215,16 @@ def _plain_attention(q, k, v, allowed):
 
 @pytest.mark.parametrize("attn_impl", ["manual", "sdpa", "triton"])
 def test_bidirectional_and_cross_attention_paths_match_a_plain_reference(attn_impl):
-    q, k, v, padding = _qkv(9, 9)
+    from kernels import kernel_device
+
+    device = kernel_device() if attn_impl == "triton" else "cpu"  # compiled Triton kernels need CUDA tensors
+    q, k, v, padding = (t.to(device) for t in _qkv(9, 9))
     allowed = padding[:, None, None, :].expand(2, 1, 9, 9)
     out = attend(q, k, v, attn_impl, causal=False, key_padding_mask=padding)
-    real = torch.tensor([[True] * 9, [True] * 6 + [False] * 3])  # outputs at padding queries are ignored
+    real = torch.tensor([[True] * 9, [True] * 6 + [False] * 3], device=device)  # padding queries: ignored
     torch.testing.assert_close(out.transpose(1, 2)[real], _plain_attention(q, k, v, allowed).transpose(1, 2)[real],
                                rtol=1e-4, atol=1e-5)
-    q, k, v, padding = _qkv(5, 11, seed=1)  # cross-attention: 5 decoder queries, 11 encoder keys
+    q, k, v, padding = (t.to(device) for t in _qkv(5, 11, seed=1))  # cross-attention: 5 queries, 11 keys
     out = attend(q, k, v, attn_impl, causal=False, key_padding_mask=padding, self_attention=False)
     torch.testing.assert_close(out, _plain_attention(q, k, v, padding[:, None, None, :].expand(2, 1, 5, 11)),
                                rtol=1e-4, atol=1e-5)
