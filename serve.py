@@ -1,0 +1,52 @@
+"""Serve a chat model over HTTP: an OpenAI-style API and a chat page in the browser.
+
+    python serve.py                                   # out-sft/ on http://127.0.0.1:8000 (open it in a browser)
+    python serve.py --ckpt_dir=out-sft --host=0.0.0.0 --port=8080 --max_batch=16
+    curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+         -d '{"messages": [{"role": "user", "content": "Where does Ada live?"}], "temperature": 0}'
+Endpoints: POST /v1/chat/completions (JSON, or server-sent events with "stream": true), GET /v1/models,
+GET /health, GET / (the chat page, nanollm/web/chat.html). The library code is nanollm/serving.py.
+"""
+import os
+import sys
+
+import torch
+
+from nanollm.configurator import configure
+from nanollm.distributed import pick_device
+from nanollm.model import GPT
+from nanollm.serving import Engine, make_server
+from nanollm.tokenizer import Tokenizer
+
+ckpt_dir = "out-sft"  # folder holding ckpt.pt and tokenizer.model (an SFT checkpoint: it knows the chat template)
+model_name = ""  # the id reported by /v1/models and in answers; '' = the checkpoint folder's name
+host = "127.0.0.1"  # 0.0.0.0 to accept other machines (there is no authentication)
+port = 8000
+device = "auto"  # auto | cpu | cuda | mps
+max_batch = 8  # requests decoded together in one batch
+default_max_tokens = 128  # answer length when a request gives no max_tokens (always within the context)
+truncate_history = True  # drop the oldest turns of a conversation longer than the context (False: a 400 error)
+max_body_bytes = 1 << 20  # larger request bodies get 413
+max_queue = 256  # waiting requests beyond this get 503
+seed = 1337  # for requests without their own seed
+quiet = False  # True: no line per request on stderr
+configure(globals(), sys.argv[1:])
+
+torch.manual_seed(seed)
+device = pick_device(device)
+model = GPT.from_pretrained(ckpt_dir).to(device)
+tokenizer = Tokenizer(os.path.join(ckpt_dir, "tokenizer.model"))
+name = model_name or os.path.basename(os.path.abspath(ckpt_dir))
+engine = Engine(model, tokenizer, name, max_batch=max_batch, default_max_tokens=default_max_tokens,
+                truncate_history=truncate_history, max_queue=max_queue)
+server = make_server(engine, host, port, max_body_bytes=max_body_bytes, quiet=quiet)
+print(f"[nanollm] serving {name} ({model.num_parameters() / 1e6:.2f} M parameters, context "
+      f"{model.config.block_size} tokens) on {device}: open http://{host}:{server.server_address[1]}/ "
+      f"(Ctrl-C stops)", flush=True)
+try:
+    server.serve_forever()
+except KeyboardInterrupt:
+    print("\n[nanollm] stopped")
+finally:
+    server.server_close()
+    engine.close()

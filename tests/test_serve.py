@@ -1,0 +1,393 @@
+"""The HTTP server (nanollm/serving.py) started in-process on 127.0.0.1, talked to with urllib / http.client:
+answers equal direct greedy decoding, streams concatenate to the plain answer, concurrent clients are batched
+and all answered, and bad requests get 4xx JSON errors while the server keeps serving."""
+import http.client
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+from nanollm.model import GPT, GPTConfig
+from nanollm.serving import ApiError, ChatRequest, Engine, Job, make_server, parse_chat_request, parse_sse
+from nanollm.sft import encode_messages, prompt_ids
+from nanollm.tokenizer import Tokenizer, train_tokenizer
+
+QUESTIONS = [f"where does person {i} live?" for i in (3, 150, 41)] + ["hello", "李小明住在哪里？", "who?"]
+
+
+def make_checkpoint(folder):
+    """A 1-layer GPT trained for a few seconds on one chat pattern ("where does person i live?" -> "Person i lives
+    in town i % 7, ...</s>"), so greedy answers are words that end with eos, with clear margins between choices."""
+    chats = [[{"role": "user", "content": f"where does person {i} live?"},
+              {"role": "assistant", "content": f"Person {i} lives in town {i % 7}, near the 北京 river."}]
+             for i in range(200)]
+    texts = [message["content"] for chat in chats for message in chat] + ["李小明住在北京。"] * 10
+    tokenizer = Tokenizer(train_tokenizer(texts, str(folder / "tokenizer"), vocab_size=360))
+    torch.manual_seed(0)
+    args = dict(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32)
+    model = GPT(GPTConfig(**args))
+    rows = [encode_messages(tokenizer, chat)[0] for chat in chats]
+    width = max(len(row) for row in rows)
+    data = torch.tensor([row + [tokenizer.pad_id] * (width - len(row)) for row in rows])  # (N, T)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        batch = data[torch.randint(0, len(data), (16,))]
+        targets = batch[:, 1:].masked_fill(batch[:, 1:] == tokenizer.pad_id, -100)
+        _, loss = model(batch[:, :-1], targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.save({"model": model.state_dict(), "model_args": args, "config": {}}, folder / "ckpt.pt")
+    return folder
+
+
+def load(folder):
+    return GPT.from_pretrained(str(folder)).eval(), Tokenizer(str(folder / "tokenizer.model"))
+
+
+def greedy(model, tokenizer, messages, max_tokens):
+    """(content, finish_reason, generated token count) of plain greedy decoding with model.generate."""
+    ids = prompt_ids(tokenizer, messages)
+    out = model.generate(torch.tensor([ids]), max_tokens, temperature=0, eos_id=tokenizer.eos_id)[0, len(ids):]
+    out = out.tolist()
+    if tokenizer.eos_id in out:
+        out = out[:out.index(tokenizer.eos_id) + 1]
+        return tokenizer.decode(out[:-1], skip_special=True), "stop", len(out)
+    return tokenizer.decode(out, skip_special=True), "length", len(out)
+
+
+def start_server(engine, **settings):
+    """Serve `engine` on 127.0.0.1 (a free port) in a thread; returns (server, base url)."""
+    server = make_server(engine, "127.0.0.1", 0, quiet=True, **settings)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def stop_server(server, engine):
+    server.shutdown()
+    server.server_close()
+    engine.close()
+
+
+def request(url, payload=None, body=None, method=None):
+    """(status, headers, body bytes) of one HTTP request; 4xx/5xx are returned, not raised."""
+    data = body if body is not None else (json.dumps(payload).encode() if payload is not None else None)
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, error.read()
+
+
+def chat(base, content, **fields):
+    return request(base + "/v1/chat/completions", {"messages": [{"role": "user", "content": content}], **fields})
+
+
+def wait_until(condition, seconds=30):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint):
+    model, tokenizer = load(checkpoint)
+    engine = Engine(model, tokenizer, "tiny", max_batch=8, default_max_tokens=24)
+    server, base = start_server(engine, max_body_bytes=16_384)
+    yield base, model, tokenizer
+    stop_server(server, engine)
+
+
+# --------------------------------------------------------------------------------------- answers
+def test_plain_request_returns_the_greedy_answer_in_openai_shape(served):
+    base, model, tokenizer = served
+    messages = [{"role": "user", "content": QUESTIONS[0]}]
+    status, headers, body = chat(base, QUESTIONS[0], temperature=0, max_tokens=30, model="whatever")
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    answer = json.loads(body)
+    content, reason, generated = greedy(model, tokenizer, messages, 30)
+    assert content.startswith("Person ") and reason == "stop"  # the fixture model answers, then stops
+    assert answer["id"].startswith("chatcmpl-") and answer["object"] == "chat.completion"
+    assert answer["model"] == "tiny" and isinstance(answer["created"], int)
+    assert answer["choices"] == [{"index": 0, "message": {"role": "assistant", "content": content},
+                                  "logprobs": None, "finish_reason": "stop"}]
+    prompt_tokens = len(prompt_ids(tokenizer, messages))
+    assert answer["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
+                               "total_tokens": prompt_tokens + generated}
+
+
+def test_max_tokens_cuts_the_answer_with_finish_reason_length(served):
+    base, model, tokenizer = served
+    answer = json.loads(chat(base, QUESTIONS[1], temperature=0, max_tokens=3)[2])
+    content, reason, generated = greedy(model, tokenizer, [{"role": "user", "content": QUESTIONS[1]}], 3)
+    assert reason == "length" and generated == 3
+    assert answer["choices"][0]["message"]["content"] == content
+    assert answer["choices"][0]["finish_reason"] == "length" and answer["usage"]["completion_tokens"] == 3
+
+
+def test_stream_chunks_concatenate_to_the_plain_answer_and_end_with_done(served):
+    base, model, tokenizer = served
+    plain = json.loads(chat(base, QUESTIONS[4], temperature=0, max_tokens=30)[2])
+    status, headers, body = chat(base, QUESTIONS[4], temperature=0, max_tokens=30, stream=True,
+                                 stream_options={"include_usage": True})
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    data = parse_sse(body.decode("utf-8"))
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    pieces = [c["choices"][0]["delta"]["content"] for c in chunks[1:] if c["choices"] and
+              c["choices"][0]["delta"].get("content")]
+    assert len(pieces) >= 3  # really streamed, piece by piece
+    assert "".join(pieces) == plain["choices"][0]["message"]["content"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
+
+
+def test_streamed_text_never_splits_a_multibyte_character(checkpoint):
+    """Byte-fallback pieces (an emoji is 4 of them) decode to U+FFFD until the character is complete; the engine
+    holds such text back, so every delta is whole characters and the deltas add up to the decoded text."""
+    model, tokenizer = load(checkpoint)
+    engine = Engine(model, tokenizer)
+    text = "hé 🙂 北京 lives"
+    ids = tokenizer.encode(text)
+    assert sum(tokenizer.id_to_piece(i).startswith("<0x") for i in ids) >= 4  # the emoji is bytes
+    job = Job(ChatRequest(messages=[]), prompt=[1], max_tokens=100)
+    for token in ids + [tokenizer.eos_id]:
+        engine.deliver(job, token)
+    events = [job.events.get_nowait() for _ in range(job.events.qsize())]
+    deltas = [value for kind, value in events if kind == "delta"]
+    assert events[-1] == ("done", "stop") and len(deltas) > 3
+    assert all("\ufffd" not in delta for delta in deltas)
+    assert "".join(deltas) == text
+    engine.close()
+
+
+def test_same_seed_same_sampled_answer(served):
+    base, _, _ = served
+    first, second = (json.loads(chat(base, "hello", temperature=1.5, top_p=0.95, seed=7, max_tokens=12)[2])
+                     for _ in range(2))
+    assert first["choices"][0]["message"] == second["choices"][0]["message"]
+
+
+# --------------------------------------------------------------------------------------- concurrency
+class GatedEngine(Engine):
+    """Holds its first batch until the test opens the gate, and records the size of every batch."""
+
+    def __init__(self, *args, **kwargs):
+        self.gate, self.batch_sizes = threading.Event(), []
+        super().__init__(*args, **kwargs)
+
+    def generate(self, jobs):
+        self.batch_sizes.append(len(jobs))
+        self.gate.wait(timeout=60)
+        super().generate(jobs)
+
+
+def test_concurrent_clients_are_batched_and_each_gets_its_own_answer(checkpoint):
+    model, tokenizer = load(checkpoint)
+    engine = GatedEngine(model, tokenizer, "tiny", max_batch=8)
+    server, base = start_server(engine)
+    seeded = dict(temperature=1.0, top_k=20, seed=3, max_tokens=16)  # a sampled row among greedy ones
+    requests = [(question, dict(temperature=0, max_tokens=20)) for question in QUESTIONS] + [("hello", seeded)]
+    answers = [None] * len(requests)
+
+    def client(index):
+        question, fields = requests[index]
+        answers[index] = chat(base, question, stream=index % 2 == 1, **fields)
+
+    threads = [threading.Thread(target=client, args=(index,)) for index in range(len(requests))]
+    try:
+        threads[0].start()
+        wait_until(lambda: engine.batch_sizes == [1])  # the first request is being decoded (held at the gate)
+        for thread in threads[1:]:
+            thread.start()
+        wait_until(lambda: engine.queue.qsize() == len(requests) - 1)  # the others wait in the queue
+        engine.gate.set()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert engine.batch_sizes == [1, len(requests) - 1]  # the waiting requests were decoded as one batch
+        alone = json.loads(chat(base, "hello", **seeded)[2])["choices"][0]["message"]["content"]
+    finally:
+        engine.gate.set()
+        stop_server(server, engine)
+    for index, ((question, fields), (status, _, body)) in enumerate(zip(requests, answers)):
+        assert status == 200
+        if index % 2:
+            content = "".join(json.loads(d)["choices"][0]["delta"].get("content", "")
+                              for d in parse_sse(body.decode())[:-1])
+        else:
+            content = json.loads(body)["choices"][0]["message"]["content"]
+        if fields["temperature"] == 0:  # left padding and batching change nothing: the row's own greedy answer
+            assert content == greedy(model, tokenizer, [{"role": "user", "content": question}], 20)[0], question
+        else:  # a seeded row samples from its own generator: the same answer as when it was alone
+            assert content == alone
+
+
+# --------------------------------------------------------------------------------------- context
+def test_long_conversation_drops_oldest_turns_or_is_refused(checkpoint):
+    model, tokenizer = load(checkpoint)
+    turns = [{"role": "system", "content": "Be brief."}]
+    for i in range(6):
+        turns += [{"role": "user", "content": f"where does person {i} live?"},
+                  {"role": "assistant", "content": f"Person {i} lives in town {i}."}]
+    turns.append({"role": "user", "content": "and person 9?"})
+    assert len(prompt_ids(tokenizer, turns)) > 64  # longer than the context
+    engine = Engine(model, tokenizer, default_max_tokens=16)
+    job = engine.prepare(ChatRequest(messages=turns))
+    for kept in range(len(turns)):  # the system message, then the newest turns that leave 16 tokens to answer
+        expected = turns[:1] + turns[1 + 2 * kept:]
+        if len(prompt_ids(tokenizer, expected)) + 16 <= 64:
+            break
+    assert job.prompt == prompt_ids(tokenizer, expected) and job.max_tokens == 16
+    assert expected[-1] == turns[-1] and len(expected) < len(turns)
+    engine.truncate_history = False
+    with pytest.raises(ApiError) as refused:
+        engine.prepare(ChatRequest(messages=turns))
+    assert refused.value.status == 400 and refused.value.code == "context_length_exceeded"
+    engine.close()
+
+
+# --------------------------------------------------------------------------------------- bad requests
+def messages_with(**message):
+    return {"messages": [message]}
+
+
+BAD_REQUESTS = [  # (body, status, param)
+    (b"{not json", 400, None),
+    (b"\xff\xfe garbage", 400, None),
+    (b"[1, 2]", 400, None),
+    (b'{"temperature": NaN, "messages": []}', 400, None),
+    (json.dumps({"temperature": 0}).encode(), 400, "messages"),
+    (json.dumps({"messages": []}).encode(), 400, "messages"),
+    (json.dumps({"messages": "hi"}).encode(), 400, "messages"),
+    (json.dumps({"messages": ["hi"]}).encode(), 400, "messages[0]"),
+    (json.dumps(messages_with(role="robot", content="hi")).encode(), 400, "messages[0].role"),
+    (json.dumps(messages_with(content="hi")).encode(), 400, "messages[0].role"),
+    (json.dumps(messages_with(role="user", content=5)).encode(), 400, "messages[0].content"),
+    (json.dumps(messages_with(role="assistant", content="hi")).encode(), 400, "messages[0].role"),
+    (json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"},
+                              {"role": "user", "content": "c"}]}).encode(), 400, "messages[1].role"),
+    (json.dumps({**messages_with(role="user", content="hi"), "temperature": "hot"}).encode(), 400, "temperature"),
+    (json.dumps({**messages_with(role="user", content="hi"), "temperature": 9}).encode(), 400, "temperature"),
+    (json.dumps({**messages_with(role="user", content="hi"), "top_p": 0}).encode(), 400, "top_p"),
+    (json.dumps({**messages_with(role="user", content="hi"), "max_tokens": 0}).encode(), 400, "max_tokens"),
+    (json.dumps({**messages_with(role="user", content="hi"), "max_tokens": 2.5}).encode(), 400, "max_tokens"),
+    (json.dumps({**messages_with(role="user", content="hi"), "max_tokens": 64}).encode(), 400, "max_tokens"),
+    (json.dumps({**messages_with(role="user", content="hi"), "stream": "yes"}).encode(), 400, "stream"),
+    (json.dumps({**messages_with(role="user", content="hi"), "seed": -1}).encode(), 400, "seed"),
+    (json.dumps({**messages_with(role="user", content="hi"), "n": 2}).encode(), 400, "n"),
+    (json.dumps(messages_with(role="user", content="person " * 200)).encode(), 400, "messages"),  # > context
+    (json.dumps(messages_with(role="user", content="x" * 20_000)).encode(), 413, None),  # > max_body_bytes
+]
+
+
+def test_a_typical_openai_client_body_is_understood():
+    """Fields OpenAI clients send that this server has no use for are ignored; newer names are understood."""
+    body = {"model": "gpt-4o", "messages": [{"role": "developer", "content": "Be brief."},
+                                            {"role": "user", "content": [{"type": "text", "text": "hi "},
+                                                                         {"type": "text", "text": "there"}]}],
+            "max_completion_tokens": 7, "temperature": 0.5, "top_p": 0.9, "stream": True,
+            "stream_options": {"include_usage": True}, "presence_penalty": 0, "user": "u1", "n": 1, "stop": None}
+    assert parse_chat_request(json.dumps(body).encode()) == ChatRequest(
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi there"}],
+        temperature=0.5, top_p=0.9, top_k=0, max_tokens=7, stream=True, include_usage=True, seed=None)
+
+
+@pytest.mark.parametrize("body, status, param", BAD_REQUESTS, ids=[str(i) for i in range(len(BAD_REQUESTS))])
+def test_bad_request_gets_a_4xx_json_error_and_the_server_keeps_serving(served, body, status, param):
+    base, _, _ = served
+    got, headers, answer = request(base + "/v1/chat/completions", body=body)
+    assert got == status and headers["Content-Type"] == "application/json"
+    error = json.loads(answer)["error"]
+    assert isinstance(error["message"], str) and error["message"] and error["param"] == param
+    assert error["type"] == "invalid_request_error"
+    assert chat(base, "hello", max_tokens=2)[0] == 200  # still answering
+
+
+@pytest.mark.parametrize("method, path, status", [("GET", "/v1/chat/completions", 405), ("POST", "/health", 405),
+                                                  ("DELETE", "/v1/models", 405), ("GET", "/v1/nothing", 404),
+                                                  ("POST", "/nothing", 404), ("BREW", "/", 501)])
+def test_wrong_method_or_unknown_path_gets_a_json_error(served, method, path, status):
+    base, _, _ = served
+    got, _, answer = request(base + path, body=b"{}" if method in ("POST", "BREW") else None, method=method)
+    assert got == status and json.loads(answer)["error"]["message"]
+    assert chat(base, "hello", max_tokens=2)[0] == 200
+
+
+def test_body_without_content_length_gets_411(served):
+    base, _, _ = served
+    connection = http.client.HTTPConnection(base.removeprefix("http://"), timeout=30)
+    connection.putrequest("POST", "/v1/chat/completions")
+    connection.putheader("Content-Type", "application/json")
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 411 and "Content-Length" in json.loads(response.read())["error"]["message"]
+    connection.close()
+
+
+def test_models_health_and_page(served):
+    base, _, _ = served
+    models = json.loads(request(base + "/v1/models")[2])
+    assert models["object"] == "list" and models["data"][0]["id"] == "tiny"
+    assert models["data"][0]["context_length"] == 64
+    assert json.loads(request(base + "/health")[2])["status"] == "ok"
+    status, headers, page = request(base + "/")
+    page = page.decode()
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert all(f'id="{name}"' in page for name in ("input", "send", "stop", "messages"))
+    assert "http://" not in page and "https://" not in page and 'src="//' not in page  # nothing from elsewhere
+
+
+def test_a_burst_of_simultaneous_clients_is_all_answered(served):
+    """64 connections opened at once: none is refused or reset (the listen backlog holds them)."""
+    base, _, _ = served
+    barrier, statuses = threading.Barrier(64), [None] * 64
+
+    def client(index):
+        barrier.wait(timeout=30)
+        statuses[index] = chat(base, "hello", max_tokens=2, stream=index % 2 == 0)[0]
+
+    threads = [threading.Thread(target=client, args=(index,)) for index in range(64)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert statuses == [200] * 64
+
+
+class FailingEngine(Engine):
+    """Fails in the middle of decoding any conversation that says "boom" (a stand-in for a bug or an OOM)."""
+
+    def deliver(self, job, token):
+        if job.sent and job.request.messages[-1]["content"] == "boom":
+            raise RuntimeError("simulated failure")
+        return super().deliver(job, token)
+
+
+def test_a_failure_during_generation_is_a_500_and_the_worker_carries_on(checkpoint):
+    model, tokenizer = load(checkpoint)
+    engine = FailingEngine(model, tokenizer, "tiny")
+    server, base = start_server(engine)
+    try:
+        status, _, body = chat(base, "boom", temperature=0, max_tokens=20)
+        assert status == 500 and "simulated failure" in json.loads(body)["error"]["message"]
+        status, _, body = chat(base, "boom", temperature=0, max_tokens=20, stream=True)
+        data = parse_sse(body.decode())
+        assert status == 200 and data[-1] != "[DONE]"  # the stream had begun: it ends with an error event
+        assert json.loads(data[-1])["error"]["type"] == "server_error"
+        assert json.loads(data[1])["choices"][0]["delta"]["content"]  # text sent before the failure
+        assert chat(base, "hello", max_tokens=2)[0] == 200
+    finally:
+        stop_server(server, engine)
