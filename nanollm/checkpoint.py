@@ -48,10 +48,11 @@ def rng_state():
 
 
 def set_rng_state(state):
+    """Restore rng_state()'s output; its tensors may come back on a GPU (map_location), RNG states live on the CPU."""
     random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def gather_rng_states(runtime):
