@@ -1,0 +1,386 @@
+"""PPO for language models (RLHF's third step), every piece written out as a plain function.
+
+Teaches: rollouts by pure sampling with the KV cache; one scoring pass (policy, frozen reference, critic, reward
+model); the reward r_t = −β·kl_t plus the score at eos, with the adaptive β of Ziegler et al. 2019; GAE (Schulman et
+al. 2016); PPO's clipped surrogate and clipped value loss (Schulman et al. 2017), as in Stiennon et al. 2020 and
+InstructGPT (Ouyang et al. 2022). KL estimators k1/k3: Schulman 2020, "Approximating KL divergence".
+"""
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanollm.model import GPT
+from nanollm.reward import last_token_index, pad_sequences
+from nanollm.sft import prompt_ids
+
+KL_ESTIMATORS = ("k1", "k3")
+
+
+# ----------------------------------------------------------------------------- helpers
+def masked_mean(values, mask):
+    """Σ mask·x / Σ mask over the valid tokens (0 when there are none)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(values, mask, shift_mean=True, eps=1e-8):
+    """(x − mean) / std over the valid tokens only (std with Bessel's correction); masked positions become 0.
+    Unchanged when fewer than 2 tokens are valid (the std of one value is 0/0). shift_mean=False adds the mean
+    back (whitening rewards changes their scale, not their sign on average)."""
+    mask = mask.to(values.dtype)
+    count = mask.sum()
+    if count < 2:
+        return values
+    mean = (values * mask).sum() / count
+    variance = (((values - mean) * mask) ** 2).sum() / (count - 1)
+    whitened = (values - mean) * torch.rsqrt(variance + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+@contextlib.contextmanager
+def evaluating(*models):
+    """Dropout off inside the block (scoring and rollouts must not be noisy), each model's mode restored after."""
+    modes = [model.training for model in models]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for model, mode in zip(models, modes):
+            model.train(mode)
+
+
+# ----------------------------------------------------------------------------- rollout
+def encode_prompts(tokenizer, questions, max_prompt_tokens):
+    """Questions (text, or chat messages ending on a user turn) -> chat-template ids ending with <|assistant|>."""
+    encoded = []
+    for question in questions:
+        messages = [{"role": "user", "content": question}] if isinstance(question, str) else question
+        ids = prompt_ids(tokenizer, messages)
+        if len(ids) > max_prompt_tokens:
+            raise ValueError(f"prompt of {len(ids)} tokens leaves no room for the response (at most "
+                             f"{max_prompt_tokens}): {str(question)[:60]!r}")
+        encoded.append(ids)
+    return encoded
+
+
+@dataclass
+class Rollout:
+    """Prompts (left-padded to prompt_length P) followed by the sampled responses (R tokens, padded after eos)."""
+    input_ids: torch.Tensor  # (B, P + R)
+    attention_mask: torch.Tensor  # (B, P + R) 1 on real prompt and response tokens
+    response_mask: torch.Tensor  # (B, R) 1 on response tokens up to and including the first eos
+    ended: torch.Tensor  # (B,) bool: the response emitted eos (False: cut at max_new_tokens)
+    prompt_length: int  # P
+
+    @property
+    def responses(self):
+        return self.input_ids[:, self.prompt_length:]  # (B, R)
+
+
+def cut_after_eos(responses, eos_id, pad_id):
+    """Sampled tokens (B, R) -> (responses with pad after the first eos, response_mask (B, R), ended (B,)).
+    The mask keeps every token up to and including the first eos; eos_id None keeps every token."""
+    if eos_id is None:
+        return responses, torch.ones_like(responses), torch.zeros(responses.size(0), dtype=torch.bool,
+                                                                  device=responses.device)
+    is_eos = (responses == eos_id).long()  # (B, R)
+    eos_before = is_eos.cumsum(-1) - is_eos  # how many eos come strictly before position t
+    response_mask = (eos_before == 0).long()  # (B, R)
+    return responses.masked_fill(response_mask == 0, pad_id), response_mask, is_eos.bool().any(-1)
+
+
+@torch.no_grad()
+def rollout(model, prompts, max_new_tokens, temperature, eos_id, pad_id, generator=None):
+    """Sample one response per prompt (lists of ids), batched: prompts left-padded, decoded with the KV cache, by
+    PURE sampling from softmax(logits / temperature) — no top-k/top-p, which would sample from a different
+    distribution than the one whose log-probs and KL we compute. Dropout is off. Returns a Rollout."""
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature}: PPO needs sampling (> 0); greedy decoding has no log-probs")
+    device = next(model.parameters()).device
+    prompt_tokens, prompt_mask = pad_sequences(prompts, pad_id, side="left")  # (B, P) each
+    prompt_tokens, prompt_mask = prompt_tokens.to(device), prompt_mask.to(device)
+    with evaluating(model):
+        out = model.generate(prompt_tokens, max_new_tokens, temperature=temperature, top_k=None, top_p=None,
+                             eos_id=eos_id, attention_mask=prompt_mask, use_cache=True, generator=generator)
+    responses, response_mask, ended = cut_after_eos(out[:, prompt_tokens.size(1):], eos_id, pad_id)  # (B, R)
+    return Rollout(torch.cat([prompt_tokens, responses], 1), torch.cat([prompt_mask, response_mask], 1),
+                   response_mask, ended, prompt_tokens.size(1))
+
+
+def decode_responses(tokenizer, rollout):
+    """The response texts (eos and padding dropped)."""
+    texts = []
+    for row, mask in zip(rollout.responses.tolist(), rollout.response_mask.tolist()):
+        ids = [token for token, keep in zip(row, mask) if keep and token != tokenizer.eos_id]
+        texts.append(tokenizer.decode(ids, skip_special=True).strip())
+    return texts
+
+
+# ----------------------------------------------------------------------------- the networks and the scoring pass
+class Critic(nn.Module):
+    """V(s_t) at every position: a GPT trunk + Linear(n_embd, 1). A network separate from the policy, so the value
+    loss cannot disturb the language model; initialized from the reward model (it already reads quality)."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.config.n_embd, 1)
+
+    @classmethod
+    def from_reward_model(cls, reward_model, config=None):
+        """A critic with the reward model's trunk and head weights (its fitted bias goes into the head's bias);
+        config may change runtime settings such as attn_impl (default: the reward model's)."""
+        critic = cls(GPT(config or reward_model.backbone.config)).to(reward_model.head.weight.device)
+        critic.backbone.load_state_dict(reward_model.backbone.state_dict())
+        critic.head.load_state_dict(reward_model.head.state_dict())
+        with torch.no_grad():
+            critic.head.bias += reward_model.reward_bias
+        return critic
+
+    def forward(self, idx, attention_mask):
+        """(B, T) ids and mask -> (B, T) values, one per position (positions from the mask)."""
+        hidden = self.backbone.hidden_states(idx, attention_mask)  # (B, T, C)
+        return self.head(hidden).squeeze(-1).float()  # (B, T)
+
+
+def response_logits(policy, rollout, temperature):
+    """Full forward -> (B, R, V) logits / temperature, the ones that predicted each response token (position t−1
+    predicts token t). The same temperature as sampling, or the log-probs are of another distribution."""
+    logits, _ = policy(rollout.input_ids, attention_mask=rollout.attention_mask)  # (B, P+R, V)
+    return logits[:, rollout.prompt_length - 1:-1].float() / temperature  # (B, R, V)
+
+
+def token_logprobs(logits, tokens):
+    """log softmax(logits) at the given tokens: (B, R, V), (B, R) -> (B, R)."""
+    return torch.gather(F.log_softmax(logits, dim=-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits):
+    """H = −Σ p·log p = logsumexp(z) − Σ softmax(z)·z per position: (B, R, V) -> (B, R)."""
+    return torch.logsumexp(logits, dim=-1) - (F.softmax(logits, dim=-1) * logits).sum(-1)
+
+
+def response_values(critic, rollout):
+    """(B, R) values of the state before each response token (read where the policy reads its logits)."""
+    return critic(rollout.input_ids, rollout.attention_mask)[:, rollout.prompt_length - 1:-1]
+
+
+@torch.no_grad()
+def score_rollout(policy, reference, critic, rollout, temperature, ctx=contextlib.nullcontext()):
+    """The scoring pass, dropout off: log-probs of the sampled tokens under the policy (the 'old' ones of the PPO
+    ratio) and the frozen reference, entropy, and critic values (critic may be None). Each (B, R)."""
+    models = [m for m in (policy, reference, critic) if m is not None]
+    with evaluating(*models), ctx:
+        logits = response_logits(policy, rollout, temperature)  # (B, R, V)
+        logprobs = token_logprobs(logits, rollout.responses)
+        ref_logprobs = token_logprobs(response_logits(reference, rollout, temperature), rollout.responses)
+        values = response_values(critic, rollout) if critic is not None else None
+    return {"logprobs": logprobs, "ref_logprobs": ref_logprobs, "entropy": entropy_from_logits(logits),
+            "values": values}
+
+
+@torch.no_grad()
+def reward_scores(reward_model, rollout, ctx=contextlib.nullcontext()):
+    """(B,) reward-model scores of prompt + response, read at the last real token (the response's eos)."""
+    with evaluating(reward_model), ctx:
+        return reward_model(rollout.input_ids, rollout.attention_mask).float()
+
+
+# ----------------------------------------------------------------------------- rewards
+def kl_estimate(logprobs, ref_logprobs, estimator="k1"):
+    """Per-token estimate of KL(π‖π_ref) from tokens sampled from π (Schulman 2020):
+    k1 = log π − log π_ref (unbiased, any sign);  k3 = (r − 1) − log r with r = π_ref/π (unbiased, never < 0)."""
+    log_ratio = ref_logprobs - logprobs  # log r
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k3":
+        return torch.expm1(log_ratio) - log_ratio  # (r − 1) − log r ≥ 0 since log r ≤ r − 1
+    raise ValueError(f"kl_estimator={estimator!r}: expected one of {KL_ESTIMATORS}")
+
+
+def shape_scores(scores, ended, missing_eos_penalty=0.0, score_clip=0.0):
+    """Reward-model scores (B,) -> what the policy is paid: minus missing_eos_penalty for a response that never
+    ended, then clipped to [−score_clip, score_clip] (0 = no clipping)."""
+    scores = scores - missing_eos_penalty * (~ended).to(scores.dtype)
+    return scores.clamp(-score_clip, score_clip) if score_clip > 0 else scores
+
+
+def compute_rewards(scores, kl, response_mask, beta):
+    """Per-token rewards (B, R): r_t = −β·kl_t on every response token, plus the score on the last real token
+    (the eos, or the last token of a response cut at max length) (Ziegler et al. 2019; Stiennon et al. 2020)."""
+    rewards = -beta * kl * response_mask  # (B, R)
+    last = last_token_index(response_mask)  # (B,)
+    rows = torch.arange(rewards.size(0), device=rewards.device)
+    return rewards.index_put((rows, last), rewards[rows, last] + scores)
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019: β follows the KL towards a target.
+    e = clip(KL / target − 1, −0.2, 0.2);  β ← β·(1 + e·n / horizon), n = responses in the step."""
+
+    def __init__(self, beta, target, horizon):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl, n_responses):
+        error = min(max(kl / self.target - 1, -0.2), 0.2)
+        self.beta *= 1 + error * n_responses / self.horizon
+
+
+class FixedKLController:
+    """A constant β (β = 0: no KL penalty at all)."""
+
+    def __init__(self, beta):
+        self.beta = beta
+
+    def update(self, kl, n_responses):
+        pass
+
+
+# ----------------------------------------------------------------------------- advantages
+def compute_gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalized advantage estimation (Schulman et al. 2016), backwards over the valid tokens of each row:
+        δ_t = r_t + γ·V_{t+1} − V_t ;  A_t = δ_t + γλ·A_{t+1} ;  returns R_t = A_t + V_t
+    V_{t+1} and A_{t+1} come from the next VALID token (masked positions are skipped and get A = R = 0); after the
+    last valid token both are 0 (it is terminal). Inputs and outputs (B, T)."""
+    mask = mask.to(values.dtype)
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])  # (B,) V of the next valid token
+    next_advantage = torch.zeros_like(values[:, 0])  # (B,)
+    for t in reversed(range(values.size(1))):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]  # TD error
+        advantage = delta + gamma * lam * next_advantage
+        valid = mask[:, t] > 0
+        advantages[:, t] = torch.where(valid, advantage, torch.zeros_like(advantage))
+        next_value = torch.where(valid, values[:, t], next_value)  # a masked position passes the next one through
+        next_advantage = torch.where(valid, advantage, next_advantage)
+    return advantages, (advantages + values) * mask
+
+
+def compute_gae_vectorized(rewards, values, mask, gamma=1.0, lam=0.95):
+    """The same as compute_gae for masks that are a prefix of each row (response masks are), as one matmul:
+    A_t = Σ_{s ≥ t} (γλ)^(s−t)·δ_s, the discounted sum of TD errors."""
+    mask = mask.to(values.dtype)
+    rewards, values = rewards * mask, values * mask
+    next_values = F.pad(values[:, 1:], (0, 1))  # (B, T) V_{t+1}; 0 after the last valid token
+    deltas = (rewards + gamma * next_values - values) * mask  # (B, T)
+    steps = torch.arange(values.size(1), device=values.device)
+    distance = steps[None, :] - steps[:, None]  # (T, T) s − t
+    discount = torch.where(distance >= 0, (gamma * lam) ** distance.clamp(min=0).to(values.dtype),
+                           torch.zeros((), dtype=values.dtype, device=values.device))  # (T, T) [t, s]
+    advantages = (deltas @ discount.T) * mask  # A[b, t] = Σ_s δ[b, s]·discount[t, s]
+    return advantages, (advantages + values) * mask
+
+
+def explained_variance(values, returns, mask):
+    """1 − Var[R − V] / Var[R] over the valid tokens: 1 = the critic predicts the returns, ≤ 0 = no better than
+    their mean (nan if the returns are constant)."""
+    mask = mask.to(values.dtype)
+    count = mask.sum()
+    mean_returns = (returns * mask).sum() / count
+    variance_returns = (((returns - mean_returns) * mask) ** 2).sum() / count
+    residual = returns - values
+    mean_residual = (residual * mask).sum() / count
+    variance_residual = (((residual - mean_residual) * mask) ** 2).sum() / count
+    return (1 - variance_residual / variance_returns).item() if variance_returns > 0 else float("nan")
+
+
+def make_experience(rollout, logprobs, ref_logprobs, values, scores, beta, kl_estimator="k1", gamma=1.0, lam=0.95,
+                    whiten_rewards=False, whiten_advantages=True):
+    """Rewards, advantages and returns of a scored rollout; returns a dict of (B, ...) tensors that minibatches
+    are cut from: the rollout's tensors, the old log-probs and values, advantages, returns, rewards, kl."""
+    mask = rollout.response_mask
+    kl = kl_estimate(logprobs, ref_logprobs, kl_estimator) * mask  # (B, R)
+    rewards = compute_rewards(scores, kl, mask, beta)
+    if whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = compute_gae(rewards, values, mask, gamma, lam)
+    if whiten_advantages:  # over this batch's valid tokens (skipped below 2)
+        advantages = masked_whiten(advantages, mask)
+    return {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask, "response_mask": mask,
+            "ended": rollout.ended, "logprobs": logprobs, "values": values * mask, "advantages": advantages,
+            "returns": returns, "rewards": rewards, "kl": kl}
+
+
+def minibatches(batch_size, minibatch_size, generator=None):
+    """A shuffled split of range(batch_size) into index tensors of minibatch_size (the last may be smaller)."""
+    order = torch.randperm(batch_size, generator=generator)
+    return [order[start:start + minibatch_size] for start in range(0, batch_size, minibatch_size)]
+
+
+def select(experience, rows, prompt_length):
+    """(minibatch dict, its Rollout) for some rows of an experience dict; the width is kept, so the minibatch's
+    forwards compute exactly what the scoring pass computed for those rows."""
+    part = {key: value[rows] for key, value in experience.items()}
+    return part, Rollout(part["input_ids"], part["attention_mask"], part["response_mask"], part["ended"],
+                         prompt_length)
+
+
+# ----------------------------------------------------------------------------- losses
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=0.2):
+    """PPO's clipped surrogate (Schulman et al. 2017), averaged over the valid tokens:
+        ratio = exp(log π_new − log π_old);  L = mean_t max(−A·ratio, −A·clip(ratio, 1 − ε, 1 + ε))
+    Returns (loss, stats): clip_frac = share of tokens where the clipped term is the larger (no gradient there),
+    approx_kl = mean((ratio − 1) − log ratio) (k3 of KL(π_old‖π_new)), ratio_mean."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {"clip_frac": masked_mean((clipped > unclipped).float(), mask).item(),
+                 "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask).item(),
+                 "ratio_mean": masked_mean(ratio, mask).item()}
+    return loss, stats
+
+
+def value_loss(values, old_values, returns, mask, clip_range=0.2):
+    """Clipped value loss (OpenAI baselines' PPO2, used by Ziegler et al. 2019), over the valid tokens:
+        V_clip = V_old + clip(V − V_old, −ε, ε);  L = ½·mean_t max((V − R)², (V_clip − R)²)
+    clip_range 0 = unclipped. Returns (loss, stats): value_clip_frac = share of tokens where the clipped error wins."""
+    unclipped = (values - returns) ** 2
+    if clip_range <= 0:
+        return 0.5 * masked_mean(unclipped, mask), {"value_clip_frac": 0.0}
+    clipped_values = old_values + (values - old_values).clamp(-clip_range, clip_range)
+    clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {"value_clip_frac": masked_mean((clipped > unclipped).float(), mask).item()}
+    return loss, stats
+
+
+def entropy_bonus(logits, mask):
+    """Mean entropy of the policy over the valid tokens, H = mean_t (logsumexp(z_t) − Σ softmax(z_t)·z_t); the
+    loss subtracts entropy_coef·H, which keeps the policy from collapsing too early."""
+    return masked_mean(entropy_from_logits(logits), mask)
+
+
+def ppo_losses(policy, critic, batch, rollout, temperature, clip_range=0.2, value_clip_range=0.2, entropy_coef=0.0):
+    """One minibatch: forward both networks (with gradients) and return (policy objective to minimize, value loss,
+    stats). The policy's objective is policy_loss − entropy_coef·entropy."""
+    mask = batch["response_mask"]
+    logits = response_logits(policy, rollout, temperature)  # (b, R, V)
+    logprobs = token_logprobs(logits, rollout.responses)
+    pg_loss, stats = policy_loss(logprobs, batch["logprobs"], batch["advantages"], mask, clip_range)
+    entropy = entropy_bonus(logits, mask)
+    values = response_values(critic, rollout)  # (b, R)
+    v_loss, value_stats = value_loss(values, batch["values"], batch["returns"], mask, value_clip_range)
+    stats.update(value_stats, policy_loss=pg_loss.item(), value_loss=v_loss.item(), entropy=entropy.item())
+    return pg_loss - entropy_coef * entropy, v_loss, stats
+
+
+def sequence_sum(values, mask):
+    """(B, R) per-token values -> (B,) their sum over each response (e.g. the sequence KL Σ_t kl_t)."""
+    return (values * mask).sum(-1)
+
+
+def mean(values):
+    """The mean of a list of numbers (nan if empty)."""
+    return sum(values) / len(values) if values else math.nan

@@ -1,0 +1,129 @@
+"""End-to-end checks of train_ppo.py, run as a user runs it (subprocesses, CPU) on a tiny SFT checkpoint and a tiny
+reward-model checkpoint written here in the formats train_sft.py and train_rm.py save."""
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanollm.checkpoint import load_checkpoint
+from nanollm.model import GPT, GPTConfig
+from nanollm.reward import RewardModel
+from nanollm.tokenizer import train_tokenizer
+from nanollm.world import World
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "train_ppo.py")
+TINY = ["--batch_size=4", "--minibatch_size=2", "--ppo_epochs=2", "--max_new_tokens=8", "--eval_prompts=4",
+        "--train_prompts=12", "--eval_batch_size=4", "--learning_rate=1e-3", "--critic_learning_rate=1e-3",
+        "--dtype=float32", "--device=cpu"]
+TRAINING_KEYS = {"iter", "score", "gold", "kl", "beta", "objective", "entropy", "clip_frac", "value_clip_frac",
+                 "approx_kl", "ratio_mean", "policy_loss", "value_loss", "explained_variance", "response_length",
+                 "eos_rate", "rollout_s", "update_s", "minibatches", "grad_norm", "critic_grad_norm", "early_stop"}
+EVAL_KEYS = {"iter", "phase", "eval_score", "eval_gold", "eval_kl", "eval_response_length", "eval_eos_rate"}
+
+
+def run(args, nproc=0, check=True):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
+        else [sys.executable]
+    result = subprocess.run(prefix + [SCRIPT] + TINY + args, cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def write_checkpoint(folder, model, model_args, tokenizer_path, **extra):
+    """ckpt.pt with the keys train_sft.py / train_rm.py save, and a copy of the tokenizer."""
+    os.makedirs(folder, exist_ok=True)
+    torch.save({"model": model.state_dict(), "optimizer": None, "scaler": None, "iter_num": 10,
+                "best_val_loss": 1.0, "config": {}, "model_args": model_args,
+                "rng_states": [{"python": None, "torch": torch.get_rng_state()}], **extra},
+               os.path.join(folder, "ckpt.pt"))
+    shutil.copyfile(tokenizer_path, os.path.join(folder, "tokenizer.model"))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """(SFT out_dir, reward-model out_dir): a random 1-layer GPT over a 600-piece tokenizer of world questions, and a
+    random reward model on the same tokenizer."""
+    folder = tmp_path_factory.mktemp("ppo")
+    texts = [f"{p.question} {p.answer}" for p in World(0).qa_pairs(0)]
+    tokenizer_path = train_tokenizer(texts, str(folder / "tok"), vocab_size=600)
+    model_args = dataclasses.asdict(GPTConfig(vocab_size=600, block_size=48, n_layer=1, n_head=2, n_embd=32))
+    torch.manual_seed(0)
+    write_checkpoint(folder / "sft", GPT(GPTConfig(**model_args)), model_args, tokenizer_path, stage="sft")
+    reward_model = RewardModel(GPT(GPTConfig(**model_args)))
+    write_checkpoint(folder / "rm", reward_model, model_args, tokenizer_path, stage="reward", loss="ranking",
+                     reward_bias=0.0)
+    return str(folder / "sft"), str(folder / "rm")
+
+
+def metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_run_logs_every_metric_and_saves_a_policy_in_the_sft_format(checkpoints, tmp_path):
+    sft, rm = checkpoints
+    out = tmp_path / "out"
+    result = run([f"--init_from={sft}", f"--reward_model={rm}", f"--out_dir={out}", "--max_iters=2",
+                  "--eval_interval=1", "--target_kl=0.5", "--kl_estimator=k3"])
+    assert "| eval_gold |" in result.stdout
+    records = metrics(out)
+    evals = [r for r in records if r.get("phase") == "eval"]
+    training = [r for r in records if "phase" not in r]
+    assert [r["iter"] for r in evals] == [0, 1, 2] and [r["iter"] for r in training] == [0, 1]
+    assert all(set(r) == EVAL_KEYS for r in evals) and all(set(r) == TRAINING_KEYS for r in training)
+    assert evals[0]["eval_kl"] == 0.0  # the policy starts as the reference
+    assert training[0]["minibatches"] == 4 and 1 <= training[0]["response_length"] <= 8
+    assert 1.0 <= training[0]["gold"] <= 5.0 and 1.0 <= evals[-1]["eval_gold"] <= 5.0
+    assert training[1]["beta"] != training[0]["beta"]  # adaptive
+    assert "=== iteration 2: held-out prompts ===" in (out / "samples.txt").read_text(encoding="utf-8")
+    # the policy loads like an SFT checkpoint (sample.py, chat.py) and has moved; the critic is saved beside it
+    checkpoint = load_checkpoint(str(out / "ckpt.pt"))
+    assert checkpoint["stage"] == "ppo" and checkpoint["iter_num"] == 2 and "critic" in checkpoint
+    policy = GPT.from_pretrained(str(out))
+    start = GPT.from_pretrained(sft)
+    assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), start.parameters()))
+    assert os.path.exists(out / "tokenizer.model")
+
+
+def test_resume_continues_exactly(checkpoints, tmp_path):
+    sft, rm = checkpoints
+    common = [f"--reward_model={rm}", "--eval_interval=2", "--target_kl=0.5"]
+    run(common + [f"--init_from={sft}", f"--out_dir={tmp_path / 'straight'}", "--max_iters=4"])
+    run(common + [f"--init_from={sft}", f"--out_dir={tmp_path / 'split'}", "--max_iters=2"])
+    run(common + ["--init_from=resume", f"--out_dir={tmp_path / 'split'}", "--max_iters=4"])
+    a = [r for r in metrics(tmp_path / "straight") if "phase" not in r]
+    b = [r for r in metrics(tmp_path / "split") if "phase" not in r]
+    assert [r["iter"] for r in a] == [r["iter"] for r in b] == [0, 1, 2, 3]
+    for x, y in zip(a, b):
+        for key in ("score", "kl", "beta", "policy_loss", "value_loss", "approx_kl"):
+            assert x[key] == pytest.approx(y[key], abs=1e-6), (x["iter"], key)
+
+
+def test_ddp_ranks_stop_the_epochs_together_on_approx_kl(checkpoints, tmp_path):
+    sft, rm = checkpoints
+    run([f"--init_from={sft}", f"--reward_model={rm}", f"--out_dir={tmp_path / 'ddp'}", "--max_iters=1",
+         "--eval_interval=5", "--early_stop_kl=1e-9"], nproc=2)
+    training = [r for r in metrics(tmp_path / "ddp") if "phase" not in r]
+    # minibatch 1 is measured before any step (approx KL 0); minibatch 2 is over the limit, so both ranks stop
+    assert training[0]["minibatches"] == 2 and training[0]["early_stop"] is True
+
+
+def test_bad_settings_fail_before_any_work(checkpoints, tmp_path):
+    sft, rm = checkpoints
+    unknown = run([f"--out_dir={tmp_path / 'a'}", "--no_such_setting=1"], check=False)
+    assert unknown.returncode != 0 and "unknown setting 'no_such_setting'" in unknown.stderr
+    estimator = run([f"--init_from={sft}", f"--reward_model={rm}", f"--out_dir={tmp_path / 'b'}",
+                     "--kl_estimator=k2"], check=False)
+    assert estimator.returncode != 0 and "kl_estimator='k2'" in estimator.stderr
+    swapped = run([f"--init_from={rm}", f"--reward_model={rm}", f"--out_dir={tmp_path / 'c'}"], check=False)
+    assert swapped.returncode != 0 and "holds a reward model" in swapped.stderr
+    assert not os.path.exists(tmp_path / "c" / "metrics.jsonl")
