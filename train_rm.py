@@ -51,13 +51,13 @@ val_fraction = 0.1  # held out of a custom dataset when eval_dataset is ''
 world_seed = 0  # the world the gold annotator checks facts against (pretraining uses World(0))
 # the demo's feedback collection (K replies per prompt, pure sampling) and its labelers
 demo_prompts = 800  # distinct world questions
-demo_k = 4  # replies sampled per question
+demo_k = 8  # replies sampled per question (InstructGPT showed labelers 4 to 9)
 demo_temperatures = "0.7,1.0,1.3,1.6"  # pure sampling; reply j of each prompt at the j-th temperature (cycled)
 demo_max_new_tokens = 32
 demo_heldout_fraction = 0.2  # of the prompts, held out for evaluation
 labelers = 3  # simulated labelers; each prompt is rated by one of them
-labeler_noise = 0.4  # std of their rating noise (points on the 1-5 scale)
-length_bias = 0.3  # their extra points per 10 words of reply (0 = unbiased)
+labeler_noise = 0.2  # std of their rating noise (points on the 1-5 scale; 0.1-0.3 across the team)
+length_bias = 0.1  # their extra points per 10 words of reply (0 = unbiased)
 # loss
 loss = "ranking"  # 'ranking' (InstructGPT: all K-choose-2 pairs of a prompt) | 'pairwise' (Bradley-Terry) | 'mse'
 margin = 0.0  # Bradley-Terry margin: the chosen reward must win by this much (loss='pairwise')

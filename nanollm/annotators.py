@@ -187,8 +187,8 @@ class GoldAnnotator:
 class Labeler:
     """A simulated person: sees the gold overall score through noise and a taste for longer replies."""
     name: str
-    noise: float = 0.4  # standard deviation of the Gaussian noise on each rating
-    length_bias: float = 0.3  # extra points per 10 words (metric tokens) of reply; 0 = no bias
+    noise: float = 0.2  # standard deviation of the Gaussian noise on each rating
+    length_bias: float = 0.1  # extra points per 10 words (metric tokens) of reply; 0 = no bias
 
     def rate(self, judgement, reply, rng):
         """rating = clip(overall + length_bias · words / 10 + ε, 1, 5), ε ~ N(0, noise²), one decimal."""
@@ -197,7 +197,7 @@ class Labeler:
         return round(min(5.0, max(1.0, rating)), 1)
 
 
-def labeler_team(n_labelers=3, noise=0.4, length_bias=0.3):
+def labeler_team(n_labelers=3, noise=0.2, length_bias=0.1):
     """n labelers, some noisier than others (0.5x .. 1.5x `noise`), all with the same length bias."""
     scales = [0.5 + i / max(1, n_labelers - 1) for i in range(n_labelers)] if n_labelers > 1 else [1.0]
     return [Labeler(f"labeler{i + 1}", noise * scale, length_bias) for i, scale in enumerate(scales)]
@@ -325,8 +325,8 @@ def bias_statistics(gold_records):
             "rating_excess_length_corr": correlation}
 
 
-def collect_feedback(checkpoint_dir, out_dir, n_prompts=800, k=4, temperatures="1.0", max_new_tokens=32,
-                     heldout_fraction=0.2, n_labelers=3, noise=0.4, length_bias=0.3, data_format="scores", seed=0,
+def collect_feedback(checkpoint_dir, out_dir, n_prompts=800, k=8, temperatures="0.7,1.0,1.3,1.6", max_new_tokens=32,
+                     heldout_fraction=0.2, n_labelers=3, noise=0.2, length_bias=0.1, data_format="scores", seed=0,
                      world_seed=0, device="cpu", batch_size=64):
     """Sample, judge, label, write out_dir/{train,heldout}.jsonl (the labels), gold.jsonl (the truth, for reading
     and evaluation) and meta.json (settings and statistics). Returns meta."""
@@ -365,13 +365,13 @@ def main(argv=None):
     collect.add_argument("--checkpoint", default="out-sft", help="an out_dir with ckpt.pt and tokenizer.model")
     collect.add_argument("--out", default=os.path.join("data", "rm_demo"))
     collect.add_argument("--n_prompts", type=int, default=800)
-    collect.add_argument("--k", type=int, default=4, help="replies sampled per prompt")
-    collect.add_argument("--temperatures", default="1.0", help="one, or several for reply 1, 2, ...: '0.8,1.2'")
+    collect.add_argument("--k", type=int, default=8, help="replies sampled per prompt")
+    collect.add_argument("--temperatures", default="0.7,1.0,1.3,1.6", help="one, or several for reply 1, 2, ...: '0.8,1.2'")
     collect.add_argument("--max_new_tokens", type=int, default=32)
     collect.add_argument("--heldout_fraction", type=float, default=0.2)
     collect.add_argument("--n_labelers", type=int, default=3)
-    collect.add_argument("--noise", type=float, default=0.4)
-    collect.add_argument("--length_bias", type=float, default=0.3, help="points per 10 words; 0 = none")
+    collect.add_argument("--noise", type=float, default=0.2)
+    collect.add_argument("--length_bias", type=float, default=0.1, help="points per 10 words; 0 = none")
     collect.add_argument("--format", default="scores", choices=("scores", "pairwise", "ranked"))
     collect.add_argument("--seed", type=int, default=0)
     collect.add_argument("--device", default="cpu")
