@@ -1,0 +1,287 @@
+"""The pipeline's summary: one markdown report built from the stages' metrics.jsonl files, and the PPO curves.
+
+It shows what each stage reached on held-out data, and the lesson of RLHF in one table and one plot: with a KL
+penalty the gold score (the truth the policy never sees) rises; without one (β = 0) the reward-model score keeps
+rising while the gold score peaks and falls and the KL runs away: reward hacking (Gao et al. 2023, "Scaling Laws
+for Reward Model Overoptimization"; the KL penalty of Ziegler et al. 2019 and InstructGPT, Ouyang et al. 2022).
+Rebuild from existing runs: python -m nanollm.report out-pipeline   (or --ppo=out-ppo --ppo_beta0=out-ppo-b0 ...)
+"""
+import argparse
+import json
+import math
+import os
+
+STAGE_DIRS = {"pretrain": "pretrain", "sft": "sft", "rm": "rm", "ppo": "ppo", "ppo_beta0": "ppo-beta0"}  # in a
+# pipeline_dir: the out_dir of each stage
+MARKER = "pipeline.json"  # written by pipeline.py in a stage's out_dir: its command, finished or not, wall time
+PLOT_NAME = "ppo_curves.png"
+EVAL_KEYS = (("eval_score", "reward-model score", "{:+.3f}"), ("eval_gold", "gold score (1-5)", "{:.3f}"),
+             ("eval_kl", "KL to the SFT model (nats per response)", "{:.3f}"),
+             ("eval_response_length", "response length (tokens)", "{:.1f}"), ("eval_eos_rate", "eos rate", "{:.2f}"))
+RM_KEYS = (("val_loss", "held-out loss", "{:.4f}"),
+           ("val_pair_acc", "pairwise accuracy vs the labelers", "{:.1%}"),
+           ("val_gold_pair_acc", "pairwise accuracy vs the gold annotator", "{:.1%}"),
+           ("val_gold_fact_pair_acc", "... on pairs that differ in facts", "{:.1%}"),
+           ("val_gold_form_pair_acc", "... on pairs equally accurate", "{:.1%}"),
+           ("val_spearman", "Spearman vs the labels (per prompt)", "{:+.3f}"),
+           ("val_kendall", "Kendall vs the labels (per prompt)", "{:+.3f}"),
+           ("val_gold_spearman", "Spearman vs gold (per prompt)", "{:+.3f}"),
+           ("val_gold_kendall", "Kendall vs gold (per prompt)", "{:+.3f}"),
+           ("val_length_corr", "corr(reward, response length)", "{:+.3f}"),
+           ("val_label_length_corr", "corr(label, response length)", "{:+.3f}"),
+           ("val_gold_length_corr", "corr(gold score, response length)", "{:+.3f}"))
+SFT_FORMATS = {"val_loss": "{:.4f}", "val_ppl": "{:.2f}"}  # the generation metrics: {:.4f}
+
+
+def read_run(out_dir):
+    """The records of out_dir/metrics.jsonl, or None when the stage has not run (no folder or no file)."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return None
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line_number}: not a JSON line ({e.msg})") from None
+    return records
+
+
+def read_marker(out_dir):
+    """pipeline.py's record of a stage ({'command', 'finished', 'wall_s', 'resumed'}), or None."""
+    path = os.path.join(out_dir, MARKER)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def fmt(value, spec="{:.4f}"):
+    """A number for a table cell; missing or nan values read 'n/a'."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return spec.format(value)
+
+
+def table(header, rows):
+    """A markdown table: header cells, then rows of cells."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def missing(title, out_dir):
+    return f"## {title}\n\n_missing: no metrics.jsonl in `{out_dir}` (the stage has not run)._\n"
+
+
+def pretrain_section(records, out_dir=""):
+    """Validation loss and perplexity at the first and last evaluation; mean training throughput."""
+    if records is None:
+        return missing("Pretraining", out_dir)
+    evals = [r for r in records if "val_loss" in r]
+    if not evals:
+        return f"## Pretraining\n\n_no evaluation logged yet in `{out_dir}`._\n"
+    first, last = evals[0], evals[-1]
+    rows = [[label, fmt(first.get(key), spec), fmt(last.get(key), spec)]
+            for key, label, spec in (("train_loss", "train loss", "{:.4f}"), ("val_loss", "val loss", "{:.4f}"),
+                                     ("val_ppl", "val perplexity", "{:.2f}"))]
+    text = "## Pretraining\n\n" + table(["", f"iteration {first['iter']}", f"iteration {last['iter']}"], rows)
+    speeds = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r and r.get("iter", 0) > 0]
+    if speeds:  # iteration 0 is left out: it includes warm-up
+        text += f"\n\nTraining throughput: {sum(speeds) / len(speeds):,.0f} tokens/s (mean of {len(speeds)} logged " \
+                f"iterations)."
+    return text + "\n"
+
+
+def sft_section(records, out_dir=""):
+    """The held-out metrics before and after SFT (train_sft.py's 'before' and 'after' lines)."""
+    if records is None:
+        return missing("Supervised fine-tuning", out_dir)
+    before = next((r for r in records if r.get("phase") == "before"), None)
+    after = next((r for r in reversed(records) if r.get("phase") == "after"), None)
+    if before is None:
+        return f"## Supervised fine-tuning\n\n_no 'before' evaluation in `{out_dir}`._\n"
+    keys = [k for k in (after or before) if k not in ("iter", "phase")]
+    rows = [[key, fmt(before.get(key), SFT_FORMATS.get(key, "{:.4f}")),
+             fmt(after.get(key), SFT_FORMATS.get(key, "{:.4f}")) if after else "n/a"] for key in keys]
+    text = "## Supervised fine-tuning\n\nHeld-out set: assistant-token loss and greedy replies scored against the " \
+           "references.\n\n" + table(["metric", "before SFT", f"after SFT (iteration {after['iter']})" if after
+                                      else "after SFT (unfinished)"], rows)
+    return text + "\n"
+
+
+def rm_section(records, out_dir=""):
+    """Held-out agreement of the reward model with the labels and with the gold annotator, and the length bias."""
+    if records is None:
+        return missing("Reward model", out_dir)
+    evals = [r for r in records if "val_pair_acc" in r]
+    if not evals:
+        return f"## Reward model\n\n_no evaluation logged yet in `{out_dir}`._\n"
+    first = evals[0]
+    final = next((r for r in reversed(evals) if r.get("phase") == "final"), None)
+    last = final or evals[-1]
+    rows = [[label, fmt(first.get(key), spec), fmt(last.get(key), spec)] for key, label, spec in RM_KEYS
+            if key in first or key in last]
+    header = ["held-out", f"iteration {first['iter']} (untrained head)",
+              f"iteration {last['iter']}" + (" (final)" if final else " (unfinished)")]
+    text = "## Reward model\n\n" + table(header, rows)
+    if "val_label_length_corr" in last:
+        text += "\n\nThe labelers' length bias: compare corr(label, length) with corr(gold score, length); a reward " \
+                "model that learned the bias has corr(reward, length) above the gold one."
+    return text + "\n"
+
+
+def ppo_evals(records):
+    """The held-out evaluation lines of a train_ppo.py run (phase 'eval'), in iteration order."""
+    return [r for r in records if r.get("phase") == "eval"]
+
+
+def best_gold(records):
+    """The held-out evaluation line with the highest gold score (the first one on ties)."""
+    evals = ppo_evals(records)
+    return max(evals, key=lambda r: (r["eval_gold"], -r["iter"])) if evals else None
+
+
+def run_label(name, records):
+    """'PPO, β = 0.05' from the β logged on the training lines ('adaptive β 0.05 → 0.08' when it moved)."""
+    betas = [r["beta"] for r in records if "beta" in r]
+    if not betas:
+        return name
+    if max(betas) == min(betas):
+        return f"{name}, β = {betas[0]:g}"
+    return f"{name}, adaptive β {betas[0]:.3g} → {betas[-1]:.3g}"
+
+
+def ppo_section(runs):
+    """One table over both PPO runs on the fixed held-out prompts: iteration 0 (the SFT model), the last
+    evaluation and, where asked, the evaluation with the best gold score.
+
+    runs: list of (name, records or None, out_dir, show_best_gold)."""
+    header, columns, notes = ["held-out prompts"], [], []
+    for name, records, out_dir, show_best in runs:
+        evals = ppo_evals(records) if records is not None else []
+        if not evals:
+            notes.append(f"_{name}: missing: no held-out evaluation in `{out_dir}` (the stage has not run)._")
+            continue
+        label = run_label(name, records)
+        first, last = evals[0], evals[-1]
+        header += [f"{label}: iteration {first['iter']}", f"iteration {last['iter']}"]
+        columns += [first, last]
+        notes.append(f"{label}: gold {first['eval_gold']:.3f} → {last['eval_gold']:.3f} "
+                     f"({last['eval_gold'] - first['eval_gold']:+.3f}), reward-model score "
+                     f"{first['eval_score']:+.3f} → {last['eval_score']:+.3f}, KL {last['eval_kl']:.3f} at "
+                     f"iteration {last['iter']}.")
+        if show_best:
+            best = best_gold(records)
+            header.append(f"best gold (iteration {best['iter']})")
+            columns.append(best)
+            notes[-1] += f" Best gold {best['eval_gold']:.3f} at iteration {best['iter']}."
+    text = "## PPO (RLHF)\n\nThe same fixed held-out prompts, one sampled response each; the gold score is the " \
+           "gold annotator's, which the policy never sees.\n\n"
+    if columns:
+        rows = [[label] + [fmt(column.get(key), spec) for column in columns] for key, label, spec in EVAL_KEYS]
+        text += table(header, rows) + "\n\n"
+    return text + "\n".join(f"- {note}" for note in notes) + "\n"
+
+
+def timing_section(timings):
+    """timings: list of (stage, wall seconds or None, note). The total counts the known times."""
+    rows = [[stage, fmt(seconds, "{:.1f}"), note] for stage, seconds, note in timings]
+    total = sum(seconds for _, seconds, _ in timings if seconds is not None)
+    rows.append(["**total**", f"**{total:.1f}**", f"{total / 60:.1f} minutes"])
+    return "## Wall time\n\n" + table(["stage", "wall time (s)", ""], rows) + "\n"
+
+
+def plot_ppo(runs, path):
+    """Reward-model score, gold score and KL to the reference against iteration, the runs overlaid: held-out
+    evaluations as lines with markers, per-iteration training values faintly behind. Returns False (and writes
+    nothing) when matplotlib is not installed. runs: list of (label, records)."""
+    try:
+        import matplotlib  # noqa: F401  (raises ImportError when missing)
+        from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+    except ImportError:
+        return False
+    figure = Figure(figsize=(13, 3.8))
+    axes = figure.subplots(1, 3)
+    panels = (("eval_score", "score", "reward-model score"), ("eval_gold", "gold", "gold score (never trained on)"),
+              ("eval_kl", "kl", "KL to the SFT model (nats/response)"))
+    for index, (label, records) in enumerate(runs):
+        color = f"C{index}"
+        evals = ppo_evals(records)
+        training = [r for r in records if "phase" not in r and "score" in r]
+        for axis, (eval_key, train_key, title) in zip(axes, panels):
+            axis.plot([r["iter"] for r in training], [r[train_key] for r in training], color=color, alpha=0.2,
+                      linewidth=1)
+            axis.plot([r["iter"] for r in evals], [r[eval_key] for r in evals], color=color, marker="o",
+                      markersize=3, label=label)
+            axis.set_title(title)
+            axis.set_xlabel("PPO iteration")
+            axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle("held-out prompts (lines with markers); training batches (faint)", fontsize=9)
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    figure.savefig(path, dpi=110)
+    return True
+
+
+def build_report(stage_dirs, report_dir, notes=None):
+    """Write report_dir/report.md (and report_dir/ppo_curves.png when matplotlib is there); return the markdown.
+
+    stage_dirs: {'pretrain', 'sft', 'rm', 'ppo', 'ppo_beta0'} -> out_dir (a missing key or folder reads 'missing').
+    notes: optional {stage: note} for the wall-time table (e.g. 'skipped: already done')."""
+    notes = notes or {}
+    records = {stage: read_run(stage_dirs[stage]) if stage_dirs.get(stage) else None for stage in STAGE_DIRS}
+    where = {stage: stage_dirs.get(stage) or "(not given)" for stage in STAGE_DIRS}
+    runs = [("ppo", records["ppo"], where["ppo"], False),
+            ("ppo-beta0", records["ppo_beta0"], where["ppo_beta0"], True)]
+    sections = ["# nanollm pipeline report\n", pretrain_section(records["pretrain"], where["pretrain"]),
+                sft_section(records["sft"], where["sft"]), rm_section(records["rm"], where["rm"]), ppo_section(runs)]
+    plotted = [(run_label(name, r), r) for name, r, _, _ in runs if r is not None and ppo_evals(r)]
+    if plotted:
+        if plot_ppo(plotted, os.path.join(report_dir, PLOT_NAME)):
+            sections.append(f"![reward-model score, gold score and KL against PPO iteration]({PLOT_NAME})\n")
+        else:
+            sections.append("_Plot skipped: matplotlib is not installed (pip install matplotlib)._\n")
+    timings, recorded = [], False
+    for stage in STAGE_DIRS:
+        marker = read_marker(stage_dirs[stage]) if stage_dirs.get(stage) else None
+        if marker is None:
+            timings.append((stage, None, notes.get(stage, "no pipeline record")))
+            continue
+        recorded = True
+        note = "finished" if marker.get("finished") else "unfinished"
+        if marker.get("resumed"):
+            note += " (resumed after an interruption" + (")" if marker.get("wall_s") is not None else
+                                                         "; a part of it was never timed)")
+        timings.append((stage, marker.get("wall_s"), notes.get(stage, note)))
+    if recorded:  # the wall-time table needs pipeline.py's records
+        sections.append(timing_section(timings))
+    markdown = "\n".join(sections)
+    os.makedirs(report_dir, exist_ok=True)
+    with open(os.path.join(report_dir, "report.md"), "w", encoding="utf-8") as f:
+        f.write(markdown)
+    return markdown
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m nanollm.report",
+                                     description="Rebuild the pipeline report (report.md + ppo_curves.png).")
+    parser.add_argument("pipeline_dir", nargs="?", help="a pipeline.py folder (its stages in pretrain/, sft/, ...)")
+    for stage in STAGE_DIRS:
+        parser.add_argument(f"--{stage}", help=f"the {stage} out_dir (overrides the one in pipeline_dir)")
+    parser.add_argument("--out", help="where report.md and the plot go (default: pipeline_dir, else 'report')")
+    args = parser.parse_args(argv)
+    stage_dirs = {stage: os.path.join(args.pipeline_dir, folder) for stage, folder in STAGE_DIRS.items()} \
+        if args.pipeline_dir else {}
+    stage_dirs.update({stage: getattr(args, stage) for stage in STAGE_DIRS if getattr(args, stage)})
+    if not stage_dirs:
+        parser.error("give a pipeline_dir or at least one stage folder (e.g. --ppo=out-ppo --ppo_beta0=out-ppo-b0)")
+    report_dir = args.out or args.pipeline_dir or "report"
+    print(build_report(stage_dirs, report_dir))
+    print(f"[report] wrote {os.path.join(report_dir, 'report.md')}")
+
+
+if __name__ == "__main__":
+    main()

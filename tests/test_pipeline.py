@@ -1,0 +1,118 @@
+"""End-to-end checks of pipeline.py, run as a user runs it (subprocesses, CPU) with every stage made tiny: one run of
+the five stages, then copies of it to check skipping, resuming and a failing stage."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from nanollm.report import MARKER, PLOT_NAME, STAGE_DIRS
+from nanollm.world import World
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "pipeline.py")
+SECTIONS = ("## Pretraining", "## Supervised fine-tuning", "## Reward model", "## PPO (RLHF)", "## Wall time")
+
+
+def tiny_settings(corpus):
+    """Every stage in a few seconds: a 1-layer GPT over a 400-piece tokenizer of world sentences."""
+    return ["--pipeline_dir=run", "--device=cpu",
+            f"--pretrain_args=--dataset={corpus} --max_iters=20 --eval_interval=10 --n_layer=1 --n_head=2 "
+            "--n_embd=32 --block_size=64 --batch_size=4 --vocab_size=400 --eval_iters=1 --sample_tokens=2",
+            "--sft_args=--max_iters=4 --eval_examples=4 --batch_size=4 --max_new_tokens=8 --warmup_iters=1",
+            "--rm_args=--demo_prompts=24 --demo_k=3 --demo_max_new_tokens=8 --max_iters=5 --eval_interval=5 "
+            "--batch_size=4 --warmup_iters=1",
+            "--ppo_args=--max_iters=2 --eval_interval=1 --eval_prompts=8 --eval_batch_size=8 --train_prompts=16 "
+            "--batch_size=8 --minibatch_size=4 --ppo_epochs=1 --max_new_tokens=8"]
+
+
+def run(cwd, settings, check=True):
+    result = subprocess.run([sys.executable, SCRIPT] + settings, cwd=cwd, capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def metrics(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """(folder, settings, output): the tiny pipeline run once in folder/run."""
+    folder = tmp_path_factory.mktemp("pipeline")
+    lines = [f"{p.question} {p.answer}" for p in World(0).qa_pairs(0) if p.language == "en"]
+    (folder / "text.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    settings = tiny_settings(folder / "text.txt")
+    return folder, settings, run(folder, settings).stdout
+
+
+def copy_of(finished, tmp_path):
+    folder, settings, _ = finished
+    shutil.copytree(folder / "run", tmp_path / "run")
+    return settings
+
+
+def test_one_command_runs_every_stage_and_writes_the_report(finished):
+    folder, _, output = finished
+    run_dir = folder / "run"
+    for stage, name in STAGE_DIRS.items():
+        assert f"[pipeline] {stage}: done in" in output
+        marker = json.load(open(run_dir / name / MARKER))
+        assert marker["finished"] and marker["wall_s"] > 0 and os.path.exists(run_dir / name / "ckpt.pt")
+        log = open(run_dir / f"{name}.log").read()
+        assert log.startswith("$ ") and f"--out_dir={os.path.join('run', name)}" in log.splitlines()[0]
+    assert "--init_kl_coef=0" in open(run_dir / "ppo-beta0.log").readline()
+    assert "--data_dir=run/data/rm_demo" in open(run_dir / "rm.log").readline()
+    report = open(run_dir / "report.md").read()
+    assert all(section in report for section in SECTIONS) and "missing" not in report
+    with open(run_dir / PLOT_NAME, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # the numbers come from the stages' metrics
+    pretrain_final = [r for r in metrics(run_dir / "pretrain" / "metrics.jsonl") if "val_loss" in r][-1]
+    assert "| val loss |" in report and f"{pretrain_final['val_loss']:.4f} |" in report
+    beta0_final = [r for r in metrics(run_dir / "ppo-beta0" / "metrics.jsonl") if r.get("phase") == "eval"][-1]
+    assert beta0_final["iter"] == 2 and f"{beta0_final['eval_gold']:.3f}" in report
+    assert "ppo, β = 0.05" in report and "ppo-beta0, β = 0" in report
+
+
+def test_a_second_invocation_skips_every_finished_stage(finished, tmp_path):
+    settings = copy_of(finished, tmp_path)
+    before = {name: open(tmp_path / "run" / name / "metrics.jsonl").read() for name in STAGE_DIRS.values()}
+    output = run(tmp_path, settings).stdout
+    assert output.count("skipped") >= 5 and "running" not in output and "resuming" not in output
+    assert before == {name: open(tmp_path / "run" / name / "metrics.jsonl").read() for name in STAGE_DIRS.values()}
+    report = open(tmp_path / "run" / "report.md").read()
+    assert all(section in report for section in SECTIONS) and "skipped: already done" in report
+
+
+def test_an_interrupted_stage_resumes_and_the_stages_after_it_rerun(finished, tmp_path):
+    settings = copy_of(finished, tmp_path)
+    marker_path = tmp_path / "run" / "ppo" / MARKER
+    marker = json.load(open(marker_path))
+    json.dump(dict(marker, finished=False), open(marker_path, "w"))  # as if stopped after its last checkpoint
+    output = run(tmp_path, settings).stdout
+    assert "[pipeline] ppo: resuming" in output and "[pipeline] ppo_beta0: running" in output
+    for stage in ("pretrain", "sft", "rm"):
+        assert f"[pipeline] {stage}: already done" in output
+    assert open(tmp_path / "run" / "ppo.log").read().count("$ ") == 2  # the log is appended to
+    assert "--init_from=resume" in output and json.load(open(marker_path))["finished"]
+
+
+def test_a_failing_stage_stops_the_pipeline_naming_the_stage_and_its_log(finished, tmp_path):
+    settings = copy_of(finished, tmp_path)
+    settings = [s + " --no_such_setting=1" if s.startswith("--rm_args=") else s for s in settings]
+    result = run(tmp_path, settings, check=False)
+    assert result.returncode != 0
+    assert "stage 'rm' (train_rm.py) failed" in result.stderr and os.path.join("run", "rm.log") in result.stderr
+    assert "unknown setting 'no_such_setting'" in open(tmp_path / "run" / "rm.log").read()
+    assert "[pipeline] ppo:" not in result.stdout  # nothing after the failed stage ran
+
+
+def test_bad_stage_arguments_are_refused_before_any_stage_runs(tmp_path):
+    result = run(tmp_path, ["--sft_args=--max_iters='4"], check=False)
+    assert result.returncode != 0 and "sft_args=" in result.stderr and not os.path.exists(tmp_path / "out-pipeline")
