@@ -42,13 +42,13 @@ from nanollm.world import World
 out_dir = "out-ppo"  # checkpoints (policy in the SFT format + critic), metrics.jsonl, samples.txt, tokenizer
 init_from = "out-sft"  # the policy's start and the frozen reference: an SFT out_dir | 'resume' (out_dir/ckpt.pt)
 reward_model = "out-rm"  # train_rm.py's out_dir: the reward model (frozen) and the critic's starting point
-eval_interval = 10  # held-out rm score, gold score, KL, a few samples (and a checkpoint) every this many iterations
+eval_interval = 5  # held-out rm score, gold score, KL, a few samples (and a checkpoint) every this many iterations
 log_interval = 1  # write a metrics.jsonl line every this many iterations
 eval_only = False  # evaluate the starting policy once and exit
 # prompts: world questions, never their answers
 world_seed = 0  # the world the gold annotator checks facts against (pretraining uses World(0))
 prompt_seed = 1337  # question order; train_rm.py's seed, so the first 20% of its questions are new to the reward model
-eval_prompts = 128  # the first this many questions: the fixed held-out set (never trained on)
+eval_prompts = 160  # the first this many questions: the fixed held-out set (train_rm.py's held-out 20% too)
 train_prompts = 640  # the next this many: the training prompts
 # rollout
 batch_size = 32  # prompts per iteration per rank, one sampled response each
@@ -57,7 +57,7 @@ temperature = 1.0  # pure sampling from softmax(logits / temperature); the scori
 eval_batch_size = 64  # held-out prompts per generation batch
 # reward: score at eos − β·KL per token
 kl_estimator = "k1"  # 'k1' = log π − log π_ref | 'k3' = (r − 1) − log r, r = π_ref/π (never negative)
-init_kl_coef = 0.05  # β (its start, if adaptive); 0 = no KL penalty
+init_kl_coef = 0.4  # β (its start, if adaptive); 0 = no KL penalty
 target_kl = 0.0  # > 0: adaptive β towards this KL per response in nats (Ziegler et al. 2019); 0: β fixed
 kl_horizon = 1000  # adaptive β: over this many responses, β changes by at most about ±20%
 missing_eos_penalty = 1.0  # subtracted from the score of a response that never emits eos
@@ -73,7 +73,7 @@ value_clip_range = 0.2  # ε of the clipped value loss; 0 = unclipped
 entropy_coef = 0.0  # entropy bonus coefficient
 whiten_advantages = True  # normalize advantages over the batch's valid tokens
 early_stop_kl = 0.0  # stop the epochs once a minibatch's approx KL(π_old‖π) exceeds this; 0 = never
-max_iters = 50  # PPO iterations (rollout + update)
+max_iters = 40  # PPO iterations (rollout + update)
 learning_rate = 2e-5  # policy (AdamW, constant)
 critic_learning_rate = 1e-4  # critic (AdamW, constant)
 weight_decay = 0.0
