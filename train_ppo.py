@@ -124,6 +124,9 @@ config.update(init_from=sft_dir, reward_model=reward_dir)  # what a resumed run 
 tokenizer = Tokenizer(tokenizer_path)
 reward_net, reward_checkpoint = load_reward_model(os.path.join(reward_dir, "ckpt.pt"), runtime.device)
 reward_net.requires_grad_(False)
+if reward_checkpoint.get("backbone", "gpt") != "gpt":
+    raise ValueError(f"{reward_dir}: a {reward_checkpoint['backbone']!r} reward model cannot initialize the critic, "
+                     f"which must be causal (one value per prefix); train the reward model with backbone='sft'")
 if not filecmp.cmp(tokenizer_path, os.path.join(reward_dir, "tokenizer.model"), shallow=False):
     raise ValueError(f"{reward_dir}/tokenizer.model differs from {tokenizer_path}: the reward model must read the "
                      f"policy's tokens")

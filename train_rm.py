@@ -11,6 +11,7 @@ Resume after a crash or Ctrl-C:
 Collect preference data by hand: python -m nanollm.annotators collect --checkpoint=out-sft --out=data/rm_demo
 Settings below are plain variables; override them with a config file and/or --key=value.
 """
+import filecmp
 import json
 import os
 import shutil
@@ -25,11 +26,10 @@ from nanollm import distributed as dist_utils
 from nanollm.annotators import GoldAnnotator, collect_feedback, parse_temperatures
 from nanollm.checkpoint import MetricsLog, load_checkpoint, restore_training_state, save_checkpoint, unwrap
 from nanollm.configurator import configure
-from nanollm.model import GPT, GPTConfig
 from nanollm.optim import configure_optimizer, get_lr
-from nanollm.reward import (RewardModel, batch_loss, check_groups, dataset_loss, encode_groups, fit_reward_bias,
-                            get_reward_batch, load_groups, pair_accuracy, pearson, ranking_metrics, score_encoded,
-                            training_items)
+from nanollm.reward import (RewardModel, batch_loss, build_backbone, check_groups, dataset_loss, encode_groups,
+                            fit_reward_bias, get_reward_batch, load_groups, pair_accuracy, pearson, ranking_metrics,
+                            score_encoded, training_items)
 from nanollm.sft import encode_content
 from nanollm.tokenizer import Tokenizer
 from nanollm.training import GracefulStop, GuardedStep
@@ -65,6 +65,7 @@ gradient_accumulation_steps = 1  # micro-steps per optimizer step, over all rank
 batch_size = 8  # per micro-step per rank: prompts (ranking), pairs (pairwise) or scored responses (mse)
 block_size = 0  # longest prompt + response in tokens; 0 = the base model's block_size
 # model
+backbone = "sft"  # the trunk: 'sft' (the init_from GPT) | a train_pretrain.py --model_type=bert out_dir
 dropout = 0.0  # replaces the base model's dropout (scoring always runs with dropout off)
 attn_impl = "auto"  # 'manual' | 'sdpa' | 'triton' | 'auto' (sdpa)
 # optimizer (AdamW) and schedule
@@ -112,7 +113,21 @@ else:
 tokenizer = Tokenizer(tokenizer_path)
 if attn_impl == "auto":
     attn_impl = "sdpa"
-model_args = dict(checkpoint["model_args"], dropout=dropout, attn_impl=attn_impl)
+# the trunk: the SFT GPT itself, or a pretrained BERT reading the same tokens (replies still come from the GPT)
+if init_from == "resume":
+    backbone_kind, trunk_checkpoint = checkpoint.get("backbone", "gpt"), checkpoint
+elif backbone == "sft":
+    backbone_kind, trunk_checkpoint = "gpt", checkpoint
+else:
+    trunk_checkpoint = load_checkpoint(os.path.join(backbone, "ckpt.pt"), runtime.device)
+    if trunk_checkpoint["config"].get("model_type") != "bert":
+        raise ValueError(f"backbone={backbone!r}: expected 'sft' or a train_pretrain.py --model_type=bert out_dir, "
+                         f"found model_type={trunk_checkpoint['config'].get('model_type', 'gpt')!r}")
+    if not filecmp.cmp(os.path.join(backbone, "tokenizer.model"), tokenizer_path, shallow=False):
+        raise ValueError(f"backbone={backbone!r}: its tokenizer.model differs from {tokenizer_path}; pretrain the BERT "
+                         f"on the same prepared data (--data_dir) as the SFT model's base")
+    backbone_kind = "bert"
+model_args = dict(trunk_checkpoint["model_args"], dropout=dropout, attn_impl=attn_impl)
 block_size = block_size or model_args["block_size"]
 if block_size > model_args["block_size"]:
     raise ValueError(f"block_size={block_size} exceeds the base model's block_size={model_args['block_size']}")
@@ -172,7 +187,7 @@ if master:
 
 # ---- model
 torch.manual_seed(seed)  # the same head initialization on every rank
-model = RewardModel(GPT(GPTConfig(**model_args))).to(runtime.device)
+model = RewardModel(build_backbone(backbone_kind, model_args)).to(runtime.device)
 scaler = dist_utils.grad_scaler(runtime.device_type, dtype)
 optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), runtime.device_type, master)
 iter_num, best_val_loss = 0, float("inf")
@@ -181,16 +196,19 @@ if init_from == "resume":
     if master:
         print(f"[nanollm] resumed from {out_dir}/ckpt.pt at iteration {iter_num}")
 else:
-    model.backbone.load_state_dict(checkpoint["model"])
+    model.backbone.load_state_dict(trunk_checkpoint["model"])
     torch.manual_seed(seed + runtime.rank)  # dropout differs per rank
     if master:
-        print(f"[nanollm] reward model from {init_from}/ckpt.pt: {model.backbone.num_parameters() / 1e6:.2f} M "
-              f"backbone parameters + a {model.head.weight.numel() + 1}-parameter head")
-checkpoint = None  # free memory
+        trunk_from = init_from if backbone == "sft" else backbone
+        print(f"[nanollm] reward model from {trunk_from}/ckpt.pt ({backbone_kind}): "
+              f"{model.backbone.num_parameters() / 1e6:.2f} M backbone parameters + a "
+              f"{model.head.weight.numel() + 1}-parameter head")
+checkpoint = trunk_checkpoint = None  # free memory
 if compile:
     print("[nanollm] compiling the model with torch.compile")
     model = torch.compile(model)
-if runtime.ddp:  # every parameter takes part in every loss (the unused lm_head is tied to wte), so no unused ones
+if runtime.ddp:  # every trainable parameter takes part in every loss (GPT's lm_head is tied to wte; BERT's MLM
+    # head is frozen by build_backbone), so DDP waits for no missing gradient
     model = DDP(model, device_ids=[runtime.local_rank] if runtime.device_type == "cuda" else None)
 raw_model = unwrap(model)
 
@@ -217,7 +235,8 @@ def evaluate():
 
 def save(iter_num):
     save_checkpoint(os.path.join(out_dir, "ckpt.pt"), runtime, model, optimizer, scaler, iter_num, best_val_loss,
-                    config, model_args, stage="reward", loss=loss, reward_bias=float(raw_model.reward_bias))
+                    config, model_args, stage="reward", loss=loss, reward_bias=float(raw_model.reward_bias),
+                    backbone=backbone_kind)
 
 
 def describe(scores):

@@ -71,6 +71,10 @@ class BERT(nn.Module):
             x = block(x, key_padding_mask)  # bidirectional: every real token sees every real token
         return self.ln_f(x)
 
+    def hidden_states(self, idx, attention_mask=None):
+        """The name reward models and critics call on any trunk: (B, T) -> (B, T, C), as encode."""
+        return self.encode(idx, attention_mask)
+
     def forward(self, idx, targets=None, attention_mask=None, segment_ids=None):
         """Masked-LM logits (B, T, V), and the loss over targets != -100 (the selected positions)."""
         hidden = self.encode(idx, attention_mask, segment_ids)

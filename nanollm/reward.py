@@ -31,7 +31,7 @@ def last_token_index(attention_mask):
 
 
 class RewardModel(nn.Module):
-    """A GPT backbone (its LM head unused) + Linear(n_embd, 1) read at the last real token."""
+    """A GPT (or BERT) backbone, its LM head unused, + Linear(n_embd, 1) read at the last real token."""
 
     def __init__(self, backbone):
         super().__init__()
@@ -64,15 +64,36 @@ class RewardModel(nn.Module):
         return rewards
 
 
+BACKBONES = ("gpt", "bert")
+
+
+def build_backbone(kind, model_args):
+    """The reward model's trunk: 'gpt' (causal, e.g. the SFT model) or 'bert' (bidirectional encoder, bert.py).
+    BERT's masked-LM head gets no gradient from a reward loss, so it is frozen (DDP would wait for its gradients)."""
+    from nanollm.bert import BERT, BertConfig
+    from nanollm.model import GPT, GPTConfig
+
+    if kind == "gpt":
+        return GPT(GPTConfig(**model_args))
+    if kind == "bert":
+        backbone = BERT(BertConfig(**dict(model_args, n_classes=0)))
+        for module in (backbone.mlm_dense, backbone.mlm_ln):
+            module.requires_grad_(False)
+        if backbone.lm_head.bias is not None:
+            backbone.lm_head.bias.requires_grad_(False)
+        return backbone
+    raise ValueError(f"backbone={kind!r}: expected one of {BACKBONES}")
+
+
 def load_reward_model(path, device="cpu"):
     """(RewardModel, checkpoint) from a train_rm.py checkpoint (weights_only load); in eval mode."""
     from nanollm.checkpoint import load_checkpoint
-    from nanollm.model import GPT, GPTConfig
 
     checkpoint = load_checkpoint(path, device)
     if checkpoint.get("stage") != "reward":
         raise ValueError(f"{path}: not a reward-model checkpoint (stage={checkpoint.get('stage')!r})")
-    model = RewardModel(GPT(GPTConfig(**dict(checkpoint["model_args"], dropout=0.0)))).to(device)
+    backbone = build_backbone(checkpoint.get("backbone", "gpt"), dict(checkpoint["model_args"], dropout=0.0))
+    model = RewardModel(backbone).to(device)
     model.load_state_dict(checkpoint["model"])
     return model.eval(), checkpoint
 

@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from nanollm.model import GPT, GPTConfig
-from nanollm.reward import (RewardModel, batch_loss, bradley_terry_loss, check_groups, dataset_loss, encode_groups,
-                            encode_response, fit_reward_bias, get_reward_batch, kendall_tau, last_token_index,
-                            load_groups, make_batch, mse_loss, pad_sequences, pair_accuracy, parse_record, pearson,
-                            ranking_loss, ranking_metrics, score_encoded, spearman, training_items)
+from nanollm.reward import (RewardModel, batch_loss, bradley_terry_loss, build_backbone, check_groups, dataset_loss,
+                            encode_groups, encode_response, fit_reward_bias, get_reward_batch, kendall_tau,
+                            last_token_index, load_groups, make_batch, mse_loss, pad_sequences, pair_accuracy,
+                            parse_record, pearson, ranking_loss, ranking_metrics, score_encoded, spearman,
+                            training_items)
 from nanollm.tokenizer import Tokenizer, train_tokenizer
 from nanollm.world import World
 
@@ -23,10 +24,10 @@ def tokenizer(tmp_path_factory):
     return Tokenizer(train_tokenizer(texts, str(tmp_path_factory.mktemp("tok") / "rm"), vocab_size=400))
 
 
-def tiny_reward_model(vocab_size=64, dropout=0.0, attn_impl="manual", seed=0):
+def tiny_reward_model(vocab_size=64, dropout=0.0, attn_impl="manual", seed=0, backbone="gpt"):
     torch.manual_seed(seed)
-    return RewardModel(GPT(GPTConfig(vocab_size=vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32,
-                                     dropout=dropout, attn_impl=attn_impl)))
+    return RewardModel(build_backbone(backbone, dict(vocab_size=vocab_size, block_size=32, n_layer=2, n_head=2,
+                                                     n_embd=32, dropout=dropout, attn_impl=attn_impl)))
 
 
 # ----------------------------------------------------------------------------- where the reward is read
@@ -37,9 +38,10 @@ def test_last_token_index_for_right_left_and_no_padding():
         last_token_index(torch.tensor([[1, 1], [0, 0]]))
 
 
+@pytest.mark.parametrize("backbone", ["gpt", "bert"])
 @pytest.mark.parametrize("attn_impl", ["manual", "sdpa"])
-def test_reward_lands_on_eos_and_ignores_extra_left_or_right_padding(attn_impl):
-    model = tiny_reward_model(attn_impl=attn_impl).eval()
+def test_reward_lands_on_eos_and_ignores_extra_left_or_right_padding(attn_impl, backbone):
+    model = tiny_reward_model(attn_impl=attn_impl, backbone=backbone).eval()
     sequence = [2, 9, 17, 33, 12, 40, EOS]  # <s> ... </s>
     other = [2, 21, EOS]
     alone = model(torch.tensor([sequence]), torch.ones(1, len(sequence), dtype=torch.long))

@@ -137,3 +137,40 @@ def test_a_bad_record_stops_the_run_before_training(base, scored_data, tmp_path)
     assert result.returncode != 0
     assert f"{bad}:2: record matches no reward-data format" in result.stderr
     assert not os.path.exists(tmp_path / "out" / "metrics.jsonl")
+
+
+@pytest.fixture(scope="module")
+def bert_base(base):
+    """A BERT pretrained by train_pretrain.py (2 iterations) on the prepared data of `base`: the same tokenizer."""
+    folder = os.path.dirname(base)
+    result = subprocess.run([sys.executable, os.path.join(REPO, "train_pretrain.py"), "--model_type=bert",
+                             f"--dataset={os.path.join(folder, 'text.txt')}",
+                             f"--data_dir={os.path.join(folder, 'prepared')}", f"--out_dir={os.path.join(folder, 'bert')}",
+                             "--max_iters=2", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=64",
+                             "--batch_size=4", "--vocab_size=400", "--eval_iters=1", "--device=cpu", "--sample_tokens=2"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return os.path.join(folder, "bert")
+
+
+def test_a_bert_backbone_trains_on_one_and_two_ranks_and_loads_back(base, bert_base, scored_data, tmp_path):
+    common = [f"--init_from={base}", f"--backbone={bert_base}", f"--dataset={scored_data / 'pairs.jsonl'}",
+              "--loss=pairwise", "--eval_interval=100", "--max_iters=3", "--gradient_accumulation_steps=2"]
+    result = run(common + [f"--out_dir={tmp_path / 'single'}"])
+    assert "(bert)" in result.stdout
+    # DDP: BERT's masked-LM head gets no gradient from a reward loss; it is frozen, so no rank waits for it
+    run(common + [f"--out_dir={tmp_path / 'ddp'}"], nproc=2)
+    a, b = losses(tmp_path / "single"), losses(tmp_path / "ddp")
+    assert sorted(a) == sorted(b) == list(range(3)) and all(abs(a[it] - b[it]) < 1e-5 for it in range(3))
+    model, checkpoint = load_reward_model(str(tmp_path / "single" / "ckpt.pt"))
+    assert checkpoint["backbone"] == "bert" and type(model.backbone).__name__ == "BERT"
+    bert_state = torch.load(os.path.join(bert_base, "ckpt.pt"), weights_only=True)["model"]
+    assert torch.equal(model.backbone.mlm_dense.weight, bert_state["mlm_dense.weight"])  # frozen: unchanged
+    assert not torch.equal(model.backbone.blocks[0].attn.c_attn.weight, bert_state["blocks.0.attn.c_attn.weight"])
+
+
+def test_a_gpt_folder_as_the_backbone_is_refused(base, scored_data, tmp_path):
+    result = run([f"--init_from={base}", f"--backbone={base}", f"--dataset={scored_data / 'pairs.jsonl'}",
+                  "--loss=pairwise", "--max_iters=1", f"--out_dir={tmp_path / 'out'}"], check=False)
+    assert result.returncode != 0 and "--model_type=bert out_dir" in result.stderr
