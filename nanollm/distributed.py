@@ -60,7 +60,10 @@ def setup(device="auto", backend="auto"):
 
 
 def teardown(runtime):
+    """End DDP: wait for every rank (rank 0 may still be evaluating or saving), then destroy the process group. A rank
+    that tore down alone while its peer still worked was seen to abort in gloo ('terminate called ...')."""
     if runtime.ddp and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
