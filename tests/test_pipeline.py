@@ -3,16 +3,13 @@ the five stages, then copies of it to check skipping, resuming and a failing sta
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from nanollm.report import MARKER, PLOT_NAME, STAGE_DIRS
 from nanollm.world import World
+from script_runner import run_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "pipeline.py")
 SECTIONS = ("## Pretraining", "## Supervised fine-tuning", "## Reward model", "## PPO (RLHF)", "## Wall time")
 
 
@@ -29,11 +26,7 @@ def tiny_settings(corpus):
 
 
 def run(cwd, settings, check=True):
-    result = subprocess.run([sys.executable, SCRIPT] + settings, cwd=cwd, capture_output=True, text=True,
-                            timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    if check:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    return run_script("pipeline.py", settings, check=check, cwd=cwd)
 
 
 def metrics(path):

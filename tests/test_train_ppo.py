@@ -4,8 +4,6 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,9 +13,8 @@ from nanollm.model import GPT, GPTConfig
 from nanollm.reward import RewardModel
 from nanollm.tokenizer import train_tokenizer
 from nanollm.world import World
+from script_runner import run_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "train_ppo.py")
 TINY = ["--batch_size=4", "--minibatch_size=2", "--ppo_epochs=2", "--max_new_tokens=8", "--eval_prompts=4",
         "--train_prompts=12", "--eval_batch_size=4", "--learning_rate=1e-3", "--critic_learning_rate=1e-3",
         "--dtype=float32", "--device=cpu"]
@@ -28,14 +25,7 @@ EVAL_KEYS = {"iter", "phase", "eval_score", "eval_gold", "eval_kl", "eval_respon
 
 
 def run(args, nproc=0, check=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
-        else [sys.executable]
-    result = subprocess.run(prefix + [SCRIPT] + TINY + args, cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=300)
-    if check:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    return run_script("train_ppo.py", TINY + args, nproc, check)
 
 
 def write_checkpoint(folder, model, model_args, tokenizer_path, **extra):

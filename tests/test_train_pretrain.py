@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from script_runner import run_script
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "train_pretrain.py")
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--vocab_size=400",
@@ -30,13 +32,7 @@ def corpus(tmp_path_factory):
 
 
 def run(args, nproc=0, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    if nproc:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", SCRIPT]
-    else:
-        command = [sys.executable, SCRIPT]
-    result = subprocess.run(command + TINY + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_script("train_pretrain.py", TINY + args, nproc, timeout=timeout)
     return result.stdout + result.stderr
 
 

@@ -1,15 +1,12 @@
 """train_pretrain.py with --model_type=bert and --model_type=encdec, run as a user runs it (subprocess, CPU, tiny)."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from nanollm.data import prepare_dataset
+from script_runner import run_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "train_pretrain.py")
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--eval_iters=4",
         "--log_interval=1", "--warmup_iters=3", "--learning_rate=5e-3", "--dtype=float32", "--device=cpu",
         "--sample_tokens=5", "--dropout=0.0"]
@@ -27,12 +24,7 @@ def corpus(tmp_path_factory):
 
 
 def run(args, check=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    result = subprocess.run([sys.executable, SCRIPT] + TINY + args, cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=300)
-    if check:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    return run_script("train_pretrain.py", TINY + args, check=check)
 
 
 def records(out_dir):

@@ -1,8 +1,6 @@
 """End-to-end checks of train_rm.py, run as a user runs it (subprocesses, CPU, a tiny pretrained model)."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,22 +9,16 @@ from nanollm.annotators import GoldAnnotator, feedback_prompts
 from nanollm.reward import encode_groups, load_groups, load_reward_model, score_encoded
 from nanollm.tokenizer import Tokenizer
 from nanollm.world import World
+from script_runner import run_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "train_rm.py")
 TINY = ["--batch_size=4", "--log_interval=1", "--warmup_iters=2", "--learning_rate=1e-3", "--dtype=float32",
         "--device=cpu"]
+BASE_MODEL = ["--max_iters=2", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=4",
+              "--vocab_size=400", "--eval_iters=1", "--device=cpu", "--sample_tokens=2"]  # the pretrained bases' runs
 
 
 def run(args, nproc=0, check=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
-        else [sys.executable]
-    result = subprocess.run(prefix + [SCRIPT] + TINY + args, cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=300)
-    if check:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    return run_script("train_rm.py", TINY + args, nproc, check)
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +27,8 @@ def base(tmp_path_factory):
     folder = tmp_path_factory.mktemp("base")
     lines = [f"{p.question} {p.answer}" for p in World(0).qa_pairs(0) if p.language == "en"]
     (folder / "text.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    result = subprocess.run([sys.executable, os.path.join(REPO, "train_pretrain.py"),
-                             f"--dataset={folder / 'text.txt'}", f"--data_dir={folder / 'prepared'}",
-                             f"--out_dir={folder / 'out'}", "--max_iters=2", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=4",
-                             "--vocab_size=400", "--eval_iters=1", "--device=cpu", "--sample_tokens=2"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script("train_pretrain.py", [f"--dataset={folder / 'text.txt'}", f"--data_dir={folder / 'prepared'}",
+                                     f"--out_dir={folder / 'out'}"] + BASE_MODEL)
     return str(folder / "out")
 
 
@@ -143,14 +130,9 @@ def test_a_bad_record_stops_the_run_before_training(base, scored_data, tmp_path)
 def bert_base(base):
     """A BERT pretrained by train_pretrain.py (2 iterations) on the prepared data of `base`: the same tokenizer."""
     folder = os.path.dirname(base)
-    result = subprocess.run([sys.executable, os.path.join(REPO, "train_pretrain.py"), "--model_type=bert",
-                             f"--dataset={os.path.join(folder, 'text.txt')}",
-                             f"--data_dir={os.path.join(folder, 'prepared')}", f"--out_dir={os.path.join(folder, 'bert')}",
-                             "--max_iters=2", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=64",
-                             "--batch_size=4", "--vocab_size=400", "--eval_iters=1", "--device=cpu", "--sample_tokens=2"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script("train_pretrain.py", ["--model_type=bert", f"--dataset={os.path.join(folder, 'text.txt')}",
+                                     f"--data_dir={os.path.join(folder, 'prepared')}",
+                                     f"--out_dir={os.path.join(folder, 'bert')}"] + BASE_MODEL)
     return os.path.join(folder, "bert")
 
 

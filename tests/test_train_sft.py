@@ -1,29 +1,19 @@
 """End-to-end checks of train_sft.py, run as a user runs it (subprocesses, CPU, a tiny pretrained model)."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from nanollm.instructions import demo_records
+from script_runner import run_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "train_sft.py")
 TINY = ["--batch_size=4", "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", "--dtype=float32",
         "--device=cpu", "--max_new_tokens=6", "--eval_examples=6"]
 
 
 def run(args, nproc=0, check=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
-        else [sys.executable]
-    result = subprocess.run(prefix + [SCRIPT] + TINY + args, cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=300)
-    if check:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    return run_script("train_sft.py", TINY + args, nproc, check)
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +23,10 @@ def base(tmp_path_factory):
     records = demo_records()["train"]
     lines = [r["question"] + " " + r["answer"] for r in records["qa.jsonl"] if r["question"].isascii()]
     (folder / "text.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    result = subprocess.run([sys.executable, os.path.join(REPO, "train_pretrain.py"),
-                             f"--dataset={folder / 'text.txt'}",
-                             f"--data_dir={folder / 'prepared'}", f"--out_dir={folder / 'out'}", "--max_iters=2",
-                             "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=4",
-                             "--vocab_size=400", "--eval_iters=1", "--device=cpu", "--sample_tokens=2"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script("train_pretrain.py", [f"--dataset={folder / 'text.txt'}", f"--data_dir={folder / 'prepared'}",
+                                     f"--out_dir={folder / 'out'}", "--max_iters=2", "--n_layer=2", "--n_head=2",
+                                     "--n_embd=32", "--block_size=64", "--batch_size=4", "--vocab_size=400",
+                                     "--eval_iters=1", "--device=cpu", "--sample_tokens=2"])
     return str(folder / "out")
 
 
