@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 
 # Triton kernels run on the CPU through the interpreter when no GPU is present.
@@ -7,3 +8,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(1)  # tiny test models are overhead-bound; one thread is fastest (and fair on shared CPUs)
+
+
+@pytest.fixture
+def on_kernel_device():
+    """Tensors a test creates land where the Triton kernels run: CPU (interpreter) or CUDA (compiled kernels)."""
+    from kernels import kernel_device
+
+    with torch.device(kernel_device()):
+        yield

@@ -21,11 +21,7 @@ TOLERANCE_CUDA = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 2e-2), torc
 DEVICE = kernel_device()  # the CPU checks run compiled on CUDA when a GPU is present
 if DEVICE == "cuda":
     TOLERANCE = TOLERANCE_CUDA
-@pytest.fixture(autouse=True)
-def on_kernel_device():
-    """Tensors the tests create land where the kernels run: CPU (interpreter) or CUDA (compiled kernels)."""
-    with torch.device(DEVICE):
-        yield
+pytestmark = pytest.mark.usefixtures("on_kernel_device")  # tensors made in a test land on DEVICE
 
 
 def make_inputs(batch, heads, seq_len_q, seq_len_k, head_dim, dtype, device=None, padding=False, seed=0):

@@ -14,11 +14,7 @@ TOLERANCE = {torch.float32: (1e-6, 1e-5), torch.float16: (1e-3, 5e-3), torch.bfl
 
 
 DEVICE = kernel_device()  # the CPU checks run compiled on CUDA when a GPU is present
-@pytest.fixture(autouse=True)
-def on_kernel_device():
-    """Tensors the tests create land where the kernels run: CPU (interpreter) or CUDA (compiled kernels)."""
-    with torch.device(DEVICE):
-        yield
+pytestmark = pytest.mark.usefixtures("on_kernel_device")  # tensors made in a test land on DEVICE
 
 
 def make_inputs(shape, dtype, padding=False, device=None, seed=0):
