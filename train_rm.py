@@ -65,6 +65,8 @@ gradient_accumulation_steps = 1  # micro-steps per optimizer step, over all rank
 batch_size = 8  # per micro-step per rank: prompts (ranking), pairs (pairwise) or scored responses (mse)
 block_size = 0  # longest prompt + response in tokens; 0 = the base model's block_size
 # model
+likelihood_weight = 0.0  # > 0: r += w · mean log p(response) under the trunk's own LM head, w learned from this
+# start (SimPO's length-normalized likelihood, Meng et al. 2024): the reward model uses what its LM knows of facts
 backbone = "sft"  # the trunk: 'sft' (the init_from GPT) | a train_pretrain.py --model_type=bert out_dir
 dropout = 0.0  # replaces the base model's dropout (scoring always runs with dropout off)
 attn_impl = "auto"  # 'manual' | 'sdpa' | 'triton' | 'auto' (sdpa)
@@ -116,6 +118,7 @@ if attn_impl == "auto":
 # the trunk: the SFT GPT itself, or a pretrained BERT reading the same tokens (replies still come from the GPT)
 if init_from == "resume":
     backbone_kind, trunk_checkpoint = checkpoint.get("backbone", "gpt"), checkpoint
+    likelihood_weight = checkpoint.get("likelihood_weight", 0.0)  # the saved model's shape, whatever was passed
 elif backbone == "sft":
     backbone_kind, trunk_checkpoint = "gpt", checkpoint
 else:
@@ -187,7 +190,7 @@ if master:
 
 # ---- model
 torch.manual_seed(seed)  # the same head initialization on every rank
-model = RewardModel(build_backbone(backbone_kind, model_args)).to(runtime.device)
+model = RewardModel(build_backbone(backbone_kind, model_args), likelihood_weight).to(runtime.device)
 scaler = dist_utils.grad_scaler(runtime.device_type, dtype)
 optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), runtime.device_type, master)
 iter_num, best_val_loss = 0, float("inf")
@@ -236,7 +239,7 @@ def evaluate():
 def save(iter_num):
     save_checkpoint(os.path.join(out_dir, "ckpt.pt"), runtime, model, optimizer, scaler, iter_num, best_val_loss,
                     config, model_args, stage="reward", loss=loss, reward_bias=float(raw_model.reward_bias),
-                    backbone=backbone_kind)
+                    backbone=backbone_kind, likelihood_weight=likelihood_weight)
 
 
 def describe(scores):

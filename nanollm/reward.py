@@ -30,16 +30,37 @@ def last_token_index(attention_mask):
     return (attention_mask.long() * positions).argmax(-1)  # the largest position whose mask is 1
 
 
+ASSISTANT_ID = 6  # the <|assistant|> role token (nanollm.tokenizer): the response starts right after it
+
+
+def response_logprob_mean(lm, hidden, idx, attention_mask):
+    """(B,) mean over response tokens of log p(token | everything before it) under lm's head: the length-normalized
+    likelihood that SimPO uses as its reward (Meng et al. 2024). Response = the real tokens after the last
+    <|assistant|> token, eos included."""
+    logprobs = F.log_softmax(lm.lm_head(hidden[:, :-1]).float(), dim=-1)  # (B, T-1, V): position t predicts t+1
+    token_logprobs = torch.gather(logprobs, -1, idx[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    is_assistant = (idx == ASSISTANT_ID).long()
+    after_assistant = is_assistant.flip(-1).cumsum(-1).flip(-1) == 0  # no <|assistant|> at or after this position
+    in_response = (after_assistant & attention_mask.bool())[:, 1:].float()  # (B, T-1) the predicted token's mask
+    return (token_logprobs * in_response).sum(-1) / in_response.sum(-1).clamp(min=1)
+
+
 class RewardModel(nn.Module):
     """A GPT (or BERT) backbone, its LM head unused, + Linear(n_embd, 1) read at the last real token."""
 
-    def __init__(self, backbone):
+    def __init__(self, backbone, likelihood_weight=0.0):
         super().__init__()
         self.backbone = backbone
         n_embd = backbone.config.n_embd
         self.head = nn.Linear(n_embd, 1)
         nn.init.normal_(self.head.weight, std=1 / math.sqrt(n_embd + 1))  # as Stiennon et al. 2020
         nn.init.zeros_(self.head.bias)
+        self.likelihood = likelihood_weight != 0
+        if self.likelihood:  # r += w · mean log p(response | prompt) under the trunk's own LM head; w learned
+            from nanollm.model import GPT
+            if not isinstance(backbone, GPT):
+                raise ValueError("the likelihood feature needs a causal trunk with an LM head (backbone 'sft')")
+            self.likelihood_weight = nn.Parameter(torch.full((), float(likelihood_weight)))
         # fitted after training so the mean reward on the SFT model's responses is 0; saved in the state dict
         self.register_buffer("reward_bias", torch.zeros(()))
 
@@ -52,7 +73,11 @@ class RewardModel(nn.Module):
         hidden = self.hidden_states(idx, attention_mask)  # (B, T, C)
         last = last_token_index(attention_mask)  # (B,)
         hidden_last = hidden[torch.arange(idx.size(0), device=idx.device), last]  # (B, C)
-        return self.head(hidden_last).squeeze(-1).float() + self.reward_bias  # r = w·h_last + b + fitted bias
+        rewards = self.head(hidden_last).squeeze(-1).float() + self.reward_bias  # r = w·h_last + b + fitted bias
+        if self.likelihood:
+            rewards = rewards + self.likelihood_weight * response_logprob_mean(self.backbone, hidden, idx,
+                                                                               attention_mask)
+        return rewards
 
     @torch.no_grad()
     def score(self, idx, attention_mask):
@@ -93,7 +118,7 @@ def load_reward_model(path, device="cpu"):
     if checkpoint.get("stage") != "reward":
         raise ValueError(f"{path}: not a reward-model checkpoint (stage={checkpoint.get('stage')!r})")
     backbone = build_backbone(checkpoint.get("backbone", "gpt"), dict(checkpoint["model_args"], dropout=0.0))
-    model = RewardModel(backbone).to(device)
+    model = RewardModel(backbone, checkpoint.get("likelihood_weight", 0.0)).to(device)
     model.load_state_dict(checkpoint["model"])
     return model.eval(), checkpoint
 

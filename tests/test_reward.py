@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from nanollm.model import GPT, GPTConfig
 from nanollm.reward import (RewardModel, batch_loss, bradley_terry_loss, build_backbone, check_groups, dataset_loss,
                             encode_groups, encode_response, fit_reward_bias, get_reward_batch, kendall_tau,
-                            last_token_index, load_groups, make_batch, mse_loss, pad_sequences, pair_accuracy,
+                            last_token_index, load_groups, load_reward_model, make_batch, mse_loss, pad_sequences,
+                            pair_accuracy, response_logprob_mean,
                             parse_record, pearson, ranking_loss, ranking_metrics, score_encoded, spearman,
                             training_items)
 from nanollm.tokenizer import Tokenizer, train_tokenizer
@@ -24,10 +25,11 @@ def tokenizer(tmp_path_factory):
     return Tokenizer(train_tokenizer(texts, str(tmp_path_factory.mktemp("tok") / "rm"), vocab_size=400))
 
 
-def tiny_reward_model(vocab_size=64, dropout=0.0, attn_impl="manual", seed=0, backbone="gpt"):
+def tiny_reward_model(vocab_size=64, dropout=0.0, attn_impl="manual", seed=0, backbone="gpt", likelihood_weight=0.0):
     torch.manual_seed(seed)
     return RewardModel(build_backbone(backbone, dict(vocab_size=vocab_size, block_size=32, n_layer=2, n_head=2,
-                                                     n_embd=32, dropout=dropout, attn_impl=attn_impl)))
+                                                     n_embd=32, dropout=dropout, attn_impl=attn_impl)),
+                       likelihood_weight)
 
 
 # ----------------------------------------------------------------------------- where the reward is read
@@ -67,6 +69,46 @@ def test_hidden_states_are_the_gpt_forward_before_its_lm_head():
     logits, _ = model.backbone(idx, attention_mask=mask)
     hidden = model.hidden_states(idx, mask)
     assert torch.allclose(hidden @ model.backbone.wte.weight.T, logits, atol=1e-5)
+
+
+ASSISTANT = 6  # the <|assistant|> role token: the response starts after its last occurrence
+
+
+def test_likelihood_feature_is_the_mean_log_prob_of_the_response_tokens_whatever_the_padding():
+    model = tiny_reward_model(likelihood_weight=1.5).eval()
+    # <s> <|user|> 9 17 <|assistant|> 33 12 </s>: the response is 33 12 </s>; a second turn's ASSISTANT moves it
+    sequence = [2, 5, 9, 17, ASSISTANT, 33, 12, EOS]
+    two_turns = [2, 5, 9, ASSISTANT, 30, EOS, 5, 17, ASSISTANT, 40, EOS]
+    rows = []
+    for ids, start in ((sequence, 5), (two_turns, 9)):
+        logits, _ = model.backbone(torch.tensor([ids]))  # (1, T, V) unpadded reference
+        logprobs = F.log_softmax(logits[0, :-1], -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]  # (T-1,)
+        expected = logprobs[start - 1:].mean()  # the tokens at positions start .. T-1, each predicted from before it
+        hidden = model.hidden_states(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+        feature = response_logprob_mean(model.backbone, hidden, torch.tensor([ids]), torch.ones(1, len(ids)))
+        assert feature.item() == pytest.approx(expected.item(), abs=1e-5)
+        head = model.head(hidden[:, -1]).squeeze(-1)
+        rows.append(model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)))
+        assert rows[-1].item() == pytest.approx((head + 1.5 * expected).item(), abs=1e-5)  # r = w·h + b + w_lik·f
+    for side in ("right", "left"):
+        input_ids, mask = pad_sequences([sequence, two_turns], PAD, side)
+        input_ids = F.pad(input_ids, (2, 0) if side == "left" else (0, 2), value=PAD)
+        mask = F.pad(mask, (2, 0) if side == "left" else (0, 2), value=0)
+        assert torch.allclose(model(input_ids, mask), torch.cat(rows), atol=1e-5), side
+
+
+def test_likelihood_weight_is_learned_saved_and_refused_on_an_encoder(tmp_path):
+    model = tiny_reward_model(likelihood_weight=1.0)
+    idx = torch.tensor([[2, 5, 9, ASSISTANT, 33, 12, EOS]])
+    model(idx, torch.ones_like(idx)).sum().backward()
+    assert model.likelihood_weight.grad is not None and model.likelihood_weight.grad.item() != 0
+    assert not hasattr(tiny_reward_model(), "likelihood_weight")  # off by default: the plain head
+    torch.save({"model": model.state_dict(), "model_args": dict(model.backbone.config.__dict__), "stage": "reward",
+                "likelihood_weight": 1.0}, tmp_path / "ckpt.pt")
+    loaded, _ = load_reward_model(str(tmp_path / "ckpt.pt"))
+    assert torch.allclose(loaded(idx, torch.ones_like(idx)), model.eval()(idx, torch.ones_like(idx)), atol=1e-6)
+    with pytest.raises(ValueError, match="causal trunk"):
+        tiny_reward_model(backbone="bert", likelihood_weight=1.0)
 
 
 def test_dropout_is_off_when_scoring_and_the_mode_is_restored():

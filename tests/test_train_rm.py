@@ -84,17 +84,24 @@ def test_demo_run_collects_trains_logs_and_saves_a_centred_reward_model(base, tm
     assert "collected" not in again.stdout
 
 
-def test_resume_continues_exactly(base, scored_data, tmp_path):
+@pytest.mark.parametrize("likelihood_weight", [0.0, 1.0])
+def test_resume_continues_exactly(base, scored_data, tmp_path, likelihood_weight):
     common = [f"--init_from={base}", f"--dataset={scored_data / 'train.jsonl'}",
               f"--eval_dataset={scored_data / 'heldout.jsonl'}", "--eval_interval=100", "--dropout=0.1",
-              "--gradient_accumulation_steps=2"]
+              "--gradient_accumulation_steps=2", f"--likelihood_weight={likelihood_weight}"]
     run(common + [f"--out_dir={tmp_path / 'straight'}", "--max_iters=6"])
     run(common + [f"--out_dir={tmp_path / 'split'}", "--max_iters=3"])
-    run(common[1:] + [f"--out_dir={tmp_path / 'split'}", "--max_iters=6", "--init_from=resume"])
+    # resuming reads the feature's presence from the checkpoint, not from the command line
+    run(common[1:-1] + [f"--out_dir={tmp_path / 'split'}", "--max_iters=6", "--init_from=resume"])
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "split")
     assert sorted(a) == sorted(b) == list(range(6))
     for it in range(6):  # dropout is on: RNG states must be restored too
         assert abs(a[it] - b[it]) < 1e-6, (it, a[it], b[it])
+    model, checkpoint = load_reward_model(str(tmp_path / "split" / "ckpt.pt"))
+    assert checkpoint["likelihood_weight"] == likelihood_weight
+    assert hasattr(model, "likelihood_weight") == (likelihood_weight > 0)
+    if likelihood_weight:  # learned: it moved from where it started
+        assert model.likelihood_weight.item() != likelihood_weight
 
 
 def test_ddp_two_processes_match_one_process_with_accumulation(base, scored_data, tmp_path):
