@@ -30,8 +30,9 @@ from nanollm.data import batch_seed
 from nanollm.model import GPT, GPTConfig
 from nanollm.optim import configure_optimizer
 from nanollm.ppo import (KL_ESTIMATORS, AdaptiveKLController, Critic, FixedKLController, decode_responses,
-                         encode_prompts, explained_variance, kl_estimate, make_experience, mean, minibatches,
-                         ppo_losses, reward_scores, rollout, score_rollout, select, sequence_sum, shape_scores)
+                         encode_prompts, explained_variance, kl_estimate, leave_one_out, make_experience, mean,
+                         minibatches, ppo_losses, reward_scores, rollout, score_rollout, select, sequence_sum,
+                         shape_scores)
 from nanollm.reward import load_reward_model
 from nanollm.tokenizer import Tokenizer
 from nanollm.training import GracefulStop, GuardedStep
@@ -49,9 +50,12 @@ eval_only = False  # evaluate the starting policy once and exit
 world_seed = 0  # the world the gold annotator checks facts against (pretraining uses World(0))
 prompt_seed = 1337  # question order; train_rm.py's seed, so the first 20% of its questions are new to the reward model
 eval_prompts = 160  # the first this many questions: the fixed held-out set (train_rm.py's held-out 20% too)
+eval_samples = 1  # responses sampled per held-out prompt (more: a less noisy held-out gold score)
 train_prompts = 640  # the next this many: the training prompts
 # rollout
-batch_size = 32  # prompts per iteration per rank, one sampled response each
+batch_size = 32  # responses per iteration per rank
+samples_per_prompt = 1  # responses sampled per prompt (batch_size / this prompts per iteration)
+score_baseline = "none"  # 'none' | 'leave_one_out': score − the mean score of the prompt's other responses (RLOO)
 max_new_tokens = 32  # longest response; one that never emits eos is cut here (and penalized)
 temperature = 1.0  # pure sampling from softmax(logits / temperature); the scoring pass uses the same temperature
 eval_batch_size = 64  # held-out prompts per generation batch
@@ -73,6 +77,7 @@ value_clip_range = 0.2  # ε of the clipped value loss; 0 = unclipped
 entropy_coef = 0.0  # entropy bonus coefficient
 whiten_advantages = True  # normalize advantages over the batch's valid tokens
 early_stop_kl = 0.0  # stop the epochs once a minibatch's approx KL(π_old‖π) exceeds this; 0 = never
+critic_warmup_iters = 0  # the first this many iterations train the critic only (the policy waits for good values)
 max_iters = 40  # PPO iterations (rollout + update)
 learning_rate = 2e-5  # policy (AdamW, constant)
 critic_learning_rate = 1e-4  # critic (AdamW, constant)
@@ -98,6 +103,11 @@ if kl_estimator not in KL_ESTIMATORS:
     raise ValueError(f"kl_estimator={kl_estimator!r}: expected one of {KL_ESTIMATORS}")
 if temperature <= 0:
     raise ValueError(f"temperature={temperature}: PPO samples, so it must be > 0")
+if samples_per_prompt < 1 or batch_size % samples_per_prompt:
+    raise ValueError(f"batch_size={batch_size} must be a multiple of samples_per_prompt={samples_per_prompt}")
+if score_baseline not in ("none", "leave_one_out") or (score_baseline != "none" and samples_per_prompt < 2):
+    raise ValueError(f"score_baseline={score_baseline!r}: expected 'none', or 'leave_one_out' with "
+                     f"samples_per_prompt >= 2 (got {samples_per_prompt})")
 if not 1 <= minibatch_size <= batch_size:
     raise ValueError(f"minibatch_size={minibatch_size} must be between 1 and batch_size={batch_size}")
 if batch_size * runtime.world_size > train_prompts:
@@ -181,7 +191,7 @@ world = World(world_seed)
 gold = GoldAnnotator(world)
 questions = feedback_prompts(world, eval_prompts + train_prompts, prompt_seed)
 eval_questions, train_questions = questions[:eval_prompts], questions[eval_prompts:]
-eval_encoded = encode_prompts(tokenizer, eval_questions, max_prompt_tokens)
+eval_encoded = encode_prompts(tokenizer, eval_questions, max_prompt_tokens) * eval_samples  # each prompt k times
 train_encoded = encode_prompts(tokenizer, train_questions, max_prompt_tokens)
 if master:
     print(f"[nanollm] prompts: {len(train_questions)} training, {len(eval_questions)} held out; batch {batch_size} x "
@@ -195,7 +205,7 @@ def judge(asked, replies):
 
 @torch.no_grad()
 def evaluate():
-    """The held-out prompts, one response each (pure sampling, fixed seed): reward-model score, gold score,
+    """The held-out prompts, eval_samples responses each (pure sampling, fixed seed): reward-model score, gold score,
     KL to the reference, length, eos rate. Rank 0 only, with the plain modules."""
     generator = torch.Generator(device=runtime.device).manual_seed(seed)
     scores, golds, kls, lengths, ended, samples = [], [], [], [], [], []
@@ -206,15 +216,18 @@ def evaluate():
         kl = kl_estimate(scored["logprobs"], scored["ref_logprobs"], kl_estimator)
         replies = decode_responses(tokenizer, generated)
         batch_scores = reward_scores(reward_net, generated, ctx).tolist()
-        batch_golds = judge(eval_questions[start:start + eval_batch_size], replies)
+        asked = [eval_questions[i % len(eval_questions)] for i in range(start, start + len(replies))]
+        batch_golds = judge(asked, replies)
         scores += batch_scores
         golds += batch_golds
         kls += sequence_sum(kl, generated.response_mask).tolist()
         lengths += generated.response_mask.sum(-1).tolist()
         ended += generated.ended.float().tolist()
-        samples += list(zip(eval_questions[start:start + eval_batch_size], replies, batch_scores, batch_golds))
-    return {"eval_score": mean(scores), "eval_gold": mean(golds), "eval_kl": mean(kls),
-            "eval_response_length": mean(lengths), "eval_eos_rate": mean(ended)}, samples
+        samples += list(zip(asked, replies, batch_scores, batch_golds))
+    per_prompt = torch.tensor(golds).view(eval_samples, len(eval_questions)).mean(0)  # (prompts,) mean gold
+    return {"eval_score": mean(scores), "eval_gold": mean(golds),
+            "eval_gold_se": (per_prompt.std() / len(eval_questions) ** 0.5).item(),  # standard error over prompts
+            "eval_kl": mean(kls), "eval_response_length": mean(lengths), "eval_eos_rate": mean(ended)}, samples
 
 
 def write_samples(iter_num, samples, count=6):
@@ -254,7 +267,7 @@ while True:
             log.write({"iter": iter_num, "phase": "eval", **scores})
             write_samples(iter_num, samples)
             tqdm.write(f"iter {iter_num}: held-out reward-model score {scores['eval_score']:+.3f}, gold "
-                       f"{scores['eval_gold']:.3f}, KL {scores['eval_kl']:.3f}, length "
+                       f"{scores['eval_gold']:.3f} ± {scores['eval_gold_se']:.3f}, KL {scores['eval_kl']:.3f}, length "
                        f"{scores['eval_response_length']:.1f}, eos rate {scores['eval_eos_rate']:.2f}")
         if iter_num > 0 and not eval_only:
             save(iter_num)
@@ -266,7 +279,9 @@ while True:
     # function of (seed, iteration, rank), so resume is exact
     t0 = time.time()
     picker = torch.Generator().manual_seed(batch_seed(seed, "ppo-prompts", iter_num, 0))
-    picked = torch.randperm(len(train_encoded), generator=picker)[runtime.rank * batch_size:][:batch_size].tolist()
+    n_prompts = batch_size // samples_per_prompt
+    picked = torch.randperm(len(train_encoded), generator=picker)[runtime.rank * n_prompts:][:n_prompts]
+    picked = picked.repeat_interleave(samples_per_prompt).tolist()  # each prompt samples_per_prompt times in a row
     sampler = torch.Generator(device=runtime.device).manual_seed(batch_seed(seed, "ppo-samples", iter_num,
                                                                             runtime.rank))
     generated = rollout(raw_policy, [train_encoded[i] for i in picked], max_new_tokens, temperature,
@@ -275,6 +290,8 @@ while True:
     scored = score_rollout(raw_policy, reference, raw_critic, generated, temperature, ctx)
     raw_scores = reward_scores(reward_net, generated, ctx)  # (B,)
     scores = shape_scores(raw_scores, generated.ended, missing_eos_penalty, score_clip)
+    if score_baseline == "leave_one_out":
+        scores = leave_one_out(scores, samples_per_prompt)
     # 3. rewards (score at eos − β·kl_t), GAE advantages and returns
     beta = controller.beta
     experience = make_experience(generated, scored["logprobs"], scored["ref_logprobs"], scored["values"], scores,
@@ -294,9 +311,12 @@ while True:
             with ctx:
                 policy_objective, critic_loss, stats = ppo_losses(policy, critic, batch, part, temperature,
                                                                   clip_range, value_clip_range, entropy_coef)
-            scaler.scale(policy_objective).backward()
+            if iter_num >= critic_warmup_iters:  # during the critic's warm-up the policy takes no step
+                scaler.scale(policy_objective).backward()
+                stats["grad_norm"] = policy_step(policy, policy_objective.item(), iter_num)
+            else:
+                stats["grad_norm"] = 0.0
             critic_scaler.scale(critic_loss).backward()
-            stats["grad_norm"] = policy_step(policy, policy_objective.item(), iter_num)
             stats["critic_grad_norm"] = critic_step(critic, critic_loss.item(), iter_num)
             update_stats.append(stats)
             # approx KL of this minibatch (measured before its step); every rank takes the same branch

@@ -136,7 +136,8 @@ class Critic(nn.Module):
     @classmethod
     def from_reward_model(cls, reward_model, config=None):
         """A critic with the reward model's trunk and head weights (its fitted bias goes into the head's bias);
-        config may change runtime settings such as attn_impl (default: the reward model's)."""
+        config may change runtime settings such as attn_impl (default: the reward model's). A likelihood feature
+        (train_rm.py --likelihood_weight) is not copied: its term is learned back by the value loss."""
         critic = cls(GPT(config or reward_model.backbone.config)).to(reward_model.head.weight.device)
         critic.backbone.load_state_dict(reward_model.backbone.state_dict())
         critic.head.load_state_dict(reward_model.head.state_dict())
@@ -210,6 +211,15 @@ def shape_scores(scores, ended, missing_eos_penalty=0.0, score_clip=0.0):
     ended, then clipped to [−score_clip, score_clip] (0 = no clipping)."""
     scores = scores - missing_eos_penalty * (~ended).to(scores.dtype)
     return scores.clamp(-score_clip, score_clip) if score_clip > 0 else scores
+
+
+def leave_one_out(scores, group_size):
+    """(B,) scores of groups of group_size consecutive responses to one prompt -> score − the mean of the other
+    responses' scores (the RLOO baseline: Kool et al. 2019; Ahmadian et al. 2024). What the prompt itself is worth
+    cancels, only how a response compares with its siblings is left."""
+    groups = scores.view(-1, group_size)  # (prompts, k)
+    others_mean = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)  # mean of the k − 1 others
+    return (groups - others_mean).view(-1)
 
 
 def compute_rewards(scores, kl, response_mask, beta):

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from nanollm.model import GPT, GPTConfig
 from nanollm.ppo import (AdaptiveKLController, Critic, FixedKLController, Rollout, compute_gae,
                          compute_gae_vectorized, compute_rewards, cut_after_eos, entropy_bonus, explained_variance,
-                         kl_estimate, make_experience, masked_whiten, minibatches, policy_loss, ppo_losses,
-                         reward_scores, rollout, score_rollout, select, shape_scores, value_loss)
+                         kl_estimate, leave_one_out, make_experience, masked_whiten, minibatches, policy_loss,
+                         ppo_losses, reward_scores, rollout, score_rollout, select, shape_scores, value_loss)
 from nanollm.reward import RewardModel
 
 PAD, EOS = 1, 3
@@ -174,6 +174,15 @@ def test_masked_whitening_uses_valid_tokens_only():
     assert kept[mask.bool()].mean().item() == pytest.approx(valid.mean().item(), abs=1e-5)
     one = torch.tensor([[4.0, 7.0]])
     assert torch.equal(masked_whiten(one, torch.tensor([[1, 0]])), one)  # 1 valid token: unchanged, no NaN
+
+
+def test_leave_one_out_subtracts_the_mean_of_the_other_responses_to_the_same_prompt():
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0, 4.0, 4.0])  # two prompts, three responses each
+    # 1 − (2+3)/2, 2 − (1+3)/2, 3 − (1+2)/2; a prompt whose responses all score alike teaches nothing
+    assert leave_one_out(scores, 3).tolist() == [-1.5, 0.0, 1.5, 0.0, 0.0, 0.0]
+    assert leave_one_out(torch.tensor([5.0, 1.0]), 2).tolist() == [4.0, -4.0]
+    shifted = leave_one_out(scores + torch.tensor([10.0, 10.0, 10.0, -7.0, -7.0, -7.0]), 3)
+    assert torch.equal(shifted, leave_one_out(scores, 3))  # what a prompt is worth cancels
 
 
 def test_adaptive_controller_moves_beta_toward_the_target():

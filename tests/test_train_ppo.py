@@ -21,7 +21,8 @@ TINY = ["--batch_size=4", "--minibatch_size=2", "--ppo_epochs=2", "--max_new_tok
 TRAINING_KEYS = {"iter", "score", "gold", "kl", "beta", "objective", "entropy", "clip_frac", "value_clip_frac",
                  "approx_kl", "ratio_mean", "policy_loss", "value_loss", "explained_variance", "response_length",
                  "eos_rate", "rollout_s", "update_s", "minibatches", "grad_norm", "critic_grad_norm", "early_stop"}
-EVAL_KEYS = {"iter", "phase", "eval_score", "eval_gold", "eval_kl", "eval_response_length", "eval_eos_rate"}
+EVAL_KEYS = {"iter", "phase", "eval_score", "eval_gold", "eval_gold_se", "eval_kl", "eval_response_length",
+             "eval_eos_rate"}
 
 
 def run(args, nproc=0, check=True):
@@ -84,6 +85,27 @@ def test_run_logs_every_metric_and_saves_a_policy_in_the_sft_format(checkpoints,
     assert os.path.exists(out / "tokenizer.model")
 
 
+def test_the_critic_warms_up_alone_and_groups_of_samples_share_a_prompt(checkpoints, tmp_path):
+    sft, rm = checkpoints
+    out = tmp_path / "warmup"
+    run([f"--init_from={sft}", f"--reward_model={rm}", f"--out_dir={out}", "--max_iters=1", "--eval_interval=1",
+         "--critic_warmup_iters=1", "--samples_per_prompt=2", "--score_baseline=leave_one_out",
+         "--eval_samples=3"])
+    checkpoint = load_checkpoint(str(out / "ckpt.pt"))
+    start = load_checkpoint(os.path.join(sft, "ckpt.pt"))
+    critic_start = load_checkpoint(os.path.join(rm, "ckpt.pt"))["model"]
+    # warm-up iteration: the policy is the SFT model bit for bit, the critic has learned
+    assert all(torch.equal(checkpoint["model"][k], v) for k, v in start["model"].items())
+    assert any(not torch.equal(checkpoint["critic"][k], critic_start[k]) for k in checkpoint["critic"])
+    training = [r for r in metrics(out) if "phase" not in r]
+    assert training[0]["grad_norm"] == 0.0 and training[0]["critic_grad_norm"] > 0
+    evals = [r for r in metrics(out) if r.get("phase") == "eval"]
+    assert evals[1]["eval_kl"] == 0.0 and evals[1]["eval_gold"] == evals[0]["eval_gold"]  # same policy, same seed
+    assert evals[0]["eval_gold_se"] >= 0
+    samples = (out / "samples.txt").read_text(encoding="utf-8").split("=== iteration 1")[0]
+    assert samples.count("Q: ") == 6  # 4 prompts x 3 samples; the first 6 written, the 4 prompts first
+
+
 def test_resume_continues_exactly(checkpoints, tmp_path):
     sft, rm = checkpoints
     common = [f"--reward_model={rm}", "--eval_interval=2", "--target_kl=0.5"]
@@ -117,3 +139,9 @@ def test_bad_settings_fail_before_any_work(checkpoints, tmp_path):
     swapped = run([f"--init_from={rm}", f"--reward_model={rm}", f"--out_dir={tmp_path / 'c'}"], check=False)
     assert swapped.returncode != 0 and "holds a reward model" in swapped.stderr
     assert not os.path.exists(tmp_path / "c" / "metrics.jsonl")
+    odd = run([f"--init_from={sft}", f"--reward_model={rm}", f"--out_dir={tmp_path / 'd'}",
+               "--samples_per_prompt=3"], check=False)
+    assert odd.returncode != 0 and "must be a multiple of samples_per_prompt=3" in odd.stderr
+    lonely = run([f"--init_from={sft}", f"--reward_model={rm}", f"--out_dir={tmp_path / 'e'}",
+                  "--score_baseline=leave_one_out"], check=False)
+    assert lonely.returncode != 0 and "samples_per_prompt >= 2" in lonely.stderr
