@@ -26,9 +26,11 @@ pipeline_dir = "out-pipeline"  # every stage's out_dir (pretrain/, sft/, rm/, pp
 pretrain_args = "--n_embd=192 --batch_size=32"  # extra settings for train_pretrain.py: a 2.2 M-parameter base on
 # 2x the default tokens, which knows enough facts for PPO to have something to work with (the 3-minute default does not)
 sft_args = ""  # ... for train_sft.py
-rm_args = ""  # ... for train_rm.py (feedback collection and the reward model)
+rm_args = "--likelihood_weight=1.0"  # ... for train_rm.py (feedback collection and the reward model): the reward
+# model reads its own likelihood of the reply too (README, stage 3: 78.4% -> 85.8% vs gold on this pipeline's data)
 ppo_args = ""  # ... for both train_ppo.py runs
-ppo_beta0_args = ""  # ... for the β = 0 run only (after ppo_args and --init_kl_coef=0)
+ppo_beta0_args = "--max_iters=40"  # ... for the β = 0 run only (after ppo_args and --init_kl_coef=0): longer, so
+# the reward hacking has time to show
 skip_done = True  # a stage already finished with the same command is skipped, an interrupted one resumed
 device = "auto"  # passed to every stage: 'auto' | 'cpu' | 'cuda' | 'mps'
 # ----------------------------------------------------------------------------------------------------

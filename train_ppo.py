@@ -5,7 +5,7 @@ After SFT and the reward model (python train_sft.py; python train_rm.py), one pr
     python train_ppo.py --init_kl_coef=0.0 --out_dir=out-ppo-b0  # no KL penalty: watch the reward model get hacked
     python train_ppo.py --target_kl=3.0                         # adaptive beta (Ziegler et al. 2019)
 N processes with DDP (each rank samples its own prompts; one per GPU, gloo on CPU):
-    torchrun --standalone --nproc_per_node=4 train_ppo.py
+    torchrun --standalone --nproc_per_node=4 train_ppo.py --batch_size=64   # the same 256 responses per iteration
 Resume after a crash or Ctrl-C:
     python train_ppo.py --init_from=resume
 Talk to the result: python chat.py --out_dir=out-ppo (the policy is saved in the SFT checkpoint format).
@@ -50,10 +50,10 @@ eval_only = False  # evaluate the starting policy once and exit
 world_seed = 0  # the world the gold annotator checks facts against (pretraining uses World(0))
 prompt_seed = 1337  # question order; train_rm.py's seed, so the first 20% of its questions are new to the reward model
 eval_prompts = 160  # the first this many questions: the fixed held-out set (train_rm.py's held-out 20% too)
-eval_samples = 1  # responses sampled per held-out prompt (more: a less noisy held-out gold score)
+eval_samples = 4  # responses sampled per held-out prompt (more: a less noisy held-out gold score)
 train_prompts = 640  # the next this many: the training prompts
 # rollout
-batch_size = 32  # responses per iteration per rank
+batch_size = 256  # responses per iteration per rank; large: with 32 the policy drifts on noise (README, stage 4)
 samples_per_prompt = 1  # responses sampled per prompt (batch_size / this prompts per iteration)
 score_baseline = "none"  # 'none' | 'leave_one_out': score − the mean score of the prompt's other responses (RLOO)
 max_new_tokens = 32  # longest response; one that never emits eos is cut here (and penalized)
@@ -61,15 +61,15 @@ temperature = 1.0  # pure sampling from softmax(logits / temperature); the scori
 eval_batch_size = 64  # held-out prompts per generation batch
 # reward: score at eos − β·KL per token
 kl_estimator = "k1"  # 'k1' = log π − log π_ref | 'k3' = (r − 1) − log r, r = π_ref/π (never negative)
-init_kl_coef = 0.4  # β (its start, if adaptive); 0 = no KL penalty
+init_kl_coef = 0.2  # β (its start, if adaptive); 0 = no KL penalty
 target_kl = 0.0  # > 0: adaptive β towards this KL per response in nats (Ziegler et al. 2019); 0: β fixed
 kl_horizon = 1000  # adaptive β: over this many responses, β changes by at most about ±20%
 missing_eos_penalty = 1.0  # subtracted from the score of a response that never emits eos
 score_clip = 0.0  # clip reward-model scores to ±this; 0 = off
 whiten_rewards = False  # scale per-token rewards to unit variance over the batch (mean kept)
 # PPO update
-ppo_epochs = 4  # passes over each batch of rollouts
-minibatch_size = 8  # responses per optimizer step (per rank)
+ppo_epochs = 2  # passes over each batch of rollouts
+minibatch_size = 64  # responses per optimizer step (per rank)
 gamma = 1.0  # discount (1: the episode is one short response)
 lam = 0.95  # GAE λ: 0 = one-step TD error, 1 = Monte-Carlo return − V
 clip_range = 0.2  # ε of the clipped ratio
@@ -78,7 +78,7 @@ entropy_coef = 0.0  # entropy bonus coefficient
 whiten_advantages = True  # normalize advantages over the batch's valid tokens
 early_stop_kl = 0.0  # stop the epochs once a minibatch's approx KL(π_old‖π) exceeds this; 0 = never
 critic_warmup_iters = 0  # the first this many iterations train the critic only (the policy waits for good values)
-max_iters = 40  # PPO iterations (rollout + update)
+max_iters = 20  # PPO iterations (rollout + update)
 learning_rate = 2e-5  # policy (AdamW, constant)
 critic_learning_rate = 1e-4  # critic (AdamW, constant)
 weight_decay = 0.0
@@ -110,8 +110,9 @@ if score_baseline not in ("none", "leave_one_out") or (score_baseline != "none" 
                      f"samples_per_prompt >= 2 (got {samples_per_prompt})")
 if not 1 <= minibatch_size <= batch_size:
     raise ValueError(f"minibatch_size={minibatch_size} must be between 1 and batch_size={batch_size}")
-if batch_size * runtime.world_size > train_prompts:
-    raise ValueError(f"batch_size={batch_size} x {runtime.world_size} rank(s) exceeds train_prompts={train_prompts}")
+if batch_size // samples_per_prompt * runtime.world_size > train_prompts:
+    raise ValueError(f"batch_size={batch_size} / samples_per_prompt={samples_per_prompt} x {runtime.world_size} "
+                     f"rank(s) prompts per iteration exceed train_prompts={train_prompts}")
 if master:
     print(f"[nanollm] device={runtime.device} dtype={dtype} world_size={runtime.world_size}")
     os.makedirs(out_dir, exist_ok=True)
@@ -204,15 +205,16 @@ def judge(asked, replies):
 
 
 @torch.no_grad()
-def evaluate():
+def evaluate(model):
     """The held-out prompts, eval_samples responses each (pure sampling, fixed seed): reward-model score, gold score,
-    KL to the reference, length, eos rate. Rank 0 only, with the plain modules."""
+    KL to the reference, length, eos rate. Rank 0 only, with the plain modules. Returns (scores, samples, (prompts,)
+    mean gold per prompt)."""
     generator = torch.Generator(device=runtime.device).manual_seed(seed)
     scores, golds, kls, lengths, ended, samples = [], [], [], [], [], []
     for start in range(0, len(eval_encoded), eval_batch_size):
-        generated = rollout(raw_policy, eval_encoded[start:start + eval_batch_size], max_new_tokens, temperature,
+        generated = rollout(model, eval_encoded[start:start + eval_batch_size], max_new_tokens, temperature,
                             tokenizer.eos_id, tokenizer.pad_id, generator)
-        scored = score_rollout(raw_policy, reference, None, generated, temperature, ctx)
+        scored = score_rollout(model, reference, None, generated, temperature, ctx)
         kl = kl_estimate(scored["logprobs"], scored["ref_logprobs"], kl_estimator)
         replies = decode_responses(tokenizer, generated)
         batch_scores = reward_scores(reward_net, generated, ctx).tolist()
@@ -227,7 +229,22 @@ def evaluate():
     per_prompt = torch.tensor(golds).view(eval_samples, len(eval_questions)).mean(0)  # (prompts,) mean gold
     return {"eval_score": mean(scores), "eval_gold": mean(golds),
             "eval_gold_se": (per_prompt.std() / len(eval_questions) ** 0.5).item(),  # standard error over prompts
-            "eval_kl": mean(kls), "eval_response_length": mean(lengths), "eval_eos_rate": mean(ended)}, samples
+            "eval_kl": mean(kls), "eval_response_length": mean(lengths), "eval_eos_rate": mean(ended)}, \
+        samples, per_prompt
+
+
+reference_golds = None  # the SFT model's per-prompt gold on the same seeded samples: the baseline of a paired gain
+
+
+def gold_gain(per_prompt):
+    """Gold gain over the SFT model on the same prompts, sampled with the same seed (common random numbers), and
+    its paired standard error: mean and std/√n of the per-prompt differences."""
+    global reference_golds
+    if reference_golds is None:
+        reference_golds = per_prompt if iter_num == 0 else evaluate(reference)[2]
+    difference = per_prompt - reference_golds  # (prompts,)
+    return {"eval_gold_gain": difference.mean().item(),
+            "eval_gold_gain_se": (difference.std() / len(difference) ** 0.5).item()}
 
 
 def write_samples(iter_num, samples, count=6):
@@ -263,11 +280,12 @@ while True:
     # held-out evaluation (iteration 0: the SFT model itself), samples, checkpoint
     if iter_num % eval_interval == 0 or iter_num >= max_iters or eval_only:
         if master:
-            scores, samples = evaluate()
+            scores, samples, per_prompt = evaluate(raw_policy)
+            scores.update(gold_gain(per_prompt))
             log.write({"iter": iter_num, "phase": "eval", **scores})
             write_samples(iter_num, samples)
             tqdm.write(f"iter {iter_num}: held-out reward-model score {scores['eval_score']:+.3f}, gold "
-                       f"{scores['eval_gold']:.3f} ± {scores['eval_gold_se']:.3f}, KL {scores['eval_kl']:.3f}, length "
+                       f"{scores['eval_gold']:.3f} (gain {scores['eval_gold_gain']:+.3f} ± {scores['eval_gold_gain_se']:.3f}), KL {scores['eval_kl']:.3f}, length "
                        f"{scores['eval_response_length']:.1f}, eos rate {scores['eval_eos_rate']:.2f}")
         if iter_num > 0 and not eval_only:
             save(iter_num)

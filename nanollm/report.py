@@ -16,6 +16,8 @@ STAGE_DIRS = {"pretrain": "pretrain", "sft": "sft", "rm": "rm", "ppo": "ppo", "p
 MARKER = "pipeline.json"  # written by pipeline.py in a stage's out_dir: its command, finished or not, wall time
 PLOT_NAME = "ppo_curves.png"
 EVAL_KEYS = (("eval_score", "reward-model score", "{:+.3f}"), ("eval_gold", "gold score (1-5)", "{:.3f}"),
+             ("eval_gold_gain", "gold gain over the SFT model (paired)", "{:+.3f}"),
+             ("eval_gold_gain_se", "... its standard error", "{:.3f}"),
              ("eval_kl", "KL to the SFT model (nats per response)", "{:.3f}"),
              ("eval_response_length", "response length (tokens)", "{:.1f}"), ("eval_eos_rate", "eos rate", "{:.2f}"))
 RM_KEYS = (("val_loss", "held-out loss", "{:.4f}"),
@@ -172,13 +174,17 @@ def ppo_section(runs):
                      f"({last['eval_gold'] - first['eval_gold']:+.3f}), reward-model score "
                      f"{first['eval_score']:+.3f} → {last['eval_score']:+.3f}, KL {last['eval_kl']:.3f} at "
                      f"iteration {last['iter']}.")
+        if "eval_gold_gain" in last:
+            notes[-1] = notes[-1][:-1] + (f"; gold gain over the SFT model on the same seeded samples "
+                                          f"{last['eval_gold_gain']:+.3f} ± {last['eval_gold_gain_se']:.3f}.")
         if show_best:
             best = best_gold(records)
             header.append(f"best gold (iteration {best['iter']})")
             columns.append(best)
             notes[-1] += f" Best gold {best['eval_gold']:.3f} at iteration {best['iter']}."
-    text = "## PPO (RLHF)\n\nThe same fixed held-out prompts, one sampled response each; the gold score is the " \
-           "gold annotator's, which the policy never sees.\n\n"
+    text = "## PPO (RLHF)\n\nThe same fixed held-out prompts and sampling seed at every evaluation; the gold score " \
+           "is the gold annotator's, which the policy never sees. The paired gain compares each prompt's mean gold " \
+           "with the SFT model's on the same seeded samples.\n\n"
     if columns:
         rows = [[label] + [fmt(column.get(key), spec) for column in columns] for key, label, spec in EVAL_KEYS]
         text += table(header, rows) + "\n\n"

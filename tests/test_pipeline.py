@@ -20,9 +20,10 @@ def tiny_settings(corpus):
             "--n_embd=32 --block_size=64 --batch_size=4 --vocab_size=400 --eval_iters=1 --sample_tokens=2",
             "--sft_args=--max_iters=4 --eval_examples=4 --batch_size=4 --max_new_tokens=8 --warmup_iters=1",
             "--rm_args=--demo_prompts=24 --demo_k=3 --demo_max_new_tokens=8 --max_iters=5 --eval_interval=5 "
-            "--batch_size=4 --warmup_iters=1",
+            "--batch_size=4 --warmup_iters=1 --likelihood_weight=1.0",
             "--ppo_args=--max_iters=2 --eval_interval=1 --eval_prompts=8 --eval_batch_size=8 --train_prompts=16 "
-            "--batch_size=8 --minibatch_size=4 --ppo_epochs=1 --max_new_tokens=8 --init_kl_coef=0.2"]
+            "--batch_size=8 --minibatch_size=4 --ppo_epochs=1 --max_new_tokens=8 --init_kl_coef=0.2",
+            "--ppo_beta0_args=--max_iters=3"]
 
 
 def run(cwd, settings, check=True):
@@ -69,7 +70,7 @@ def test_one_command_runs_every_stage_and_writes_the_report(finished):
     pretrain_final = [r for r in metrics(run_dir / "pretrain" / "metrics.jsonl") if "val_loss" in r][-1]
     assert "| val loss |" in report and f"{pretrain_final['val_loss']:.4f} |" in report
     beta0_final = [r for r in metrics(run_dir / "ppo-beta0" / "metrics.jsonl") if r.get("phase") == "eval"][-1]
-    assert beta0_final["iter"] == 2 and f"{beta0_final['eval_gold']:.3f}" in report
+    assert beta0_final["iter"] == 3 and f"{beta0_final['eval_gold']:.3f}" in report  # ppo_beta0_args come last
     assert "ppo, β = 0.2" in report and "ppo-beta0, β = 0" in report  # ppo_args reach both; β = 0 wins in one
 
 

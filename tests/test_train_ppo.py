@@ -21,7 +21,8 @@ TINY = ["--batch_size=4", "--minibatch_size=2", "--ppo_epochs=2", "--max_new_tok
 TRAINING_KEYS = {"iter", "score", "gold", "kl", "beta", "objective", "entropy", "clip_frac", "value_clip_frac",
                  "approx_kl", "ratio_mean", "policy_loss", "value_loss", "explained_variance", "response_length",
                  "eos_rate", "rollout_s", "update_s", "minibatches", "grad_norm", "critic_grad_norm", "early_stop"}
-EVAL_KEYS = {"iter", "phase", "eval_score", "eval_gold", "eval_gold_se", "eval_kl", "eval_response_length",
+EVAL_KEYS = {"iter", "phase", "eval_score", "eval_gold", "eval_gold_se", "eval_gold_gain", "eval_gold_gain_se",
+             "eval_kl", "eval_response_length",
              "eval_eos_rate"}
 
 
