@@ -1,7 +1,7 @@
 """The whole pipeline in one command, on the built-in world: pretrain -> SFT -> feedback collection + reward model
 -> PPO with the KL penalty -> PPO with β = 0 (reward hacking), then a summary report with the tables and the plot.
 
-    python pipeline.py                 # about 13 minutes on 2 CPU cores -> out-pipeline/report.md (+ ppo_curves.png)
+    python pipeline.py                 # 20-22 minutes on 2 CPU cores -> out-pipeline/report.md (+ ppo_curves.png)
     python pipeline.py --pipeline_dir=run2 --ppo_args="--max_iters=100 --target_kl=3.0"
     python pipeline.py                 # again: finished stages are skipped, an interrupted one resumes
 Each stage is the stage's own script run as a subprocess (read those for the loops); its output goes to the

@@ -285,7 +285,8 @@ while True:
             log.write({"iter": iter_num, "phase": "eval", **scores})
             write_samples(iter_num, samples)
             tqdm.write(f"iter {iter_num}: held-out reward-model score {scores['eval_score']:+.3f}, gold "
-                       f"{scores['eval_gold']:.3f} (gain {scores['eval_gold_gain']:+.3f} ± {scores['eval_gold_gain_se']:.3f}), KL {scores['eval_kl']:.3f}, length "
+                       f"{scores['eval_gold']:.3f} (gain {scores['eval_gold_gain']:+.3f} ± "
+                       f"{scores['eval_gold_gain_se']:.3f}), KL {scores['eval_kl']:.3f}, length "
                        f"{scores['eval_response_length']:.1f}, eos rate {scores['eval_eos_rate']:.2f}")
         if iter_num > 0 and not eval_only:
             save(iter_num)

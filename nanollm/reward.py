@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from nanollm.data import batch_seed
 from nanollm.sft import encode_content, list_sft_files, prompt_ids, read_records
+from nanollm.tokenizer import Tokenizer
 
 FORMATS = ('scores: {"input", "outputs": [{"response", "score"}, ...]}', 'pairwise: {"prompt", "chosen", "rejected"}',
            'ranked: {"prompt", "ranking": [best, ..., worst]} (an item may be a list of tied responses)')
@@ -30,16 +31,13 @@ def last_token_index(attention_mask):
     return (attention_mask.long() * positions).argmax(-1)  # the largest position whose mask is 1
 
 
-ASSISTANT_ID = 6  # the <|assistant|> role token (nanollm.tokenizer): the response starts right after it
-
-
 def response_logprob_mean(lm, hidden, idx, attention_mask):
     """(B,) mean over response tokens of log p(token | everything before it) under lm's head: the length-normalized
     likelihood that SimPO uses as its reward (Meng et al. 2024). Response = the real tokens after the last
     <|assistant|> token, eos included."""
     logprobs = F.log_softmax(lm.lm_head(hidden[:, :-1]).float(), dim=-1)  # (B, T-1, V): position t predicts t+1
     token_logprobs = torch.gather(logprobs, -1, idx[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    is_assistant = (idx == ASSISTANT_ID).long()
+    is_assistant = (idx == Tokenizer.assistant_id).long()  # the response starts right after it
     after_assistant = is_assistant.flip(-1).cumsum(-1).flip(-1) == 0  # no <|assistant|> at or after this position
     in_response = (after_assistant & attention_mask.bool())[:, 1:].float()  # (B, T-1) the predicted token's mask
     return (token_logprobs * in_response).sum(-1) / in_response.sum(-1).clamp(min=1)
