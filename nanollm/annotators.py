@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from nanollm.metrics import tokenize_for_metrics
-from nanollm.world import TEMPLATES, ZH_OPERATIONS, World
+from nanollm.world import PROMPT_SPLITS, TEMPLATES, ZH_OPERATIONS, World, question_split
 
 DIMENSIONS = ("accuracy", "relevance", "naturalness", "conciseness")
 # overall = Σ weight · score. Accuracy weighs 4x relevance, so a wrong answer (1, 5, 5, 5) and an irrelevant reply
@@ -231,12 +231,17 @@ def preference_records(prompt, replies, ratings, data_format):
 
 
 # ----------------------------------------------------------------------------- collection
-def feedback_prompts(world, n_prompts, seed=0):
-    """n distinct questions about the world (facts in both languages, and arithmetic), in a seeded order."""
-    questions = list(dict.fromkeys(pair.question for pair in world.qa_pairs(seed)))
+def feedback_prompts(world, n_prompts, seed=0, split=None):
+    """n distinct questions about the world (facts in both languages, and arithmetic), in a seeded order; split
+    ('train' | 'validation' | 'test', see world.question_split) keeps that prompt set only, whatever the seed."""
+    if split is not None and split not in PROMPT_SPLITS:
+        raise ValueError(f"split={split!r}: expected one of {tuple(PROMPT_SPLITS)}")
+    questions = list(dict.fromkeys(pair.question for pair in world.qa_pairs(seed)
+                                   if split is None or question_split(pair) == split))
     random.Random(f"feedback:{seed}").shuffle(questions)
     if n_prompts > len(questions):
-        raise ValueError(f"n_prompts={n_prompts}: the world has only {len(questions)} distinct questions")
+        where = f"the {split} split of the world" if split else "the world"
+        raise ValueError(f"n_prompts={n_prompts}: {where} has only {len(questions)} distinct questions")
     return questions[:n_prompts]
 
 
@@ -329,7 +334,8 @@ def collect_feedback(checkpoint_dir, out_dir, n_prompts=800, k=8, temperatures="
                      heldout_fraction=0.2, n_labelers=3, noise=0.2, length_bias=0.1, data_format="scores", seed=0,
                      world_seed=0, device="cpu", batch_size=64):
     """Sample, judge, label, write out_dir/{train,heldout}.jsonl (the labels), gold.jsonl (the truth, for reading
-    and evaluation) and meta.json (settings and statistics). Returns meta."""
+    and evaluation) and meta.json (settings and statistics). Training prompts come from the world's train split,
+    held-out ones from its validation split (world.question_split). Returns meta."""
     from nanollm.checkpoint import load_checkpoint
     from nanollm.model import GPT, GPTConfig
     from nanollm.tokenizer import Tokenizer
@@ -339,7 +345,9 @@ def collect_feedback(checkpoint_dir, out_dir, n_prompts=800, k=8, temperatures="
     model.load_state_dict(checkpoint["model"])
     tokenizer = Tokenizer(os.path.join(checkpoint_dir, "tokenizer.model"))
     world = World(world_seed)
-    questions = feedback_prompts(world, n_prompts, seed)
+    n_heldout = round(n_prompts * heldout_fraction)  # annotate() holds out the first n_heldout prompts
+    questions = feedback_prompts(world, n_heldout, seed, "validation") + \
+        feedback_prompts(world, n_prompts - n_heldout, seed, "train")  # never a test question, whatever the seed
     replies = sample_responses(model, tokenizer, questions, k, parse_temperatures(temperatures), max_new_tokens,
                                batch_size, seed)
     out = annotate(questions, replies, GoldAnnotator(world), labeler_team(n_labelers, noise, length_bias), data_format,
@@ -352,6 +360,7 @@ def collect_feedback(checkpoint_dir, out_dir, n_prompts=800, k=8, temperatures="
             "n_prompts": n_prompts, "k": k, "temperatures": str(temperatures), "max_new_tokens": max_new_tokens,
             "heldout_fraction": heldout_fraction, "n_labelers": n_labelers, "noise": noise,
             "length_bias": length_bias, "data_format": data_format, "seed": seed, "world_seed": world_seed,
+            "prompt_splits": "validation,train",
             "gold_overall_mean": sum(overall) / len(overall), **bias_statistics(out["gold"])}
     with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as handle:
         json.dump(meta, handle, indent=1)

@@ -7,7 +7,9 @@ cleaner has the work that the C4 (Raffel et al. 2020) and Gopher/MassiveText (Ra
 """
 from __future__ import annotations
 
+import hashlib
 import random
+import re
 import string
 from collections import Counter
 from dataclasses import dataclass
@@ -27,6 +29,28 @@ class QAPair(NamedTuple):
     entity: str        # "" for arithmetic
     attribute: str     # the fact's attribute, or "plus" / "minus" / "times"
     language: str      # "en" or "zh"
+
+
+# Every question belongs to one of three disjoint prompt sets, fixed by WHAT it asks (the fact, or the two numbers and
+# the operation), never by its wording or by any stage's seed: a reward model and a policy trained with any seeds
+# never see a validation or test question. train: reward-model and PPO training; validation: choosing settings (and
+# the reward model's held-out prompts); test: the reported result, looked at last.
+PROMPT_SPLITS = {"test": 0.17, "validation": 0.17, "train": 0.66}  # shares of the ~1,100 distinct questions
+
+
+def question_split(pair: QAPair) -> str:
+    """'train' | 'validation' | 'test' for one question: a hash of what it asks, cut at the shares of PROMPT_SPLITS."""
+    if pair.entity:
+        key = f"{pair.entity}|{pair.attribute}"
+    else:  # arithmetic: the same sum in English or Chinese is one question
+        a, b = re.findall(r"\d+", pair.question)[:2]
+        key = f"{a} {pair.attribute} {b}"
+    position = int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) / 16 ** 8  # uniform in [0, 1)
+    for split, share in PROMPT_SPLITS.items():
+        if position < share:
+            return split
+        position -= share
+    return "train"
 
 
 # Value tables: (English, Chinese). An entity's facts are all in its own language.

@@ -15,7 +15,7 @@ from nanollm.model import GPT, GPTConfig
 from nanollm.reward import parse_record
 from nanollm.sft import generate_replies
 from nanollm.tokenizer import Tokenizer, train_tokenizer
-from nanollm.world import World
+from nanollm.world import World, question_split
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +219,33 @@ def test_collect_feedback_writes_labels_gold_and_meta(tiny_checkpoint, tmp_path,
     assert json.loads((tmp_path / "rm" / "meta.json").read_text()) == meta
     main(["judge", "What is 5 times 1?", "5 times 1 is 5."])
     assert "accuracy=5" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- prompt sets
+def test_prompt_splits_are_disjoint_and_fixed_whatever_the_seed(world):
+    test_questions = {}  # split -> every question of it, over several seeds (wordings differ between seeds)
+    for seed in (0, 42, 1337):
+        for split in ("train", "validation", "test"):
+            questions = feedback_prompts(world, 160, seed, split)
+            assert len(set(questions)) == 160
+            test_questions.setdefault(split, set()).update(questions)
+    assert not test_questions["train"] & test_questions["validation"]
+    assert not test_questions["train"] & test_questions["test"]
+    assert not test_questions["validation"] & test_questions["test"]
+    # what a question asks decides its split, not its wording: one fact asked with each seed's wording
+    pairs = {seed: {(p.entity, p.attribute): p for p in world.qa_pairs(seed) if p.entity} for seed in (0, 42)}
+    assert all(question_split(pairs[0][key]) == question_split(pairs[42][key]) for key in pairs[0])
+    assert {question_split(p) for p in pairs[0].values()} == {"train", "validation", "test"}
+    with pytest.raises(ValueError, match="split='dev'"):
+        feedback_prompts(world, 5, 0, "dev")
+
+
+def test_collected_feedback_trains_on_train_questions_and_holds_out_validation_ones(tiny_checkpoint, tmp_path):
+    folder, _, _ = tiny_checkpoint
+    collect_feedback(str(folder), str(tmp_path / "rm"), n_prompts=10, k=2, max_new_tokens=4, heldout_fraction=0.3,
+                     seed=42)
+    world = World(0)
+    split_of = {p.question: question_split(p) for p in world.qa_pairs(42)}
+    for name, split in (("train", "train"), ("heldout", "validation")):
+        prompts = [json.loads(line)["input"] for line in (tmp_path / "rm" / f"{name}.jsonl").read_text().splitlines()]
+        assert len(prompts) == (7 if name == "train" else 3) and {split_of[p] for p in prompts} == {split}
