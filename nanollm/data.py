@@ -9,6 +9,7 @@ import importlib
 import itertools
 import json
 import os
+import pickle
 import random
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
@@ -18,6 +19,8 @@ import torch
 from tqdm import tqdm
 
 from nanollm.clean import clean_documents
+from nanollm.records import read_json, read_lines
+from nanollm.records import read_jsonl as read_records
 from nanollm.tokenizer import Tokenizer, train_tokenizer
 
 PIPELINE_VERSION = 2  # bump when preparation changes meaning: every cached dataset is then rebuilt
@@ -75,31 +78,15 @@ def list_input_files(sources: List[str], suffixes: Tuple[str, ...] = (".txt", ".
     return files
 
 
-def _read_lines(path: Path):
-    """Yield (line_number, text) with UTF-8 decoding errors reported by file and line."""
-    with open(path, "rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            try:
-                yield line_number, raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not valid UTF-8 ({error.reason})") from None
-
-
 def read_txt(path: Path) -> List[str]:
     """A .txt file holds one document per non-empty line (multi-line documents: use .jsonl)."""
-    return [line for _, line in _read_lines(path) if line.strip()]
+    return [line for _, line in read_lines(path) if line.strip()]
 
 
 def read_jsonl(path: Path) -> List[str]:
     """A .jsonl file holds one {"text": "..."} object per line; blank lines are skipped."""
     documents = []
-    for line_number, line in _read_lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{line_number}: malformed JSON ({error.msg}, column {error.colno})") from None
+    for line_number, record in read_records(path):
         if not isinstance(record, dict) or "text" not in record:
             raise ValueError(f"{path}:{line_number}: missing field 'text'")
         if not isinstance(record["text"], str):
@@ -176,13 +163,20 @@ def prepare_dataset(dataset: Union[str, Sequence[str]] = "world", data_dir: Opti
     """Build (or reuse) train.bin, val.bin, meta.json and tokenizer.model; return their folder.
 
     dataset: 'world' (built-in synthetic corpus, `world_seed`), .txt/.jsonl files or folders (comma-separated
-    string or list), or a folder already holding train.bin/val.bin/meta.json (returned unchanged).
+    string or list), or a folder already holding train.bin/val.bin/meta.json (returned unchanged), or a nanoGPT
+    folder: train.bin/val.bin of uint16 ids with meta.pkl (vocab_size, itos/stoi) or without (GPT-2's vocabulary).
     data_dir defaults to data/<name> under the current directory. `seed` drives only the train/val split.
     """
     sources = parse_dataset(dataset)
     if len(sources) == 1 and sources[0] != "world" and os.path.isdir(sources[0]) and is_prepared(sources[0]):
         load_meta(sources[0])  # validate before handing it on
         print(f"[data] using prepared dataset {sources[0]}")
+        return os.path.abspath(sources[0])
+    if len(sources) == 1 and os.path.isdir(sources[0]) and is_nanogpt_folder(sources[0]):
+        meta = nanogpt_meta(sources[0])  # validate before handing it on
+        codec = "meta.pkl's characters" if isinstance(load_tokenizer(sources[0]), CharCodec) else "no tokenizer"
+        print(f"[data] using nanoGPT dataset {sources[0]}: uint16 tokens (train {meta['train_tokens']:,}, val "
+              f"{meta['val_tokens']:,}), vocab {meta['vocab_size']} from {meta['vocab_source']}, {codec}")
         return os.path.abspath(sources[0])
     if tokenizer_type not in ("bpe", "unigram"):
         raise ValueError(f"tokenizer_type must be 'bpe' or 'unigram', got {tokenizer_type!r}")
@@ -196,8 +190,8 @@ def prepare_dataset(dataset: Union[str, Sequence[str]] = "world", data_dir: Opti
     meta_path = os.path.join(data_dir, "meta.json")
     if is_prepared(data_dir) and os.path.isfile(os.path.join(data_dir, "tokenizer.model")):
         try:
-            cached = json.loads(Path(meta_path).read_text(encoding="utf-8")).get("fingerprint")
-        except (json.JSONDecodeError, AttributeError):
+            cached = read_json(meta_path).get("fingerprint")
+        except (ValueError, AttributeError):
             cached = None
         if cached == fingerprint:
             print(f"[data] cache hit: {data_dir} is up to date (fingerprint {fingerprint[:12]})")
@@ -256,14 +250,13 @@ def special_token_ids(tokenizer: Tokenizer) -> dict:
 
 
 def load_meta(data_dir: Union[str, Path]) -> dict:
-    """Read meta.json, with errors that name the file and the missing field."""
+    """Read meta.json (or describe a nanoGPT folder), with errors that name the file and the missing field."""
     path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path) and is_nanogpt_folder(data_dir):
+        return nanogpt_meta(data_dir)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"meta file not found: {path} (run prepare_dataset first)")
-    try:
-        meta = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
+    meta = read_json(path)
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     for field in META_FIELDS:
@@ -272,8 +265,118 @@ def load_meta(data_dir: Union[str, Path]) -> dict:
     return meta
 
 
-def load_tokenizer(data_dir: Union[str, Path]) -> Tokenizer:
-    return Tokenizer(os.path.join(data_dir, load_meta(data_dir)["tokenizer"]))
+def load_tokenizer(folder: Union[str, Path]):
+    """The tokenizer of a data folder or a model's out_dir: a Tokenizer (meta.json's or tokenizer.model), a CharCodec
+    (nanoGPT's character-level meta.pkl), or None (bare nanoGPT token files: GPT-2 BPE, which nanollm does not ship)."""
+    if os.path.isfile(os.path.join(folder, "meta.json")):
+        return Tokenizer(os.path.join(folder, load_meta(folder)["tokenizer"]))
+    if os.path.isfile(os.path.join(folder, "tokenizer.model")):
+        return Tokenizer(os.path.join(folder, "tokenizer.model"))
+    if os.path.isfile(os.path.join(folder, "meta.pkl")):
+        return CharCodec.from_meta(read_meta_pkl(os.path.join(folder, "meta.pkl")), os.path.join(folder, "meta.pkl"))
+    return None
+
+
+def copy_tokenizer(data_dir: Union[str, Path], out_dir: Union[str, Path]) -> Optional[str]:
+    """Copy what decodes the data's token ids (tokenizer.model, or nanoGPT's meta.pkl) into out_dir, so that
+    load_tokenizer(out_dir) finds it; return the copy's path, or None when the data has no tokenizer."""
+    if os.path.isfile(os.path.join(data_dir, "meta.json")):
+        source = os.path.join(data_dir, load_meta(data_dir)["tokenizer"])
+        target = os.path.join(out_dir, "tokenizer.model")
+    elif os.path.isfile(os.path.join(data_dir, "meta.pkl")):
+        source, target = os.path.join(data_dir, "meta.pkl"), os.path.join(out_dir, "meta.pkl")
+    else:
+        return None
+    _write_atomic(target, lambda handle: handle.write(Path(source).read_bytes()))
+    return target
+
+
+# ----------------------------------------------------------------------------- nanoGPT's data folders
+
+# nanoGPT's prepare.py scripts (Karpathy 2022) write train.bin/val.bin as uint16 token ids. The character-level
+# ones (shakespeare_char) add meta.pkl = {'vocab_size': int, 'itos': {int: str}, 'stoi': {str: int}}; the
+# GPT-2-tokenized ones (openwebtext, shakespeare) write no meta.pkl: their vocabulary is GPT-2's 50,257 tokens
+# (nanoGPT's train.py pads that to 50,304 for speed; we keep the true size, which GPT-2's weights also have).
+NANOGPT_DTYPE = np.dtype(np.uint16)
+GPT2_VOCAB_SIZE = 50257
+
+
+def is_nanogpt_folder(folder: Union[str, Path]) -> bool:
+    """train.bin and val.bin without our meta.json and tokenizer.model (a half-written folder of ours has those)."""
+    return (os.path.isfile(os.path.join(folder, "train.bin")) and os.path.isfile(os.path.join(folder, "val.bin"))
+            and not os.path.exists(os.path.join(folder, "meta.json"))
+            and not os.path.exists(os.path.join(folder, "tokenizer.model")))
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles only what pickle builds without importing anything (dict, list, str, int, ...). A pickle that
+    names a class or function (os.system, say) is refused before anything is called: unpickling runs code."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it names {module}.{name}; only plain dicts, strings and ints are read")
+
+
+def read_meta_pkl(path: Union[str, Path]) -> dict:
+    """nanoGPT's meta.pkl, read safely and checked: vocab_size (int > 0), optional itos/stoi."""
+    try:
+        with open(path, "rb") as handle:
+            meta = _PlainDataUnpickler(handle).load()
+    except Exception as error:  # any malformed or hostile pickle: one line naming the file
+        raise ValueError(f"{path}: not a plain nanoGPT meta.pkl ({error})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a dict, got {type(meta).__name__}")
+    vocab_size = meta.get("vocab_size")
+    if type(vocab_size) is not int or vocab_size <= 0:
+        raise ValueError(f"{path}: field 'vocab_size' must be a positive int, got {vocab_size!r}")
+    if vocab_size > 2 ** 16:
+        raise ValueError(f"{path}: vocab_size {vocab_size} does not fit nanoGPT's uint16 token files")
+    return meta
+
+
+def nanogpt_meta(data_dir: Union[str, Path]) -> dict:
+    """Describe a nanoGPT folder in meta.json's terms: uint16 tokens, vocab from meta.pkl (else GPT-2's), no
+    tokenizer file (load_tokenizer gives a CharCodec or None)."""
+    pkl_path = os.path.join(data_dir, "meta.pkl")
+    vocab_size = read_meta_pkl(pkl_path)["vocab_size"] if os.path.isfile(pkl_path) else GPT2_VOCAB_SIZE
+    counts = {}
+    for split in ("train", "val"):
+        path = os.path.join(data_dir, f"{split}.bin")
+        size = os.path.getsize(path)
+        if size % NANOGPT_DTYPE.itemsize:
+            raise ValueError(f"{path}: {size} bytes is not a whole number of uint16 tokens")
+        counts[f"{split}_tokens"] = size // NANOGPT_DTYPE.itemsize
+    return {"vocab_size": vocab_size, "dtype": NANOGPT_DTYPE.name, "tokenizer": None, **counts, "format": "nanogpt",
+            "vocab_source": "meta.pkl" if os.path.isfile(pkl_path) else "GPT-2 (no meta.pkl)"}
+
+
+class CharCodec:
+    """nanoGPT's character-level vocabulary (meta.pkl's stoi/itos) with a Tokenizer's encode/decode, so sampling
+    code works unchanged. It has no special tokens: bos/eos requests are ignored and eos_id is None."""
+    bos_id = eos_id = None
+
+    def __init__(self, stoi: dict, itos: dict, source: str):
+        self.stoi, self.itos, self.source, self.vocab_size = stoi, itos, source, len(itos)
+
+    @classmethod
+    def from_meta(cls, meta: dict, source: str) -> Optional["CharCodec"]:
+        """A codec from meta.pkl's itos/stoi, or None when it has none (only a vocab_size)."""
+        stoi, itos = meta.get("stoi"), meta.get("itos")
+        if stoi is None and itos is None:
+            return None
+        if not (isinstance(stoi, dict) and isinstance(itos, dict)
+                and all(isinstance(c, str) and type(i) is int for c, i in stoi.items())
+                and all(stoi.get(c) == i for i, c in itos.items())):
+            raise ValueError(f"{source}: 'stoi' and 'itos' must be inverse dicts of str <-> int")
+        return cls(stoi, itos, source)
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> List[int]:
+        missing = sorted(set(text) - set(self.stoi))
+        if missing:
+            raise ValueError(f"{self.source}: characters {''.join(missing)!r} are not in the vocabulary")
+        return [self.stoi[character] for character in text]
+
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        return "".join(self.itos.get(int(token), "\ufffd") for token in ids)
 
 
 def unigram_perplexity(data_dir: str, chunk_tokens: int = 1 << 24) -> float:
@@ -315,7 +418,8 @@ def get_batch(data_dir: str, split: str, batch_size: int, block_size: int, seed:
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    dtype = np.dtype(load_meta(data_dir)["dtype"])
+    meta = load_meta(data_dir)
+    dtype, vocab_size = np.dtype(meta["dtype"]), meta["vocab_size"]
     path = os.path.join(data_dir, f"{split}.bin")
     n_tokens = os.path.getsize(path) // dtype.itemsize
     if n_tokens < block_size + 1:
@@ -323,9 +427,13 @@ def get_batch(data_dir: str, split: str, batch_size: int, block_size: int, seed:
     tokens = np.memmap(path, dtype=dtype, mode="r")
     generator = torch.Generator().manual_seed(batch_seed(seed, split, step, micro_step))
     starts = torch.randint(n_tokens - block_size, (batch_size,), generator=generator).tolist()  # i in [0, N-T-1]
-    x = torch.from_numpy(np.stack([tokens[i:i + block_size].astype(np.int64) for i in starts]))          # (B, T)
-    y = torch.from_numpy(np.stack([tokens[i + 1:i + 1 + block_size].astype(np.int64) for i in starts]))  # (B, T)
+    windows = np.stack([tokens[i:i + block_size + 1].astype(np.int64) for i in starts])  # (B, T+1)
     del tokens
+    if windows.size and windows.max() >= vocab_size:  # an id past the embedding table: wrong vocab_size or dtype
+        raise ValueError(f"{path}: token id {windows.max()} >= vocab_size {vocab_size} (from "
+                         f"{meta.get('vocab_source', 'meta.json')})")
+    x = torch.from_numpy(np.ascontiguousarray(windows[:, :-1]))  # (B, T) tokens[i : i+T]
+    y = torch.from_numpy(np.ascontiguousarray(windows[:, 1:]))  # (B, T) tokens[i+1 : i+T+1]
     if torch.device(device).type == "cuda":
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)

@@ -240,7 +240,7 @@ def test_load_meta_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="meta.json"):
         load_meta(tmp_path)
     (tmp_path / "meta.json").write_text('{"vocab_size": 10,\n "dtype": }')
-    with pytest.raises(ValueError, match=r"meta\.json:2: invalid JSON"):
+    with pytest.raises(ValueError, match=r"meta\.json:2: malformed JSON"):
         load_meta(tmp_path)
     (tmp_path / "meta.json").write_text('{"vocab_size": 10}')
     with pytest.raises(ValueError, match=r"meta\.json: missing field 'dtype'"):
@@ -265,3 +265,101 @@ def test_get_batch_on_cuda_matches_cpu(tmp_path):
     x_cpu, y_cpu = get_batch(data_dir, "train", 4, 8, seed=0, step=1, micro_step=0)
     x_gpu, y_gpu = get_batch(data_dir, "train", 4, 8, seed=0, step=1, micro_step=0, device="cuda")
     assert x_gpu.is_cuda and torch.equal(x_gpu.cpu(), x_cpu) and torch.equal(y_gpu.cpu(), y_cpu)
+
+
+# ----------------------------------------------------------------------------- nanoGPT's own data folders
+
+CHARACTERS = "".join(chr(0x4E00 + index) for index in range(300))  # 300 characters: ids above 255 need uint16
+
+
+def write_nanogpt_folder(folder, train_ids, val_ids, meta=None):
+    """What nanoGPT's prepare.py writes: uint16 train.bin/val.bin, and meta.pkl for character-level data."""
+    import pickle
+
+    folder.mkdir(parents=True, exist_ok=True)
+    np.asarray(train_ids, dtype=np.uint16).tofile(folder / "train.bin")
+    np.asarray(val_ids, dtype=np.uint16).tofile(folder / "val.bin")
+    if meta is not None:
+        (folder / "meta.pkl").write_bytes(pickle.dumps(meta))
+    return str(folder)
+
+
+def char_meta():
+    return {"vocab_size": len(CHARACTERS), "itos": dict(enumerate(CHARACTERS)),
+            "stoi": {character: index for index, character in enumerate(CHARACTERS)}}
+
+
+def assert_windows_of(tokens, x, y, block_size):
+    """Each row of x is tokens[i : i+T] for some i, and the same row of y is tokens[i+1 : i+T+1]."""
+    for row_x, row_y in zip(x.numpy(), y.numpy()):
+        starts = [i for i in range(len(tokens) - block_size) if np.array_equal(tokens[i:i + block_size], row_x)]
+        assert starts and any(np.array_equal(tokens[i + 1:i + 1 + block_size], row_y) for i in starts)
+
+
+def test_nanogpt_char_folder_with_meta_pkl_is_used_as_is(tmp_path, capsys):
+    train_ids = (np.arange(700) * 7) % 300  # ids up to 299: read as uint8 or uint32 they would differ
+    data_dir = write_nanogpt_folder(tmp_path / "shakespeare_char", train_ids, np.arange(40) + 250, char_meta())
+    assert prepare_dataset(data_dir) == data_dir
+    assert "using nanoGPT dataset" in capsys.readouterr().out
+    assert sorted(os.listdir(data_dir)) == ["meta.pkl", "train.bin", "val.bin"]  # nothing written into it
+    meta = load_meta(data_dir)
+    assert (meta["vocab_size"], meta["dtype"], meta["train_tokens"], meta["val_tokens"]) == (300, "uint16", 700, 40)
+    x, y = get_batch(data_dir, "train", 5, 16, seed=0, step=3, micro_step=1)
+    assert x.shape == y.shape == (5, 16) and int(x.max()) > 255
+    assert_windows_of(train_ids, x, y, 16)
+    x, y = get_batch(data_dir, "val", 3, 8, seed=0, step=0, micro_step=0)
+    assert torch.equal(y, x + 1) and x.min() >= 250 and y.max() <= 289  # val.bin is 250, 251, ..., 289
+    codec = load_tokenizer(data_dir)  # the characters of meta.pkl, for sampling
+    text = CHARACTERS[5] + CHARACTERS[299] + CHARACTERS[0]
+    assert codec.encode(text, bos=True) == [5, 299, 0] and codec.decode([5, 299, 0]) == text
+    assert codec.eos_id is None and codec.vocab_size == 300
+    with pytest.raises(ValueError, match=r"meta\.pkl: characters 'A' are not in the vocabulary"):
+        codec.encode("A")
+
+
+def test_nanogpt_bare_bins_have_gpt2_vocab_and_no_tokenizer(tmp_path):
+    train_ids = np.arange(600) + 50257 - 600  # the top of GPT-2's vocabulary: 49657 .. 50256
+    data_dir = write_nanogpt_folder(tmp_path / "openwebtext", train_ids, np.arange(100))
+    assert prepare_dataset(data_dir) == data_dir
+    meta = load_meta(data_dir)
+    assert (meta["vocab_size"], meta["dtype"], meta["tokenizer"]) == (50257, "uint16", None)
+    assert load_tokenizer(data_dir) is None  # GPT-2's BPE is not part of nanollm: sampling must say so
+    x, y = get_batch(data_dir, "train", 4, 32, seed=1, step=0, micro_step=0)
+    assert torch.equal(y, x + 1) and x.min() >= 49657 and y.max() <= 50256
+    assert_windows_of(train_ids, x, y, 32)
+    write_nanogpt_folder(tmp_path / "other_bpe", np.full(100, 60000), np.arange(100))  # ids past GPT-2's vocab
+    with pytest.raises(ValueError, match=r"train\.bin: token id 60000 >= vocab_size 50257"):
+        get_batch(str(tmp_path / "other_bpe"), "train", 2, 8, seed=0, step=0, micro_step=0)
+
+
+def test_nanogpt_folder_errors_name_the_file(tmp_path):
+    data_dir = write_nanogpt_folder(tmp_path / "odd", np.arange(50), np.arange(50), {"vocab_size": "65"})
+    with pytest.raises(ValueError, match=r"meta\.pkl: field 'vocab_size' must be a positive int"):
+        prepare_dataset(data_dir)
+    (tmp_path / "odd" / "meta.pkl").unlink()
+    with open(tmp_path / "odd" / "val.bin", "ab") as handle:
+        handle.write(b"\x01")  # 101 bytes: half a token at the end
+    with pytest.raises(ValueError, match=r"val\.bin: 101 bytes is not a whole number of uint16 tokens"):
+        load_meta(data_dir)
+    half_ours = write_nanogpt_folder(tmp_path / "half", np.arange(50), np.arange(50))
+    (tmp_path / "half" / "tokenizer.model").write_bytes(b"")  # our preparation, stopped before meta.json
+    with pytest.raises(FileNotFoundError, match=r"meta\.json"):
+        load_meta(half_ours)
+
+
+class _RunsACommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling this calls os.system("touch <marker>")
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_malicious_meta_pkl_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    data_dir = write_nanogpt_folder(tmp_path / "evil", np.arange(50), np.arange(50),
+                                    {"vocab_size": 65, "itos": _RunsACommand(marker)})
+    for read in (load_meta, load_tokenizer, prepare_dataset):
+        with pytest.raises(ValueError, match=r"meta\.pkl: not a plain nanoGPT meta\.pkl .*system"):
+            read(data_dir)
+    assert not marker.exists()
