@@ -5,7 +5,9 @@ Teaches checkpoint surgery: every tensor is mapped by name, explicitly. GPT-2's 
 skipped. The safetensors format (8-byte header length, JSON header, raw little-endian bytes) is read by hand, so the
 `safetensors` package is not needed. Radford et al. 2019 (GPT-2). The GPT-2 tokenizer is not part of nanollm.
 """
+import dataclasses
 import json
+import math
 import os
 import sys
 
@@ -80,67 +82,181 @@ def config_to_gpt2(config: GPTConfig):
 
 
 # --------------------------------------------------------------------------------------- file formats
-def read_safetensors(path):
-    """{name: tensor} from a .safetensors file: u64 header size N (little-endian), N bytes of JSON
-    {name: {dtype, shape, data_offsets: [begin, end]}}, then the tensors' raw bytes."""
+MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit on the JSON header (100 MB)
+
+
+def check_safetensors_header(path):
+    """The checked header of a .safetensors file, read without reading any tensor: {name: (dtype, shape, begin, end)}
+    with begin/end relative to the data section, and the data section's start in the file.
+
+    Layout: u64 header size N (little-endian), N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}},
+    then the tensors' raw bytes. Checked: N fits the file; every dtype is known; every shape is a list of
+    non-negative ints; end - begin = numel * itemsize; the tensors tile the data section exactly (in range, no
+    overlap, no gap, no trailing bytes). Any failure is a ValueError naming the file and the tensor."""
     if sys.byteorder != "little":
         raise ValueError(f"{path}: safetensors data is little-endian; this machine is not")
+    file_size = os.path.getsize(path)
     with open(path, "rb") as f:
-        header_size = int.from_bytes(f.read(8), "little")
+        header_size = int.from_bytes(f.read(8), "little") if file_size >= 8 else -1
+        if not 0 <= header_size <= min(file_size - 8, MAX_HEADER_BYTES):
+            raise ValueError(f"{path}: not a safetensors file (header size {header_size} does not fit the file's "
+                             f"{file_size} bytes)")
         try:
-            header = json.loads(f.read(header_size))
-        except ValueError as error:
+            raw = json.loads(f.read(header_size))
+        except (ValueError, RecursionError) as error:
             raise ValueError(f"{path}: not a safetensors file (bad JSON header: {error})") from None
-        data = bytearray(os.path.getsize(path) - 8 - header_size)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: not a safetensors file (the header is not a JSON object)")
+    raw.pop("__metadata__", None)
+    header = {}
+    for name, info in raw.items():
+        info = info if isinstance(info, dict) else {}
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)):
+            raise ValueError(f"{path}: tensor {name!r} has a bad shape {str(shape)[:60]}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise ValueError(f"{path}: tensor {name!r} has bad data_offsets {str(offsets)[:60]}")
+        nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            raise ValueError(f"{path}: tensor {name!r} of shape {tuple(shape)} {dtype} needs {nbytes} bytes, its "
+                             f"data_offsets {offsets} hold {offsets[1] - offsets[0]}")
+        header[name] = (dtype, tuple(shape), offsets[0], offsets[1])
+    data_start, data_size = 8 + header_size, file_size - 8 - header_size
+    position = 0  # the tensors, sorted by offset, must cover [0, data_size) exactly once
+    for name, (_, _, begin, end) in sorted(header.items(), key=lambda item: item[1][2:]):
+        if begin != position:
+            what = "overlaps the tensor before it" if begin < position else f"leaves a gap at byte {position}"
+            raise ValueError(f"{path}: tensor {name!r} (data_offsets [{begin}, {end}]) {what}")
+        if end > data_size:
+            raise ValueError(f"{path}: tensor {name!r} ends at byte {end}, past the data's {data_size} bytes")
+        position = end
+    if position != data_size:
+        raise ValueError(f"{path}: {data_size - position} bytes after the last tensor (truncated header or "
+                         f"appended data)")
+    return header, data_start
+
+
+def read_safetensors(path, device="cpu"):
+    """{name: tensor} from a .safetensors file, after check_safetensors_header. device="meta": the tensors' dtypes
+    and shapes only, no data read (what a loader compares with its config before building anything)."""
+    header, data_start = check_safetensors_header(path)
+    if device == "meta":
+        return {name: torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype], device="meta")
+                for name, (dtype, shape, _, _) in header.items()}
+    with open(path, "rb") as f:
+        f.seek(data_start)
+        data = bytearray(os.path.getsize(path) - data_start)
         f.readinto(data)
-    header.pop("__metadata__", None)
     tensors = {}
-    for name, info in header.items():
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']!r}")
-        begin, end = info["data_offsets"]
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+    for name, (dtype, shape, begin, end) in header.items():
+        dtype = SAFETENSORS_DTYPES[dtype]
         count = (end - begin) // dtype.itemsize
         flat = torch.frombuffer(data, dtype=dtype, count=count, offset=begin) if count else torch.empty(0, dtype=dtype)
-        tensors[name] = flat.reshape(info["shape"])
+        tensors[name] = flat.reshape(shape)
     return tensors
 
 
-def read_weights(folder):
-    """GPT-2 tensors from folder/model.safetensors, else folder/pytorch_model.bin; returns (tensors, file path)."""
+def read_weights(folder, device="cpu"):
+    """GPT-2 tensors from folder/model.safetensors, else folder/pytorch_model.bin; returns (tensors, file path).
+    device="meta" reads only a safetensors header (a .bin file is a pickle archive: it is read whole, on the CPU)."""
     for name in (SAFETENSORS_FILE, PYTORCH_FILE):
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             if name == SAFETENSORS_FILE:
-                return read_safetensors(path), path
-            return torch.load(path, map_location="cpu", weights_only=True), path
+                return read_safetensors(path, device), path
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+            if not (isinstance(tensors, dict) and all(isinstance(t, torch.Tensor) for t in tensors.values())):
+                raise ValueError(f"{path}: not a state dict of tensors")
+            return tensors, path
     raise FileNotFoundError(f"{folder}: no {SAFETENSORS_FILE} or {PYTORCH_FILE}")
 
 
+# ------------------------------------------------------------------------------- config and shape checks
+POSITIVE_INT_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+
+
+def checked_config(args, where):
+    """GPTConfig from an untrusted dict of its arguments (a config.json, a checkpoint's model_args): unknown fields,
+    sizes that are not positive ints, n_embd not divisible by n_head are one-line ValueErrors naming `where`."""
+    if not isinstance(args, dict):
+        raise ValueError(f"{where}: model arguments must be an object, got {type(args).__name__}")
+    known = {field.name for field in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown model argument(s) {unknown}")
+    for field in POSITIVE_INT_FIELDS:
+        value = args.get(field, 1)
+        if type(value) is not int or value < 1:
+            raise ValueError(f"{where}: {field} must be a positive integer, got {str(value)[:40]}")
+    eps, dropout = args.get("layer_norm_eps", 1e-5), args.get("dropout", 0.0)
+    if type(eps) not in (int, float) or not 0 < eps < 1:
+        raise ValueError(f"{where}: layer_norm_eps must be a number in (0, 1), got {str(eps)[:40]}")
+    if type(dropout) not in (int, float) or not 0 <= dropout < 1:
+        raise ValueError(f"{where}: dropout must be a number in [0, 1), got {str(dropout)[:40]}")
+    try:
+        return GPTConfig(**args)  # checks n_embd % n_head and the named choices (attn_impl, init, norm_position)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+def expected_shapes(config: GPTConfig, tensor_count, path):
+    """{name: shape} of a GPT's state dict, computed on the meta device (no memory). The config's n_layer is first
+    bounded by the tensors the file really holds, so a tiny file cannot make us build a huge model even on meta."""
+    if config.n_layer > tensor_count:
+        raise ValueError(f"{path}: holds {tensor_count} tensors, fewer than the config's n_layer={config.n_layer}")
+    with torch.device("meta"):
+        model = GPT(config)
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def check_tensors_fit(path, tensors, shapes, what):
+    """The file's tensors (real or meta) against the {name: shape} the config implies: same names, same shapes,
+    floating-point dtypes. Raises a ValueError naming the file and the first tensor at fault."""
+    missing, unexpected = sorted(set(shapes) - set(tensors)), sorted(set(tensors) - set(shapes))
+    if missing or unexpected:
+        raise ValueError(f"{path}: tensors do not match {what}: "
+                         f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+                         f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    for name, shape in shapes.items():
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise ValueError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(shape)}")
+        if not tensors[name].dtype.is_floating_point:
+            raise ValueError(f"{path}: {name} has dtype {tensors[name].dtype}, expected a floating-point dtype")
+
+
 # ------------------------------------------------------------------------------------------- mapping
+def gpt2_weights(tensors):
+    """A GPT-2 file's weights by GPT-2 name: the 'transformer.' prefix dropped, mask buffers and the tied lm_head
+    (checked separately) left out."""
+    tensors = {name.removeprefix("transformer."): tensor for name, tensor in tensors.items()}
+    return {name: tensor for name, tensor in tensors.items()
+            if not (name.endswith(tuple("." + buffer for buffer in MASK_BUFFERS)) or name == "lm_head.weight")}
+
+
+def gpt2_shapes(our_shapes, n_layer):
+    """{GPT-2 name: shape} from our {name: shape}: Conv1D weights are stored (in, out), the transpose of ours."""
+    return {theirs: tuple(our_shapes[name])[::-1] if transposed else tuple(our_shapes[name])
+            for name, (theirs, transposed) in tensor_map(n_layer).items()}
+
+
 def load_gpt2_weights(model: GPT, tensors, path):
     """Copy GPT-2-named tensors into our GPT, every one by the explicit map; anything left over or absent raises."""
-    tensors = {name.removeprefix("transformer."): tensor for name, tensor in tensors.items()}
     mapping = tensor_map(model.config.n_layer)
     ours = model.state_dict()
     assert set(ours) - set(mapping) == {"lm_head.weight"}, "tensor_map is out of date with the GPT"
-    expected = {theirs for theirs, _ in mapping.values()}
-    ignorable = {name for name in tensors if name.endswith(MASK_BUFFERS) or name == "lm_head.weight"}
-    missing = sorted(expected - set(tensors))
-    unexpected = sorted(set(tensors) - expected - ignorable)
-    if missing or unexpected:
-        raise ValueError(f"{path}: tensors do not match GPT-2 with {model.config.n_layer} layers: "
-                         f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
-                         f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    weights = gpt2_weights(tensors)
+    check_tensors_fit(path, weights, gpt2_shapes({name: t.shape for name, t in ours.items()}, model.config.n_layer),
+                      f"GPT-2 with {model.config.n_layer} layers")
     with torch.no_grad():
         for name, (theirs, transposed) in mapping.items():
-            stored = tensors[theirs]
-            expected_shape = tuple(ours[name].shape)[::-1] if transposed else tuple(ours[name].shape)
-            if tuple(stored.shape) != expected_shape:
-                raise ValueError(f"{path}: {theirs} has shape {tuple(stored.shape)}, expected {expected_shape}")
+            stored = weights[theirs]
             ours[name].copy_(stored.t() if transposed else stored)  # Conv1D (in, out) -> Linear (out, in)
-        if "lm_head.weight" in tensors and not torch.equal(tensors["lm_head.weight"].to(ours["wte.weight"].dtype),
-                                                           ours["wte.weight"]):
+        lm_head = tensors.get("lm_head.weight", tensors.get("transformer.lm_head.weight"))
+        if lm_head is not None and not (lm_head.shape == ours["wte.weight"].shape and
+                                        torch.equal(lm_head.to(ours["wte.weight"].dtype), ours["wte.weight"])):
             raise ValueError(f"{path}: lm_head.weight differs from wte.weight; our GPT ties them")
 
 
@@ -182,10 +298,18 @@ def load_pretrained(path, **overrides):
     try:
         with open(config_path, encoding="utf-8") as f:
             hf_config = json.load(f)
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:
         raise ValueError(f"{config_path}: not valid JSON ({error})") from None
-    model = GPT(GPTConfig(**{**config_from_gpt2(hf_config, config_path), **overrides}))
-    tensors, weights_path = read_weights(path)
+    if not isinstance(hf_config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got {type(hf_config).__name__}")
+    config = checked_config({**config_from_gpt2(hf_config, config_path), **overrides}, config_path)
+    # the weights file's header (or a .bin file's tensors) must fit the config before the model is built
+    tensors, weights_path = read_weights(path, device="meta")
+    shapes = gpt2_shapes(expected_shapes(config, len(tensors), weights_path), config.n_layer)
+    check_tensors_fit(weights_path, gpt2_weights(tensors), shapes, f"GPT-2 with {config.n_layer} layers")
+    if weights_path.endswith(SAFETENSORS_FILE):
+        tensors = read_safetensors(weights_path)
+    model = GPT(config)
     load_gpt2_weights(model, tensors, weights_path)
     return model.eval()
 
@@ -196,9 +320,11 @@ def load_our_checkpoint(path, overrides):
     model_type = (checkpoint.get("config") or {}).get("model_type", "gpt")
     if model_type != "gpt":
         raise ValueError(f"{path}: a {model_type!r} checkpoint, not a GPT")
-    model = GPT(GPTConfig(**{**checkpoint["model_args"], **overrides}))
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
-        raise ValueError(f"{path}: weights do not fit the GPT in its model_args: {error}") from None
+    if not isinstance(checkpoint.get("model"), dict) or "model_args" not in checkpoint:
+        raise ValueError(f"{path}: not a nanollm checkpoint (no 'model' weights or 'model_args')")
+    config = checked_config({**checkpoint["model_args"], **overrides}, f"{path}: model_args")
+    weights = checkpoint["model"]
+    check_tensors_fit(path, weights, expected_shapes(config, len(weights), path), "the GPT in its model_args")
+    model = GPT(config)
+    model.load_state_dict(weights)
     return model.eval()
