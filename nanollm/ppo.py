@@ -3,7 +3,8 @@
 Teaches: rollouts by pure sampling with the KV cache; one scoring pass (policy, frozen reference, critic, reward
 model); the reward r_t = −β·kl_t plus the score at eos, with the adaptive β of Ziegler et al. 2019; GAE (Schulman et
 al. 2016); PPO's clipped surrogate and clipped value loss (Schulman et al. 2017), as in Stiennon et al. 2020 and
-InstructGPT (Ouyang et al. 2022). KL estimators k1/k3: Schulman 2020, "Approximating KL divergence".
+InstructGPT (Ouyang et al. 2022). KL estimators k1/k3: Schulman 2020, "Approximating KL divergence"; only k1 may go
+in the reward (its score-function gradient is ∇KL), k3 goes in the loss (as GRPO does: Shao et al. 2024).
 """
 import contextlib
 import math
@@ -14,10 +15,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanollm.model import GPT
-from nanollm.reward import last_token_index, pad_sequences
+from nanollm.reward import last_token_index, pad_sequences, response_logprob_running_mean
 from nanollm.sft import prompt_ids
+from nanollm.tokenizer import NUM_RESERVED
 
-KL_ESTIMATORS = ("k1", "k3")
+KL_ESTIMATORS = ("k1", "k3")  # estimates of the VALUE of KL(π‖π_ref), both unbiased
+REWARD_KL_ESTIMATORS = ("k1",)  # the only one whose value, paid as a reward, has ∇KL as its policy gradient
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -78,6 +81,7 @@ class Rollout:
     response_mask: torch.Tensor  # (B, R) 1 on response tokens up to and including the first eos
     ended: torch.Tensor  # (B,) bool: the response emitted eos (False: cut at max_new_tokens)
     prompt_length: int  # P
+    banned_ids: tuple = ()  # ids the sampler could not emit: every log-prob is of the same restricted distribution
 
     @property
     def responses(self):
@@ -96,11 +100,19 @@ def cut_after_eos(responses, eos_id, pad_id):
     return responses.masked_fill(response_mask == 0, pad_id), response_mask, is_eos.bool().any(-1)
 
 
+def reserved_ids_except_eos(eos_id):
+    """The tokenizer's reserved ids (pad, bos, unk, chat roles, mask) other than eos: a response must never contain
+    one (a sampled <|assistant|> would start a new turn inside the response)."""
+    return tuple(index for index in range(NUM_RESERVED) if index != eos_id)
+
+
 @torch.no_grad()
-def rollout(model, prompts, max_new_tokens, temperature, eos_id, pad_id, generator=None):
+def rollout(model, prompts, max_new_tokens, temperature, eos_id, pad_id, generator=None, banned_ids=None):
     """Sample one response per prompt (lists of ids), batched: prompts left-padded, decoded with the KV cache, by
     PURE sampling from softmax(logits / temperature) — no top-k/top-p, which would sample from a different
-    distribution than the one whose log-probs and KL we compute. Dropout is off. Returns a Rollout."""
+    distribution than the one whose log-probs and KL we compute. banned_ids (default: the reserved ids other than
+    eos) get probability 0; the Rollout remembers them so that scoring uses the same distribution. Dropout is off."""
+    banned_ids = reserved_ids_except_eos(eos_id) if banned_ids is None else tuple(banned_ids)
     if temperature <= 0:
         raise ValueError(f"temperature={temperature}: PPO needs sampling (> 0); greedy decoding has no log-probs")
     device = next(model.parameters()).device
@@ -108,10 +120,11 @@ def rollout(model, prompts, max_new_tokens, temperature, eos_id, pad_id, generat
     prompt_tokens, prompt_mask = prompt_tokens.to(device), prompt_mask.to(device)
     with evaluating(model):
         out = model.generate(prompt_tokens, max_new_tokens, temperature=temperature, top_k=None, top_p=None,
-                             eos_id=eos_id, attention_mask=prompt_mask, use_cache=True, generator=generator)
+                             eos_id=eos_id, attention_mask=prompt_mask, use_cache=True, generator=generator,
+                             banned_ids=banned_ids)
     responses, response_mask, ended = cut_after_eos(out[:, prompt_tokens.size(1):], eos_id, pad_id)  # (B, R)
     return Rollout(torch.cat([prompt_tokens, responses], 1), torch.cat([prompt_mask, response_mask], 1),
-                   response_mask, ended, prompt_tokens.size(1))
+                   response_mask, ended, prompt_tokens.size(1), banned_ids)
 
 
 def decode_responses(tokenizer, rollout):
@@ -126,36 +139,50 @@ def decode_responses(tokenizer, rollout):
 # ----------------------------------------------------------------------------- the networks and the scoring pass
 class Critic(nn.Module):
     """V(s_t) at every position: a GPT trunk + Linear(n_embd, 1). A network separate from the policy, so the value
-    loss cannot disturb the language model; initialized from the reward model (it already reads quality)."""
+    loss cannot disturb the language model; initialized from the reward model (it already reads quality). With
+    likelihood=True it adds w · (mean log p of the response tokens so far), the reward model's likelihood feature
+    read at every position, so that at eos the critic starts out equal to the reward model's score."""
 
-    def __init__(self, backbone):
+    def __init__(self, backbone, likelihood=False):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(backbone.config.n_embd, 1)
+        self.likelihood_weight = nn.Parameter(torch.zeros(())) if likelihood else None
 
     @classmethod
     def from_reward_model(cls, reward_model, config=None):
-        """A critic with the reward model's trunk and head weights (its fitted bias goes into the head's bias);
-        config may change runtime settings such as attn_impl (default: the reward model's). A likelihood feature
-        (train_rm.py --likelihood_weight) is not copied: its term is learned back by the value loss."""
-        critic = cls(GPT(config or reward_model.backbone.config)).to(reward_model.head.weight.device)
+        """A critic with the reward model's trunk and head weights (its fitted bias goes into the head's bias) and
+        its likelihood weight (train_rm.py --likelihood_weight); config may change runtime settings such as
+        attn_impl (default: the reward model's)."""
+        critic = cls(GPT(config or reward_model.backbone.config), reward_model.likelihood)
+        critic = critic.to(reward_model.head.weight.device)
         critic.backbone.load_state_dict(reward_model.backbone.state_dict())
         critic.head.load_state_dict(reward_model.head.state_dict())
         with torch.no_grad():
             critic.head.bias += reward_model.reward_bias
+            if reward_model.likelihood:
+                critic.likelihood_weight.copy_(reward_model.likelihood_weight)
         return critic
 
     def forward(self, idx, attention_mask):
         """(B, T) ids and mask -> (B, T) values, one per position (positions from the mask)."""
         hidden = self.backbone.hidden_states(idx, attention_mask)  # (B, T, C)
-        return self.head(hidden).squeeze(-1).float()  # (B, T)
+        values = self.head(hidden).squeeze(-1).float()  # (B, T)
+        if self.likelihood_weight is not None:  # V_t = w·h_t + b + w_lik · mean log p(response tokens ≤ t)
+            values = values + self.likelihood_weight * response_logprob_running_mean(self.backbone, hidden, idx,
+                                                                                     attention_mask)
+        return values
 
 
 def response_logits(policy, rollout, temperature):
     """Full forward -> (B, R, V) logits / temperature, the ones that predicted each response token (position t−1
-    predicts token t). The same temperature as sampling, or the log-probs are of another distribution."""
+    predicts token t), with −inf at the ids the sampler banned. The same temperature and the same banned ids as
+    sampling, or the log-probs are of another distribution."""
     logits, _ = policy(rollout.input_ids, attention_mask=rollout.attention_mask)  # (B, P+R, V)
-    return logits[:, rollout.prompt_length - 1:-1].float() / temperature  # (B, R, V)
+    logits = logits[:, rollout.prompt_length - 1:-1].float() / temperature  # (B, R, V)
+    if rollout.banned_ids:
+        logits = logits.index_fill(-1, torch.tensor(rollout.banned_ids, device=logits.device), float("-inf"))
+    return logits
 
 
 def token_logprobs(logits, tokens):
@@ -163,9 +190,17 @@ def token_logprobs(logits, tokens):
     return torch.gather(F.log_softmax(logits, dim=-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+def response_logprobs(logits, rollout):
+    """(B, R) log-probs of the sampled response tokens; 0 on the padding after eos (never sampled: a banned pad id
+    would give −inf there, and −inf − (−inf) = nan in the ratio even under a 0 mask)."""
+    return token_logprobs(logits, rollout.responses).masked_fill(rollout.response_mask == 0, 0.0)
+
+
 def entropy_from_logits(logits):
-    """H = −Σ p·log p = logsumexp(z) − Σ softmax(z)·z per position: (B, R, V) -> (B, R)."""
-    return torch.logsumexp(logits, dim=-1) - (F.softmax(logits, dim=-1) * logits).sum(-1)
+    """H = −Σ p·log p = logsumexp(z) − Σ softmax(z)·z per position: (B, R, V) -> (B, R). A banned id (z = −inf,
+    p = 0) adds 0, not 0·(−inf) = nan (in the value and in the gradient)."""
+    finite_logits = logits.masked_fill(torch.isinf(logits), 0.0)
+    return torch.logsumexp(logits, dim=-1) - (F.softmax(logits, dim=-1) * finite_logits).sum(-1)
 
 
 def response_values(critic, rollout):
@@ -180,8 +215,8 @@ def score_rollout(policy, reference, critic, rollout, temperature, ctx=contextli
     models = [m for m in (policy, reference, critic) if m is not None]
     with evaluating(*models), ctx:
         logits = response_logits(policy, rollout, temperature)  # (B, R, V)
-        logprobs = token_logprobs(logits, rollout.responses)
-        ref_logprobs = token_logprobs(response_logits(reference, rollout, temperature), rollout.responses)
+        logprobs = response_logprobs(logits, rollout)
+        ref_logprobs = response_logprobs(response_logits(reference, rollout, temperature), rollout)
         values = response_values(critic, rollout) if critic is not None else None
     return {"logprobs": logprobs, "ref_logprobs": ref_logprobs, "entropy": entropy_from_logits(logits),
             "values": values}
@@ -196,8 +231,11 @@ def reward_scores(reward_model, rollout, ctx=contextlib.nullcontext()):
 
 # ----------------------------------------------------------------------------- rewards
 def kl_estimate(logprobs, ref_logprobs, estimator="k1"):
-    """Per-token estimate of KL(π‖π_ref) from tokens sampled from π (Schulman 2020):
-    k1 = log π − log π_ref (unbiased, any sign);  k3 = (r − 1) − log r with r = π_ref/π (unbiased, never < 0)."""
+    """Per-token estimate of the VALUE of KL(π‖π_ref) from tokens sampled from π (Schulman 2020), for measuring:
+    k1 = log π − log π_ref (unbiased, any sign);  k3 = (r − 1) − log r with r = π_ref/π (unbiased, never < 0).
+    As a reward only k1 is right: the policy gradient of a reward k(x) is E_π[k(x)·∇log π(x)], which for k1 is
+    Σ π·(log π − log π_ref)·∇log π = ∇KL(π‖π_ref), but for k3 is another vector (an unbiased value does not make an
+    unbiased gradient). k3 belongs in the loss: k3_kl_loss."""
     log_ratio = ref_logprobs - logprobs  # log r
     if estimator == "k1":
         return -log_ratio
@@ -220,6 +258,15 @@ def leave_one_out(scores, group_size):
     groups = scores.view(-1, group_size)  # (prompts, k)
     others_mean = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)  # mean of the k − 1 others
     return (groups - others_mean).view(-1)
+
+
+def k3_kl_loss(logprobs, ref_logprobs, mask):
+    """The KL penalty as a LOSS term, as GRPO uses it (Shao et al. 2024): mean over valid tokens of
+    k3 = (r − 1) − log r, r = π_ref/π, differentiated through log π (logprobs carry the gradient).
+    On tokens sampled from π its gradient is E_π[(1 − π_ref/π)·∇log π] = −Σ π_ref·∇log π = ∇KL(π_ref‖π): the
+    other direction of KL, also 0 at π = π_ref and equal to ∇KL(π‖π_ref) to first order near it."""
+    log_ratio = ref_logprobs.detach() - logprobs  # log r
+    return masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
 
 
 def compute_rewards(scores, kl, response_mask, beta):
@@ -305,7 +352,12 @@ def explained_variance(values, returns, mask):
 def make_experience(rollout, logprobs, ref_logprobs, values, scores, beta, kl_estimator="k1", gamma=1.0, lam=0.95,
                     whiten_rewards=False, whiten_advantages=True):
     """Rewards, advantages and returns of a scored rollout; returns a dict of (B, ...) tensors that minibatches
-    are cut from: the rollout's tensors, the old log-probs and values, advantages, returns, rewards, kl."""
+    are cut from: the rollout's tensors, the old log-probs and values, advantages, returns, rewards, kl.
+    The per-token KL in the reward is k1 (see kl_estimate: k3 there biases the policy gradient)."""
+    if kl_estimator not in REWARD_KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator={kl_estimator!r} in the reward: only 'k1' gives the policy gradient of KL "
+                         f"(k3's value is unbiased, its gradient through the reward is not); k3 belongs in the loss "
+                         f"(nanollm.ppo.k3_kl_loss, as GRPO)")
     mask = rollout.response_mask
     kl = kl_estimate(logprobs, ref_logprobs, kl_estimator) * mask  # (B, R)
     rewards = compute_rewards(scores, kl, mask, beta)
@@ -316,7 +368,7 @@ def make_experience(rollout, logprobs, ref_logprobs, values, scores, beta, kl_es
         advantages = masked_whiten(advantages, mask)
     return {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask, "response_mask": mask,
             "ended": rollout.ended, "logprobs": logprobs, "values": values * mask, "advantages": advantages,
-            "returns": returns, "rewards": rewards, "kl": kl}
+            "returns": returns, "rewards": rewards, "kl": kl, "banned_ids": rollout.banned_ids}
 
 
 def minibatches(batch_size, minibatch_size, generator=None):
@@ -328,9 +380,9 @@ def minibatches(batch_size, minibatch_size, generator=None):
 def select(experience, rows, prompt_length):
     """(minibatch dict, its Rollout) for some rows of an experience dict; the width is kept, so the minibatch's
     forwards compute exactly what the scoring pass computed for those rows."""
-    part = {key: value[rows] for key, value in experience.items()}
+    part = {key: value[rows] for key, value in experience.items() if key != "banned_ids"}
     return part, Rollout(part["input_ids"], part["attention_mask"], part["response_mask"], part["ended"],
-                         prompt_length)
+                         prompt_length, experience.get("banned_ids", ()))
 
 
 # ----------------------------------------------------------------------------- losses
@@ -377,7 +429,7 @@ def ppo_losses(policy, critic, batch, rollout, temperature, clip_range=0.2, valu
     stats). The policy's objective is policy_loss − entropy_coef·entropy."""
     mask = batch["response_mask"]
     logits = response_logits(policy, rollout, temperature)  # (b, R, V)
-    logprobs = token_logprobs(logits, rollout.responses)
+    logprobs = response_logprobs(logits, rollout)
     pg_loss, stats = policy_loss(logprobs, batch["logprobs"], batch["advantages"], mask, clip_range)
     entropy = entropy_bonus(logits, mask)
     values = response_values(critic, rollout)  # (b, R)

@@ -31,16 +31,25 @@ def last_token_index(attention_mask):
     return (attention_mask.long() * positions).argmax(-1)  # the largest position whose mask is 1
 
 
-def response_logprob_mean(lm, hidden, idx, attention_mask):
-    """(B,) mean over response tokens of log p(token | everything before it) under lm's head: the length-normalized
-    likelihood that SimPO uses as its reward (Meng et al. 2024). Response = the real tokens after the last
-    <|assistant|> token, eos included."""
+def response_logprob_running_mean(lm, hidden, idx, attention_mask):
+    """(B, T): at position t, the mean over the response tokens at positions ≤ t of log p(token | everything before
+    it) under lm's head (0 before the response starts). Response = the real tokens after the last <|assistant|>
+    token, eos included. Read at the last real token, it is the whole response's mean (response_logprob_mean)."""
     logprobs = F.log_softmax(lm.lm_head(hidden[:, :-1]).float(), dim=-1)  # (B, T-1, V): position t predicts t+1
     token_logprobs = torch.gather(logprobs, -1, idx[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
     is_assistant = (idx == Tokenizer.assistant_id).long()  # the response starts right after it
     after_assistant = is_assistant.flip(-1).cumsum(-1).flip(-1) == 0  # no <|assistant|> at or after this position
     in_response = (after_assistant & attention_mask.bool())[:, 1:].float()  # (B, T-1) the predicted token's mask
-    return (token_logprobs * in_response).sum(-1) / in_response.sum(-1).clamp(min=1)
+    sums = F.pad((token_logprobs * in_response).cumsum(-1), (1, 0))  # (B, T) Σ over response tokens at ≤ t
+    counts = F.pad(in_response.cumsum(-1), (1, 0))  # (B, T)
+    return sums / counts.clamp(min=1)
+
+
+def response_logprob_mean(lm, hidden, idx, attention_mask):
+    """(B,) mean over response tokens of log p(token | everything before it) under lm's head: the length-normalized
+    likelihood that SimPO uses as its reward (Meng et al. 2024)."""
+    running = response_logprob_running_mean(lm, hidden, idx, attention_mask)  # (B, T)
+    return running[torch.arange(idx.size(0), device=idx.device), last_token_index(attention_mask)]
 
 
 class RewardModel(nn.Module):

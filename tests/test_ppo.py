@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from nanollm.model import GPT, GPTConfig
 from nanollm.ppo import (AdaptiveKLController, Critic, FixedKLController, Rollout, compute_gae,
                          compute_gae_vectorized, compute_rewards, cut_after_eos, entropy_bonus, explained_variance,
-                         kl_estimate, leave_one_out, make_experience, masked_whiten, minibatches, policy_loss,
-                         ppo_losses, reward_scores, rollout, score_rollout, select, shape_scores, value_loss)
+                         k3_kl_loss, kl_estimate, leave_one_out, make_experience, masked_whiten, minibatches,
+                         policy_loss, ppo_losses, reserved_ids_except_eos, response_logits, reward_scores, rollout,
+                         score_rollout, select, shape_scores, value_loss)
 from nanollm.reward import RewardModel
 
 PAD, EOS = 1, 3
@@ -162,6 +163,45 @@ def test_both_kl_estimators_are_unbiased_on_samples():
         assert estimate == pytest.approx(exact, abs=0.01), estimator
 
 
+def test_k1_in_the_reward_has_the_gradient_of_kl_and_k3_only_in_the_loss_on_an_exact_bandit():
+    """One step, four tokens, every expectation summed exactly. A reward k(x) moves the policy along its score-function
+    gradient g = Σ_x π(x)·k(x)·∇log π(x); k3 belongs in the loss, where the gradient goes through k3 itself."""
+    probs = torch.tensor([0.1, 0.1, 0.1, 0.7], dtype=torch.float64)
+    ref_logprobs = torch.full((4,), 0.25, dtype=torch.float64).log()  # the reference: uniform
+    theta = probs.log().requires_grad_(True)  # the policy's logits
+    tokens = torch.arange(4)
+
+    def grad(objective):
+        return torch.autograd.grad(objective, theta)[0]
+
+    # by hand: KL = 0.3·log(0.4) + 0.7·log(2.8) = 0.44580; ∂KL/∂θ_i = π_i·(log(π_i/π_ref,i) − KL)
+    kl = 0.3 * math.log(0.4) + 0.7 * math.log(2.8)
+    true_kl_grad = probs * ((probs.log() - ref_logprobs) - kl)  # [-0.1362, -0.1362, -0.1362, 0.4086]
+    assert true_kl_grad.tolist() == pytest.approx([-0.13622, -0.13622, -0.13622, 0.40866], abs=1e-4)
+
+    def reward_gradient(estimator):  # the KL paid per token as a (negative) reward: E_π[k·∇log π]
+        logprobs = F.log_softmax(theta, -1)
+        penalty = kl_estimate(logprobs.detach(), ref_logprobs, estimator)[tokens]  # a number per token, no gradient
+        return grad((logprobs.exp().detach() * penalty * logprobs).sum())
+
+    k1, k3 = reward_gradient("k1"), reward_gradient("k3")
+    assert torch.allclose(k1, true_kl_grad, atol=1e-12)
+    # k3 in the reward: its value is unbiased, its gradient points the other way here (the penalty pushes π AWAY
+    # from the reference): [0.0138, 0.0138, 0.0138, -0.0414]
+    assert k3.tolist() == pytest.approx([0.01378, 0.01378, 0.01378, -0.04134], abs=1e-4)
+    assert torch.dot(k3, true_kl_grad) < 0
+    reverse_kl_grad = probs - ref_logprobs.exp()  # ∂KL(π_ref‖π)/∂θ = π − π_ref, by hand
+    # k3 in the loss, expectation over tokens sampled from π: E_π[∇k3] = ∇KL(π_ref‖π) (0 at π = π_ref as well)
+    logprobs = F.log_softmax(theta, -1)
+    weights = logprobs.exp().detach()[None, :] * 4  # k3_kl_loss averages 4 tokens; weight each by 4·π(x)
+    k3_loss = k3_kl_loss(logprobs[None, :], ref_logprobs[None, :], weights)
+    assert torch.allclose(grad(k3_loss * weights.sum() / 4), reverse_kl_grad, atol=1e-12)
+    with pytest.raises(ValueError, match="kl_estimator='k3' in the reward: only 'k1'"):
+        make_experience(Rollout(torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2), torch.ones(1, 1),
+                                torch.ones(1, dtype=torch.bool), 1), torch.zeros(1, 1), torch.zeros(1, 1),
+                        torch.zeros(1, 1), torch.zeros(1), beta=0.1, kl_estimator="k3")
+
+
 def test_masked_whitening_uses_valid_tokens_only():
     values = torch.tensor([[1.0, 2.0, 1000.0], [3.0, 6.0, -500.0]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
@@ -226,7 +266,8 @@ def test_rollout_is_left_padded_cut_at_eos_and_samples_purely():
     # pure sampling: the same seed gives the same tokens as plain softmax sampling without the cache
     alone = rollout(policy, PROMPTS[:1], 6, 1.0, EOS, PAD, torch.Generator().manual_seed(0))
     expected = policy.eval().generate(torch.tensor(PROMPTS[:1]), 6, temperature=1.0, use_cache=False,
-                                      generator=torch.Generator().manual_seed(0))[0, 4:]
+                                      generator=torch.Generator().manual_seed(0),
+                                      banned_ids=reserved_ids_except_eos(EOS))[0, 4:]
     got = alone.responses[0][alone.response_mask[0].bool()]
     assert torch.equal(got, expected[:len(got)])
 
@@ -235,7 +276,8 @@ def pad_more(generated, left, right):
     """The same rollout with `left` more prompt pads and `right` more response pads."""
     input_ids = F.pad(generated.input_ids, (left, right), value=PAD)
     return Rollout(input_ids, F.pad(generated.attention_mask, (left, right)),
-                   F.pad(generated.response_mask, (0, right)), generated.ended, generated.prompt_length + left)
+                   F.pad(generated.response_mask, (0, right)), generated.ended, generated.prompt_length + left,
+                   generated.banned_ids)
 
 
 @pytest.mark.parametrize("attn_impl", ["manual", "sdpa"])
@@ -268,6 +310,43 @@ def test_critic_starts_as_the_reward_model_with_its_bias():
     assert critic(ids, mask)[0, -1].item() == pytest.approx(reward_model(ids, mask).item(), abs=1e-5)
     assert critic.backbone.lm_head.weight is critic.backbone.wte.weight  # still tied after the copy
     assert critic.backbone.wte.weight is not reward_model.backbone.wte.weight  # a separate network
+
+
+def test_critic_of_a_reward_model_with_the_likelihood_feature_starts_equal_to_its_score_at_eos():
+    reward_model = RewardModel(tiny_gpt(7), likelihood_weight=0.7)
+    reward_model.reward_bias.fill_(0.3)
+    critic = Critic.from_reward_model(reward_model)
+    ids = torch.tensor([[PAD, 2, 5, 6, 9, 12, EOS], [2, 7, 11, 6, 10, EOS, PAD]])  # left- and right-padded
+    mask = (ids != PAD).long()
+    last = torch.tensor([6, 5])
+    scores = reward_model(ids, mask)
+    assert torch.allclose(critic(ids, mask)[torch.arange(2), last], scores, atol=1e-5)
+    # the likelihood term matters here (w · mean log p ≈ 0.7 · −3): the same critic without it is far off
+    plain = Critic(critic.backbone)
+    plain.head.load_state_dict(critic.head.state_dict())
+    assert (plain(ids, mask)[torch.arange(2), last] - scores).abs().min() > 1.0
+
+
+def test_reserved_ids_are_never_sampled_even_when_their_logit_is_the_largest():
+    """A GPT whose every position puts the largest logits on <|assistant|>, <|user|>, pad, bos... and less on eos and a
+    word: only eos and the word come out, and the log-probs are those of the distribution without the banned ids."""
+    policy = tiny_gpt(4, vocab_size=24)
+    with torch.no_grad():  # final LayerNorm -> a constant vector of ones, so logits = Σ_c wte[token, c]
+        policy.ln_f.weight.zero_()
+        policy.ln_f.bias.fill_(1.0 / 32)
+        policy.wte.weight.zero_()
+        policy.wte.weight[list(reserved_ids_except_eos(EOS))] = 10.0  # logit 10
+        policy.wte.weight[EOS] = 1.0  # logit 1
+        policy.wte.weight[9] = 1.0  # logit 1; every other word 0
+    generated = rollout(policy, PROMPTS * 4, 6, 1.0, EOS, PAD, torch.Generator().manual_seed(0))
+    emitted = generated.responses[generated.response_mask.bool()]
+    assert not torch.isin(emitted, torch.tensor(reserved_ids_except_eos(EOS))).any()
+    assert (emitted == EOS).sum() > 0 and (emitted == 9).sum() > 0
+    # scoring uses the same restricted distribution: p(eos) = e / (2e + 15)
+    scored = score_rollout(policy, policy, None, generated, 1.0)
+    eos_logprobs = scored["logprobs"][generated.responses == EOS]
+    assert torch.allclose(eos_logprobs, torch.full_like(eos_logprobs, 1 - math.log(2 * math.e + 15)), atol=1e-5)
+    assert torch.isfinite(scored["entropy"]).all()
 
 
 # ----------------------------------------------------------------------------- the update
