@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import torch
 
 from nanollm.model import sample_next_token
-from nanollm.sft import ROLES, prompt_ids
+from nanollm.sft import ROLES, encode_messages
 
 PAGE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "chat.html")
 MAX_SEED = 2 ** 63 - 1
@@ -189,21 +189,8 @@ class Engine:
     # ------------------------------------------------------------------ called from handler threads
     def prepare(self, request):
         """A Job with the prompt ids of a validated request and its token budget; 400 if it cannot fit."""
-        messages, wanted, block = request.messages, request.max_tokens, self.block_size
-        reserve = wanted or min(self.default_max_tokens, block // 2)  # room kept for the answer when trimming
-        first = 1 if messages[0]["role"] == "system" else 0
-        while True:
-            try:
-                prompt = prompt_ids(self.tokenizer, messages)
-            except ValueError as error:
-                raise ApiError(400, str(error), "messages") from None
-            droppable = sum(m["role"] == "user" for m in messages[first:]) > 1  # keep the last user turn
-            if len(prompt) + reserve <= block or not (self.truncate_history and droppable):
-                break
-            rest = messages[first + 1:]
-            while rest[0]["role"] != "user":  # drop the oldest turn up to the next user message
-                rest = rest[1:]
-            messages = messages[:first] + rest
+        prompt = self.fit_history(request.messages, request.max_tokens)
+        wanted, block = request.max_tokens, self.block_size
         room = block - len(prompt)  # tokens left for the answer
         if room < 1 or (wanted is not None and wanted > room):
             asked = f" + max_tokens {wanted}" if wanted is not None else ""
@@ -211,6 +198,29 @@ class Engine:
                            f"{block} tokens", "max_tokens" if wanted and room >= 1 else "messages",
                            code="context_length_exceeded")
         return Job(request, prompt, wanted or min(self.default_max_tokens, room))
+
+    def fit_history(self, messages, wanted):
+        """Prompt ids of the conversation, its oldest turns dropped (when truncate_history) until the prompt leaves
+        room for the answer. The system message and the last user turn are always kept; a turn is a user message
+        and the replies after it. Each message is tokenized once: the template is a concatenation
+        (<s>, then each message's own ids, then <|assistant|>), so a kept suffix's length is a sum."""
+        try:  # a message's ids in the template: encode_messages of it alone, minus the leading <s>
+            pieces = [encode_messages(self.tokenizer, [message])[0][1:] for message in messages]
+        except ValueError as error:
+            raise ApiError(400, str(error), "messages") from None
+        first = 1 if messages[0]["role"] == "system" else 0
+        reserve = wanted or min(self.default_max_tokens, self.block_size // 2)  # room kept for the answer
+        users = [i for i in range(first, len(messages)) if messages[i]["role"] == "user"]
+        starts = [first]  # where the kept turns may begin, oldest first: the whole history, then each later user turn
+        if self.truncate_history and len(users) > 1:
+            starts += [i for i in users if i > first]
+        fixed = 2 + sum(len(piece) for piece in pieces[:first])  # <s>, the system message, <|assistant|>
+        suffix_lengths = [0] * (len(messages) + 1)  # suffix_lengths[i] = tokens of messages[i:]
+        for i in range(len(messages) - 1, -1, -1):
+            suffix_lengths[i] = suffix_lengths[i + 1] + len(pieces[i])
+        start = next((i for i in starts if fixed + suffix_lengths[i] + reserve <= self.block_size), starts[-1])
+        kept = pieces[:first] + pieces[start:]
+        return [self.tokenizer.bos_id] + [i for piece in kept for i in piece] + [self.tokenizer.assistant_id]
 
     def submit(self, job):
         if not self.worker.is_alive():

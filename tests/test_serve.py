@@ -259,6 +259,83 @@ def test_long_conversation_drops_oldest_turns_or_is_refused(checkpoint):
     engine.close()
 
 
+def reference_history(tokenizer, messages, reserve, block_size, truncate=True):
+    """The truncation rule written as plainly as possible (re-tokenizing after every drop): while the prompt and
+    `reserve` do not fit and more than one user turn is left, drop the oldest turn (the first non-system message
+    and everything up to the next user message). Returns the kept messages."""
+    first = 1 if messages[0]["role"] == "system" else 0
+    while truncate and len(prompt_ids(tokenizer, messages)) + reserve > block_size and \
+            sum(m["role"] == "user" for m in messages[first:]) > 1:
+        rest = messages[first + 1:]
+        while rest[0]["role"] != "user":
+            rest = rest[1:]
+        messages = messages[:first] + rest
+    return messages
+
+
+def conversation(n_turns, system=True, lead_assistant=False):
+    turns = [{"role": "system", "content": "Be brief."}] if system else []
+    if lead_assistant:
+        turns.append({"role": "assistant", "content": "Hello, ask me where someone lives."})
+    for i in range(n_turns):
+        turns += [{"role": "user", "content": f"where does person {i} live?"},
+                  {"role": "assistant", "content": f"Person {i} lives in town {i % 7}."},
+                  {"role": "assistant", "content": "Anything else?"} if i % 3 == 1 else None]
+    turns = [turn for turn in turns if turn is not None]
+    return turns + [{"role": "user", "content": "and person 9?"}]
+
+
+@pytest.mark.parametrize("n_turns, system, lead_assistant, max_tokens, truncate", [
+    (6, True, False, None, True), (6, False, False, None, True), (5, True, True, None, True),
+    (5, False, True, 8, True), (1, True, False, 4, True), (0, True, False, None, True), (0, False, True, 30, True),
+    (3, True, False, 40, True), (2, True, False, 4, False), (9, False, False, 20, True)])
+def test_history_truncation_keeps_the_same_turns_as_the_plain_rule(checkpoint, n_turns, system, lead_assistant,
+                                                                   max_tokens, truncate):
+    model, tokenizer = load(checkpoint)
+    engine = Engine(model, tokenizer, default_max_tokens=16, truncate_history=truncate)
+    turns = conversation(n_turns, system, lead_assistant)
+    reserve = max_tokens or min(16, 64 // 2)
+    expected = prompt_ids(tokenizer, reference_history(tokenizer, turns, reserve, 64, truncate))
+    fits = len(expected) < 64 and (max_tokens or 0) <= 64 - len(expected)
+    try:
+        if fits:
+            assert engine.prepare(ChatRequest(messages=turns, max_tokens=max_tokens)).prompt == expected
+        else:
+            with pytest.raises(ApiError, match=f"the prompt is {len(expected)} tokens"):
+                engine.prepare(ChatRequest(messages=turns, max_tokens=max_tokens))
+    finally:
+        engine.close()
+
+
+class CountingTokenizer:
+    """The real tokenizer, counting its encode() calls; over `budget` calls it fails at once (no slow test)."""
+
+    def __init__(self, tokenizer, budget):
+        self.tokenizer, self.budget, self.calls = tokenizer, budget, 0
+
+    def encode(self, *args, **kwargs):
+        self.calls += 1
+        assert self.calls <= self.budget, f"more than {self.budget} tokenizer calls"
+        return self.tokenizer.encode(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_a_2000_turn_request_is_tokenized_once_per_message(checkpoint):
+    model, tokenizer = load(checkpoint)
+    turns = conversation(2000)
+    counting = CountingTokenizer(tokenizer, budget=len(turns))  # one encode per message (no "<|" in the texts)
+    engine = Engine(model, counting, default_max_tokens=16)
+    try:
+        job = engine.prepare(ChatRequest(messages=turns))
+    finally:
+        engine.close()
+    assert counting.calls == len(turns)
+    kept = reference_history(tokenizer, turns[:1] + turns[-12:], 16, 64)  # the answer only needs the newest turns
+    assert job.prompt == prompt_ids(tokenizer, kept) and kept[0] == turns[0] and kept[-1] == turns[-1]
+
+
 # --------------------------------------------------------------------------------------- bad requests
 def messages_with(**message):
     return {"messages": [message]}
