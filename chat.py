@@ -13,6 +13,7 @@ import torch
 from nanollm.configurator import configure
 from nanollm.distributed import pick_device
 from nanollm.model import GPT
+from nanollm.sampling import check_sampling
 from nanollm.sft import prompt_ids
 from nanollm.tokenizer import Tokenizer
 
@@ -24,7 +25,8 @@ top_k = 0  # 0 = off
 top_p = 0.9  # 1.0 = off
 seed = 1337
 device = "auto"
-configure(globals(), sys.argv[1:])
+configure(globals(), sys.argv[1:])  # from here on a UserError prints one line and exits with code 2
+check_sampling(temperature, top_k, top_p, max_new_tokens)
 
 device = pick_device(device)
 model = GPT.from_pretrained(out_dir).to(device).eval()

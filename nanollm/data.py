@@ -3,6 +3,7 @@
 Teaches nanoGPT's on-disk format (Karpathy 2022): every document as <s> tokens </s>, concatenated into
 one flat uint16/uint32 array per split, read through a memory map. Batches are a pure function of
 (seed, split, step, micro_step), so DDP ranks and resumed runs read exactly what one uninterrupted run reads.
+nanoGPT's own folders (uint16 train.bin/val.bin, with or without meta.pkl) are read as they are.
 """
 import hashlib
 import importlib
@@ -19,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from nanollm.clean import clean_documents
+from nanollm.configurator import UserError
 from nanollm.records import read_json, read_lines
 from nanollm.records import read_jsonl as read_records
 from nanollm.tokenizer import Tokenizer, train_tokenizer
@@ -48,7 +50,7 @@ def parse_dataset(dataset: Union[str, Sequence[str]]) -> List[str]:
         parts = [str(part).strip() for part in dataset]
     parts = [part for part in parts if part]
     if not parts:
-        raise ValueError(f"dataset is empty: {dataset!r}")
+        raise UserError(f"dataset is empty: {dataset!r}")
     return parts
 
 
@@ -74,7 +76,7 @@ def list_input_files(sources: List[str], suffixes: Tuple[str, ...] = (".txt", ".
         elif path.suffix in suffixes:
             files.append(path)
         else:
-            raise ValueError(f"{path}: unsupported file type {path.suffix!r} (expected {wanted})")
+            raise UserError(f"{path}: unsupported file type {path.suffix!r} (expected {wanted})")
     return files
 
 
@@ -88,9 +90,9 @@ def read_jsonl(path: Path) -> List[str]:
     documents = []
     for line_number, record in read_records(path):
         if not isinstance(record, dict) or "text" not in record:
-            raise ValueError(f"{path}:{line_number}: missing field 'text'")
+            raise UserError(f"{path}:{line_number}: missing field 'text'")
         if not isinstance(record["text"], str):
-            raise ValueError(f"{path}:{line_number}: field 'text' must be a string, "
+            raise UserError(f"{path}:{line_number}: field 'text' must be a string, "
                              f"got {type(record['text']).__name__}")
         documents.append(record["text"])
     return documents
@@ -122,9 +124,9 @@ def source_fingerprint(sources: List[str], world_seed: int, world_documents: Opt
 def split_documents(documents: List[str], val_fraction: float, seed: int) -> Tuple[List[str], List[str]]:
     """Seeded shuffle, then the first round(n * val_fraction) documents (at least 1) go to val."""
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise UserError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if len(documents) < 2:
-        raise ValueError(f"need at least 2 documents to split into train and val, got {len(documents)}")
+        raise UserError(f"need at least 2 documents to split into train and val, got {len(documents)}")
     order = list(range(len(documents)))
     random.Random(seed).shuffle(order)
     n_val = min(max(1, round(len(documents) * val_fraction)), len(documents) - 1)
@@ -179,9 +181,9 @@ def prepare_dataset(dataset: Union[str, Sequence[str]] = "world", data_dir: Opti
               f"{meta['val_tokens']:,}), vocab {meta['vocab_size']} from {meta['vocab_source']}, {codec}")
         return os.path.abspath(sources[0])
     if tokenizer_type not in ("bpe", "unigram"):
-        raise ValueError(f"tokenizer_type must be 'bpe' or 'unigram', got {tokenizer_type!r}")
+        raise UserError(f"tokenizer_type must be 'bpe' or 'unigram', got {tokenizer_type!r}")
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise UserError(f"val_fraction must be in (0, 1), got {val_fraction}")
     data_dir = os.path.abspath(data_dir or os.path.join("data", dataset_name(sources)))
     settings = {"pipeline_version": PIPELINE_VERSION,
                 "sources": source_fingerprint(sources, world_seed, world_documents), "vocab_size": vocab_size,
@@ -211,7 +213,7 @@ def prepare_dataset(dataset: Union[str, Sequence[str]] = "world", data_dir: Opti
     documents, stats = clean_documents(tqdm(raw, desc="clean", unit="doc"))
     print(f"[data] {stats}")
     if not documents:
-        raise ValueError(f"empty corpus after cleaning: no document kept from {source_text}")
+        raise UserError(f"empty corpus after cleaning: no document kept from {source_text}")
     # 3. split by document
     train_documents, val_documents = split_documents(documents, val_fraction, seed)
     os.makedirs(data_dir, exist_ok=True)
@@ -258,10 +260,10 @@ def load_meta(data_dir: Union[str, Path]) -> dict:
         raise FileNotFoundError(f"meta file not found: {path} (run prepare_dataset first)")
     meta = read_json(path)
     if not isinstance(meta, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+        raise UserError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     for field in META_FIELDS:
         if field not in meta:
-            raise ValueError(f"{path}: missing field '{field}'")
+            raise UserError(f"{path}: missing field '{field}'")
     return meta
 
 
@@ -322,14 +324,14 @@ def read_meta_pkl(path: Union[str, Path]) -> dict:
         with open(path, "rb") as handle:
             meta = _PlainDataUnpickler(handle).load()
     except Exception as error:  # any malformed or hostile pickle: one line naming the file
-        raise ValueError(f"{path}: not a plain nanoGPT meta.pkl ({error})") from None
+        raise UserError(f"{path}: not a plain nanoGPT meta.pkl ({error})") from None
     if not isinstance(meta, dict):
-        raise ValueError(f"{path}: expected a dict, got {type(meta).__name__}")
+        raise UserError(f"{path}: expected a dict, got {type(meta).__name__}")
     vocab_size = meta.get("vocab_size")
     if type(vocab_size) is not int or vocab_size <= 0:
-        raise ValueError(f"{path}: field 'vocab_size' must be a positive int, got {vocab_size!r}")
+        raise UserError(f"{path}: field 'vocab_size' must be a positive int, got {vocab_size!r}")
     if vocab_size > 2 ** 16:
-        raise ValueError(f"{path}: vocab_size {vocab_size} does not fit nanoGPT's uint16 token files")
+        raise UserError(f"{path}: vocab_size {vocab_size} does not fit nanoGPT's uint16 token files")
     return meta
 
 
@@ -343,7 +345,7 @@ def nanogpt_meta(data_dir: Union[str, Path]) -> dict:
         path = os.path.join(data_dir, f"{split}.bin")
         size = os.path.getsize(path)
         if size % NANOGPT_DTYPE.itemsize:
-            raise ValueError(f"{path}: {size} bytes is not a whole number of uint16 tokens")
+            raise UserError(f"{path}: {size} bytes is not a whole number of uint16 tokens")
         counts[f"{split}_tokens"] = size // NANOGPT_DTYPE.itemsize
     return {"vocab_size": vocab_size, "dtype": NANOGPT_DTYPE.name, "tokenizer": None, **counts, "format": "nanogpt",
             "vocab_source": "meta.pkl" if os.path.isfile(pkl_path) else "GPT-2 (no meta.pkl)"}
@@ -366,13 +368,13 @@ class CharCodec:
         if not (isinstance(stoi, dict) and isinstance(itos, dict)
                 and all(isinstance(c, str) and type(i) is int for c, i in stoi.items())
                 and all(stoi.get(c) == i for i, c in itos.items())):
-            raise ValueError(f"{source}: 'stoi' and 'itos' must be inverse dicts of str <-> int")
+            raise UserError(f"{source}: 'stoi' and 'itos' must be inverse dicts of str <-> int")
         return cls(stoi, itos, source)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> List[int]:
         missing = sorted(set(text) - set(self.stoi))
         if missing:
-            raise ValueError(f"{self.source}: characters {''.join(missing)!r} are not in the vocabulary")
+            raise UserError(f"{self.source}: characters {''.join(missing)!r} are not in the vocabulary")
         return [self.stoi[character] for character in text]
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
@@ -423,14 +425,14 @@ def get_batch(data_dir: str, split: str, batch_size: int, block_size: int, seed:
     path = os.path.join(data_dir, f"{split}.bin")
     n_tokens = os.path.getsize(path) // dtype.itemsize
     if n_tokens < block_size + 1:
-        raise ValueError(f"{path}: {n_tokens} tokens, need at least block_size + 1 = {block_size + 1}")
+        raise UserError(f"{path}: {n_tokens} tokens, need at least block_size + 1 = {block_size + 1}")
     tokens = np.memmap(path, dtype=dtype, mode="r")
     generator = torch.Generator().manual_seed(batch_seed(seed, split, step, micro_step))
     starts = torch.randint(n_tokens - block_size, (batch_size,), generator=generator).tolist()  # i in [0, N-T-1]
     windows = np.stack([tokens[i:i + block_size + 1].astype(np.int64) for i in starts])  # (B, T+1)
     del tokens
     if windows.size and windows.max() >= vocab_size:  # an id past the embedding table: wrong vocab_size or dtype
-        raise ValueError(f"{path}: token id {windows.max()} >= vocab_size {vocab_size} (from "
+        raise UserError(f"{path}: token id {windows.max()} >= vocab_size {vocab_size} (from "
                          f"{meta.get('vocab_source', 'meta.json')})")
     x = torch.from_numpy(np.ascontiguousarray(windows[:, :-1]))  # (B, T) tokens[i : i+T]
     y = torch.from_numpy(np.ascontiguousarray(windows[:, 1:]))  # (B, T) tokens[i+1 : i+T+1]
