@@ -18,7 +18,7 @@ import sys
 import time
 
 from nanollm.checkpoint import load_checkpoint
-from nanollm.configurator import configure
+from nanollm.configurator import UserError, configure, script_settings
 from nanollm.report import MARKER, STAGE_DIRS, build_report, read_marker, read_run
 
 # ------------------------------------------------------------------------------------------ settings
@@ -69,6 +69,14 @@ STAGES = [
 ]
 
 
+def check_arguments(stage, script, args):
+    """A stage's arguments against the script's own settings (names and types), before any stage runs."""
+    try:
+        configure(script_settings(os.path.join(REPO, script)), args)
+    except UserError as e:
+        raise SystemExit(f"[pipeline] {stage} ({script}): {e}") from None
+
+
 def write_marker(out_dir, record):
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, MARKER), "w", encoding="utf-8") as f:
@@ -76,9 +84,11 @@ def write_marker(out_dir, record):
 
 
 def stage_state(out_dir, command):
-    """'done' (finished with this command), 'partial' (started with this command, has a checkpoint) or 'new'."""
-    marker = read_marker(out_dir)
-    if marker is None or marker.get("command") != command or not os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
+    """'done' (finished with this command), 'partial' (started with this command, has a checkpoint of its own) or
+    'new'. A checkpoint older than the marker's start is an earlier run's, left by a stage that failed its checks."""
+    marker, checkpoint = read_marker(out_dir), os.path.join(out_dir, "ckpt.pt")
+    if marker is None or marker.get("command") != command or not os.path.isfile(checkpoint) or \
+            os.path.getmtime(checkpoint) < marker.get("started", 0):
         return "new"
     return "done" if marker.get("finished") else "partial"
 
@@ -103,7 +113,9 @@ def run_stage(stage, script, args, resume):
     """Run one stage as a subprocess, its output streamed to the console and to pipeline_dir/<stage>.log.
     Ctrl-C is passed on to the stage (which checkpoints and exits); returns (exit code, wall s, interrupted)."""
     log_path = os.path.join(pipeline_dir, f"{STAGE_DIRS[stage]}.log")
-    command = [sys.executable, os.path.join(REPO, script)] + args + (["--init_from=resume"] if resume else [])
+    # a new stage replaces what an older run left in its out_dir, once the stage's own checks have passed
+    command = [sys.executable, os.path.join(REPO, script)] + args + (["--init_from=resume"] if resume else
+                                                                     ["--overwrite=True"])
     interrupted = []
 
     def forward(signum, frame):  # the stage runs in its own session: it hears a signal once, from us
@@ -133,6 +145,8 @@ def run_stage(stage, script, args, resume):
 
 
 # ---- the stages, in order; a stage that runs makes every later one start afresh (its input changed)
+for stage, script, args in STAGES:  # every stage's arguments are checked before anything is touched
+    check_arguments(stage, script, args)
 os.makedirs(pipeline_dir, exist_ok=True)
 notes, wall_times, upstream_ran = {}, {}, False
 t_start = time.time()
@@ -146,17 +160,14 @@ for stage, script, args in STAGES:
         took = f"{marker['wall_s']:.1f} s" if marker.get("wall_s") is not None else "time unknown"
         print(f"[pipeline] {stage}: already done in {out_dir} ({took} when it ran), skipped")
         continue
-    if state == "new":  # leftovers of an older run must not mix with this one (nor be resumed)
-        for name in (MARKER, "ckpt.pt", "metrics.jsonl", "samples.txt"):
-            if os.path.exists(os.path.join(out_dir, name)):
-                os.remove(os.path.join(out_dir, name))
-        if stage == "rm":  # the collected feedback came from the old SFT model
-            shutil.rmtree(os.path.join(data_root, "rm_demo"), ignore_errors=True)
+    if state == "new" and stage == "rm":  # the collected feedback came from the old SFT model
+        shutil.rmtree(os.path.join(data_root, "rm_demo"), ignore_errors=True)
     print(f"[pipeline] {stage}: {'resuming' if state == 'partial' else 'running'} {script} -> {out_dir} "
           f"(log: {log_path})")
     earlier = read_marker(out_dir) if state == "partial" else None  # the interrupted part's time, if known
     earlier_s = earlier.get("wall_s") if earlier else 0.0
-    record = {"command": command, "finished": False, "wall_s": None, "resumed": state == "partial"}
+    record = {"command": command, "finished": False, "wall_s": None, "resumed": state == "partial",
+              "started": earlier["started"] if earlier and "started" in earlier else time.time()}
     write_marker(out_dir, record)  # wall_s None: this part's time is unknown until it ends (a hard kill loses it)
     returncode, wall_s, interrupted = run_stage(stage, script, args, resume=state == "partial")
     upstream_ran = True

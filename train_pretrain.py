@@ -11,8 +11,8 @@ Resume after a crash or Ctrl-C:
 Settings below are plain variables; override them with a config file (python train_pretrain.py my_config.py)
 and/or --key=value. Library pieces live in nanollm/; the training loop is here to be read.
 """
+import filecmp
 import os
-import shutil
 import sys
 import time
 
@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from nanollm import distributed as dist_utils
 from nanollm.bert import BERT, BertConfig, fill_mask, mask_tokens, mlm_accuracy
-from nanollm.checkpoint import MetricsLog, load_checkpoint, restore_training_state, save_checkpoint, unwrap
-from nanollm.configurator import configure
+from nanollm.checkpoint import check_out_dir, load_checkpoint, restore_training_state, save_checkpoint, start_run, unwrap
+from nanollm.configurator import UserError, check_ranges, configure
 from nanollm.data import batch_seed, get_batch, load_meta, prepare_dataset, unigram_perplexity
 from nanollm.encdec import EncoderDecoder, infilling_batch
 from nanollm.model import GPT, GPTConfig
@@ -40,6 +40,7 @@ eval_iters = 10  # batches per split in an evaluation
 eval_only = False  # evaluate once and exit
 always_save_checkpoint = True  # checkpoint at every eval, not only when val loss improves
 init_from = "scratch"  # 'scratch' | 'resume' (from out_dir/ckpt.pt)
+overwrite = False  # True: a scratch run may replace the run already in out_dir (else it refuses)
 # data
 dataset = "world"  # 'world' (built-in), .txt/.jsonl files or folders (comma-separated), or a prepared folder
 data_dir = ""  # where prepared data is cached; '' = data/<dataset name>
@@ -81,19 +82,34 @@ sample_tokens = 60
 # ----------------------------------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])
 if model_type not in ("gpt", "bert", "encdec"):
-    raise ValueError(f"model_type={model_type!r}: expected 'gpt', 'bert' or 'encdec'")
+    raise UserError(f"model_type={model_type!r}: expected 'gpt', 'bert' or 'encdec'")
+if init_from not in ("scratch", "resume"):
+    raise UserError(f"init_from={init_from!r}: expected 'scratch' or 'resume'")
+check_ranges(config, positive=("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval",
+                               "log_interval", "eval_iters", "n_layer", "n_head", "n_embd", "vocab_size"),
+             non_negative=("max_iters", "learning_rate", "min_lr", "warmup_iters", "weight_decay", "grad_clip"),
+             fraction=("dropout",))
+if n_embd % n_head:
+    raise UserError(f"n_embd={n_embd} must be a multiple of n_head={n_head}")
+check_out_dir(out_dir, init_from == "resume", overwrite)  # nothing in out_dir changes before the loop starts
 
 # ---- setup: device, DDP, precision, seeds
 runtime = dist_utils.setup(device, backend)
 master = runtime.is_master
 dtype = dist_utils.resolve_dtype(dtype, runtime.device_type)
 accum_per_rank = dist_utils.micro_steps_per_rank(gradient_accumulation_steps, runtime)
-tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 lr_decay_iters = max_iters if lr_decay_iters < 0 else lr_decay_iters
+checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), runtime.device) if init_from == "resume" else None
+if checkpoint is not None:  # the architecture comes from the checkpoint: one source of truth for the whole run
+    if checkpoint["config"].get("model_type", "gpt") != model_type:
+        raise UserError(f"{out_dir}/ckpt.pt holds a {checkpoint['config'].get('model_type', 'gpt')!r} model, "
+                        f"not model_type={model_type!r}")
+    n_layer, n_head, n_embd, block_size, bias = (checkpoint["model_args"][k] for k in
+                                                 ("n_layer", "n_head", "n_embd", "block_size", "bias"))
+tokens_per_iter = accum_per_rank * runtime.world_size * batch_size * block_size
 if master:
     print(f"[nanollm] device={runtime.device} dtype={dtype} world_size={runtime.world_size} "
           f"tokens/iter={tokens_per_iter:,}")
-    os.makedirs(out_dir, exist_ok=True)
 ctx = dist_utils.autocast(runtime.device_type, dtype)
 
 # ---- data: clean, tokenize and cache once (rank 0), then every rank reads the .bin files
@@ -105,23 +121,17 @@ data_dir = data_dir or prepare_dataset(dataset, None, vocab_size=vocab_size, tok
                                        seed=seed)  # cache hit on ranks > 0
 meta = load_meta(data_dir)
 tokenizer = Tokenizer(os.path.join(data_dir, meta["tokenizer"]))
-if master:
-    shutil.copyfile(tokenizer.model_path, os.path.join(out_dir, "tokenizer.model"))
+run_tokenizer = os.path.join(out_dir, "tokenizer.model")
+if checkpoint is not None and os.path.exists(run_tokenizer) and not filecmp.cmp(tokenizer.model_path, run_tokenizer,
+                                                                                 shallow=False):
+    raise UserError(f"init_from='resume': the data's tokenizer ({tokenizer.model_path}) is not the one the run in "
+                    f"{out_dir} was trained with; resume with the run's own dataset")
 
 # ---- model
-checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), runtime.device) if init_from == "resume" else None
-if init_from not in ("scratch", "resume"):
-    raise ValueError(f"init_from={init_from!r}: expected 'scratch' or 'resume'")
 if attn_impl == "auto":
     attn_impl = "sdpa"
 model_args = dict(vocab_size=meta["vocab_size"], block_size=block_size, n_layer=n_layer, n_head=n_head,
                   n_embd=n_embd, dropout=dropout, bias=bias, attn_impl=attn_impl, init=init)
-if checkpoint is not None and checkpoint["config"].get("model_type", "gpt") != model_type:
-    raise ValueError(f"{out_dir}/ckpt.pt holds a {checkpoint['config'].get('model_type', 'gpt')!r} model, "
-                     f"not model_type={model_type!r}")
-if checkpoint is not None:  # the architecture comes from the checkpoint
-    model_args.update({k: checkpoint["model_args"][k] for k in ("vocab_size", "block_size", "n_layer", "n_head",
-                                                                 "n_embd", "bias")})
 torch.manual_seed(seed)  # same initial weights on every rank
 if model_type == "bert":
     model = BERT(BertConfig(**model_args))
@@ -191,8 +201,8 @@ def save(iter_num):
                     config, model_args)
 
 
-# ---- the training loop
-log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), start_iter=iter_num) if master else None
+# ---- the training loop: out_dir is written from here on
+log = start_run(out_dir, runtime, init_from == "resume", iter_num, tokenizer.model_path)
 progress = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True)
 stop = GracefulStop()  # Ctrl-C: finish the step, checkpoint, exit
 step = GuardedStep(optimizer, scaler, grad_clip, runtime, dtype)  # clip; skip non-finite steps
@@ -276,3 +286,4 @@ if master and not eval_only and not stopped:
                                  top_k=50, eos_id=tokenizer.eos_id)
     print("[nanollm] sample:", tokenizer.decode(out[0].tolist()))
 dist_utils.teardown(runtime)
+stop.exit_if(stopped)

@@ -12,7 +12,6 @@ See what is trained on (the loss mask) in any data file:
 Settings below are plain variables; override them with a config file and/or --key=value.
 """
 import os
-import shutil
 import sys
 import time
 
@@ -21,9 +20,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from nanollm import distributed as dist_utils
-from nanollm.checkpoint import (MetricsLog, load_checkpoint, read_metrics, restore_training_state, save_checkpoint,
-                                unwrap)
-from nanollm.configurator import configure
+from nanollm.checkpoint import (check_out_dir, load_checkpoint, read_metrics, restore_training_state, save_checkpoint,
+                                start_run, unwrap)
+from nanollm.configurator import UserError, check_ranges, configure
 from nanollm.instructions import write_demo_dataset
 from nanollm.model import GPT, GPTConfig
 from nanollm.optim import configure_optimizer, get_lr
@@ -36,6 +35,7 @@ from nanollm.training import GracefulStop, GuardedStep
 # I/O
 out_dir = "out-sft"  # checkpoints, metrics.jsonl and a copy of the tokenizer go here
 init_from = "out"  # a pretraining out_dir (ckpt.pt + tokenizer.model) | 'resume' (out_dir/ckpt.pt)
+overwrite = False  # True: a fresh run may replace the run already in out_dir (else it refuses)
 eval_interval = 100  # held-out assistant-token loss (and checkpoint) every this many iterations
 log_interval = 10  # write a metrics.jsonl line every this many iterations
 eval_only = False  # evaluate the starting model once (loss and generations) and exit
@@ -76,6 +76,10 @@ compile = False  # torch.compile the model
 seed = 1337
 # ----------------------------------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])
+check_ranges(config, positive=("batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval"),
+             non_negative=("max_iters", "block_size", "learning_rate", "min_lr", "warmup_iters", "weight_decay",
+                           "grad_clip", "eval_examples", "max_new_tokens"), fraction=("dropout", "val_fraction"))
+check_out_dir(out_dir, init_from == "resume", overwrite)  # nothing in out_dir changes before the loop starts
 
 # ---- setup: device, DDP, precision, seeds
 runtime = dist_utils.setup(device, backend)
@@ -85,7 +89,6 @@ accum_per_rank = dist_utils.micro_steps_per_rank(gradient_accumulation_steps, ru
 lr_decay_iters = max_iters if lr_decay_iters < 0 else lr_decay_iters
 if master:
     print(f"[nanollm] device={runtime.device} dtype={dtype} world_size={runtime.world_size}")
-    os.makedirs(out_dir, exist_ok=True)
 ctx = dist_utils.autocast(runtime.device_type, dtype)
 
 # ---- the starting model: a pretraining checkpoint, or our own SFT checkpoint when resuming
@@ -93,7 +96,7 @@ if init_from == "resume":
     checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), runtime.device)
     tokenizer_path = os.path.join(out_dir, "tokenizer.model")
 elif init_from.startswith("gpt2"):
-    raise ValueError(f"init_from={init_from!r}: GPT.from_pretrained loads GPT-2 weights, but SFT also needs GPT-2's "
+    raise UserError(f"init_from={init_from!r}: GPT.from_pretrained loads GPT-2 weights, but SFT also needs GPT-2's "
                      f"tokenizer, which nanollm does not have; start from a pretraining out_dir such as 'out'")
 else:
     checkpoint = load_checkpoint(os.path.join(init_from, "ckpt.pt"), runtime.device)
@@ -104,9 +107,7 @@ if attn_impl == "auto":
 model_args = dict(checkpoint["model_args"], dropout=dropout, attn_impl=attn_impl)
 block_size = block_size or model_args["block_size"]
 if block_size > model_args["block_size"]:
-    raise ValueError(f"block_size={block_size} exceeds the base model's block_size={model_args['block_size']}")
-if master and init_from != "resume":
-    shutil.copyfile(tokenizer_path, os.path.join(out_dir, "tokenizer.model"))
+    raise UserError(f"block_size={block_size} exceeds the base model's block_size={model_args['block_size']}")
 
 # ---- data: every record normalized to the chat template, checked in full before training starts
 if dataset == "demo":
@@ -170,7 +171,7 @@ def save(iter_num):
 
 
 # ---- before training: the base model on the held-out set (skipped on resume: it is in metrics.jsonl)
-log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), start_iter=iter_num) if master else None
+log = start_run(out_dir, runtime, init_from == "resume", iter_num, tokenizer_path)  # out_dir is written from here on
 if master and (iter_num == 0 or eval_only):
     before, _ = run_evaluation(with_generation=eval_examples > 0)
     log.write({"iter": iter_num, "phase": "before", **before})
@@ -254,3 +255,4 @@ if master and not eval_only and not stopped:
         print(f"  Q: {conversation.messages[-2]['content']}\n  A: {reply}\n  (reference: "
               f"{conversation.messages[-1]['content']})")
 dist_utils.teardown(runtime)
+stop.exit_if(stopped)

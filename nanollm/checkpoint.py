@@ -3,13 +3,21 @@
 A checkpoint holds everything a run's future depends on: weights, optimizer moments, loss-scaler state,
 iteration, RNG states and the settings. It is written to a temporary file and renamed over the old one,
 so a crash mid-write never destroys the last good checkpoint (rename is atomic on POSIX).
+A run leaves its out_dir as it was until every check has passed and the loop is about to start (start_run).
 """
+import glob
 import json
 import os
 import random
+import shutil
 
 import torch
 import torch.distributed as dist
+
+from nanollm.configurator import MissingFileError, UserError
+
+RUN_FILES = ("ckpt.pt", "metrics.jsonl", "samples.txt")  # what one run writes into its out_dir (besides the tokenizer)
+CHECKPOINT_KEYS = ("model", "model_args", "config")  # what every checkpoint of a nanollm stage holds
 
 
 def unwrap(model):
@@ -93,14 +101,52 @@ def restore_training_state(checkpoint, model, optimizer, scaler, runtime):
     return checkpoint["iter_num"], checkpoint["best_val_loss"]
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint with weights_only=True (no arbitrary code from untrusted files)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+def load_checkpoint(path, map_location="cpu", keys=CHECKPOINT_KEYS):
+    """Load a checkpoint with weights_only=True (no arbitrary code from untrusted files) and check that it holds
+    `keys` (an int8 file holds other ones than a training checkpoint: its loader passes its own)."""
+    if not os.path.isfile(path):
+        raise MissingFileError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a truncated or foreign file
-        raise ValueError(f"{path}: not a readable nanollm checkpoint ({type(e).__name__}: {e})") from e
+        raise UserError(f"{path}: not a readable nanollm checkpoint ({type(e).__name__}: {e})") from None
+    missing = [k for k in keys if k not in checkpoint] if isinstance(checkpoint, dict) else keys
+    if missing:
+        raise UserError(f"{path}: not a nanollm checkpoint (no {', '.join(repr(k) for k in missing)})")
+    return checkpoint
+
+
+def check_out_dir(out_dir, resume, overwrite=False):
+    """Before any work: out_dir is a folder (or does not exist yet), a resumed run has a checkpoint, and a fresh run
+    does not silently replace the run already there."""
+    checkpoint = os.path.join(out_dir, "ckpt.pt")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"out_dir={out_dir!r} is a file, not a folder")
+    if resume and not os.path.isfile(checkpoint):
+        raise UserError(f"init_from='resume': there is no {checkpoint} to resume")
+    if not resume and os.path.exists(checkpoint) and not overwrite:
+        raise UserError(f"out_dir={out_dir!r} already holds a run ({checkpoint}): continue it with "
+                        f"--init_from=resume, choose another out_dir, or replace it with --overwrite=True")
+
+
+def start_run(out_dir, runtime, resume, iter_num, tokenizer_path=None):
+    """The run's first write to out_dir, once every check has passed and the models are built: a fresh run
+    replaces whatever run was there (ckpt.pt, metrics.jsonl, samples.txt) and copies its tokenizer; a resumed one
+    keeps its log up to the checkpoint. Removes temporary files of a save that was killed. Returns the MetricsLog
+    (rank 0) or None."""
+    if not runtime.is_master:
+        return None
+    os.makedirs(out_dir, exist_ok=True)
+    for leftover in glob.glob(os.path.join(glob.escape(out_dir), "ckpt.pt.tmp.*")):
+        os.remove(leftover)
+    if not resume:
+        for name in RUN_FILES:
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
+        target = os.path.join(out_dir, "tokenizer.model")
+        if tokenizer_path and not (os.path.exists(target) and os.path.samefile(tokenizer_path, target)):
+            shutil.copyfile(tokenizer_path, target)
+    return MetricsLog(os.path.join(out_dir, "metrics.jsonl"), start_iter=iter_num if resume else 0)
 
 
 class MetricsLog:
@@ -116,10 +162,9 @@ class MetricsLog:
         if start_iter == 0 or not os.path.exists(path):
             open(path, "w").close()
             return
-        with open(path, encoding="utf-8") as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("iter", 0) < start_iter]
+        kept = [record for record in read_metrics(path) if record.get("iter", 0) < start_iter]
         with open(path, "w", encoding="utf-8") as f:
-            f.writelines(kept)
+            f.writelines(json.dumps(record) + "\n" for record in kept)
 
     def write(self, record):
         with open(self.path, "a", encoding="utf-8") as f:
@@ -127,5 +172,18 @@ class MetricsLog:
 
 
 def read_metrics(path):
+    """The records of a metrics.jsonl. A last line cut short (the process was killed mid-write) is dropped; any other
+    line that is not JSON is an error naming the file and line."""
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.read().split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines):  # no newline after it: a write that never finished
+                break
+            raise UserError(f"{path}:{number}: not a JSON line ({e.msg})") from None
+    return records

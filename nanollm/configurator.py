@@ -3,9 +3,40 @@
 `python train_x.py [config.py ...] [--key=value ...]`, as in nanoGPT: a config file is Python that assigns
 some of the script's variables; `--key=value` sets one. Unlike nanoGPT, nothing is exec'd into the script
 blindly: an unknown key or a value of the wrong type is an error that names the file, line and key.
+A mistake of the user's (a setting, a file) is a UserError: the script prints it as one line and exits with code 2.
 """
 import ast
 import difflib
+import os
+import sys
+
+
+class UserError(ValueError):
+    """A wrong setting or input file. Scripts report it as one line, without a traceback, and exit with code 2
+    (NANOLLM_TRACEBACK=1 shows the traceback)."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user named does not exist."""
+
+
+def _report_user_error(exc_type, exc, traceback):
+    if not issubclass(exc_type, UserError) or os.environ.get("NANOLLM_TRACEBACK"):
+        return sys.__excepthook__(exc_type, exc, traceback)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank fails the same way: say it once
+        print(f"error: {exc}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)  # the exit code of a command-line mistake; a raise from an excepthook could not set it
+
+
+def check_ranges(settings, positive=(), non_negative=(), fraction=()):
+    """Settings that must be > 0, >= 0, or in [0, 1): one line naming the first that is not, before any work."""
+    for names, test, rule in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+                              (fraction, lambda v: 0 <= v < 1, "in [0, 1)")):
+        for name in names:
+            if not test(settings[name]):
+                raise UserError(f"{name}={settings[name]!r}: must be {rule}")
 
 SIMPLE_TYPES = (bool, int, float, str, type(None))
 
@@ -34,7 +65,7 @@ def _coerce(key, value, default, where):
             return float(value)
     elif isinstance(value, type(default)) and not isinstance(value, bool):
         return value
-    raise TypeError(f"{where}: '{key}' must be {type(default).__name__} (default {default!r}), "
+    raise UserError(f"{where}: '{key}' must be {type(default).__name__} (default {default!r}), "
                     f"got {type(value).__name__} {value!r}")
 
 
@@ -57,8 +88,11 @@ def _read_config_file(path, keys):
         with open(path, encoding="utf-8") as f:
             source = f.read()
     except FileNotFoundError:
-        raise FileNotFoundError(f"config file not found: {path}") from None
-    tree = ast.parse(source, filename=path)
+        raise UserError(f"config file not found: {path}") from None
+    try:
+        tree = ast.parse(source, filename=path)
+    except SyntaxError as e:
+        raise UserError(f"{path}:{e.lineno}: {e.msg}") from None
     lines = {}
     for node in tree.body:
         targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
@@ -73,7 +107,7 @@ def _read_config_file(path, keys):
         if key.startswith("_"):
             continue
         if key not in keys:
-            raise KeyError(_unknown_key_message(key, keys, where))
+            raise UserError(_unknown_key_message(key, keys, where))
         assigned[key] = (scope[key], where)
     return assigned
 
@@ -81,25 +115,45 @@ def _read_config_file(path, keys):
 def configure(namespace, argv):
     """Apply config files and --key=value overrides from argv to `namespace` (a script's globals()).
 
-    Returns the final settings as a dict (saved in checkpoints). Raises on unknown keys and wrong types.
+    Returns the final settings as a dict (saved in checkpoints). Raises UserError on unknown keys and wrong types;
+    from here on a UserError anywhere in the script is printed as one line (exit code 2).
     """
+    sys.excepthook = _report_user_error
     keys = config_keys(namespace)
     for arg in argv:
         if arg.startswith("--"):
             key, sep, text = arg[2:].partition("=")
             if not sep:
-                raise ValueError(f"command line: expected --key=value, got '{arg}'")
+                raise UserError(f"command line: expected --key=value, got '{arg}'")
             key = key.replace("-", "_")
             if key not in keys:
-                raise KeyError(_unknown_key_message(key, keys, "command line"))
+                raise UserError(_unknown_key_message(key, keys, "command line"))
             updates = {key: (_parse_value(text), "command line")}
         elif arg.endswith(".py"):
             updates = _read_config_file(arg, keys)
         else:
-            raise ValueError(f"command line: unexpected argument '{arg}' (use a config .py file or --key=value)")
+            raise UserError(f"command line: unexpected argument '{arg}' (use a config .py file or --key=value)")
         for key, (value, where) in updates.items():
             default = namespace[key]
             if isinstance(default, str) and not isinstance(value, str) and where == "command line":
                 value = str(value) if not isinstance(value, bool) else value  # --out_dir=123 is a string
             namespace[key] = _coerce(key, value, default, where)
     return {k: namespace[k] for k in keys}
+
+
+def script_settings(path):
+    """A script's settings read without running it: the module-level assignments of literal values above its
+    `configure(...)` call. Lets a driver (pipeline.py) check every stage's arguments before it starts any stage."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), filename=path)
+    settings = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and \
+                getattr(node.value.func, "id", None) == "configure":
+            break
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                settings[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass  # not a literal: not a setting
+    return settings

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from nanollm.configurator import UserError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -97,9 +99,9 @@ def resolve_dtype(dtype, device_type):
             return "bfloat16"
         return "float32"
     if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)} or 'auto'")
+        raise UserError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)} or 'auto'")
     if dtype == "float16" and device_type == "cpu":
-        raise ValueError("dtype='float16' is not supported on the CPU; use 'bfloat16' or 'float32'")
+        raise UserError("dtype='float16' is not supported on the CPU; use 'bfloat16' or 'float32'")
     return dtype
 
 
@@ -123,8 +125,16 @@ def no_sync_unless(model, sync):
 
 
 def micro_steps_per_rank(gradient_accumulation_steps, runtime):
-    """Split the global number of micro-steps over the ranks (it must divide evenly)."""
-    if gradient_accumulation_steps % runtime.world_size != 0:
-        raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the "
-                         f"number of processes ({runtime.world_size})")
-    return gradient_accumulation_steps // runtime.world_size
+    """gradient_accumulation_steps counts the micro-steps of one optimizer step over all ranks together, split evenly
+    over the ranks. With fewer micro-steps than ranks (the default 1 under torchrun) every rank does one: the global
+    batch grows with the number of processes, as in plain data parallelism. Returns the micro-steps per rank."""
+    world_size = runtime.world_size
+    if gradient_accumulation_steps < world_size:
+        if runtime.is_master and gradient_accumulation_steps != world_size:
+            print(f"[nanollm] gradient_accumulation_steps={gradient_accumulation_steps} < {world_size} processes: "
+                  f"each process does 1 micro-step, so an optimizer step sees {world_size} micro-batches")
+        return 1
+    if gradient_accumulation_steps % world_size != 0:
+        raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the number "
+                        f"of processes ({world_size}) when it is larger")
+    return gradient_accumulation_steps // world_size

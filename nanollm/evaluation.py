@@ -43,7 +43,7 @@ def load_model(path, device="cpu"):
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, QUANTIZED_FILE)):
         return load_quantized(os.path.join(path, QUANTIZED_FILE), device), _tokenizer_next_to(path), "int8"
     if os.path.isfile(path):
-        payload = load_checkpoint(path)
+        payload = load_checkpoint(path, keys=("model_args",))
         if isinstance(payload, dict) and payload.get("format") == INT8_FORMAT:
             return load_quantized(path, device, payload=payload), _tokenizer_next_to(path), "int8"
     model = GPT.from_pretrained(path).to(device).eval()  # our ckpt.pt (or folder), or a GPT-2 folder

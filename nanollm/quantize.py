@@ -156,7 +156,7 @@ def load_quantized(path, map_location="cpu", payload=None):
     """A quantized GPT from a file written by save_quantized (or from its already loaded `payload`)."""
     from nanollm.model import GPT, GPTConfig
 
-    payload = payload if payload is not None else load_checkpoint(path, map_location)
+    payload = payload if payload is not None else load_checkpoint(path, map_location, keys=("format",))
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not a nanollm int8 model (field 'format' is "
                          f"{payload.get('format') if isinstance(payload, dict) else None!r}, expected {FORMAT!r})")

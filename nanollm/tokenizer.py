@@ -10,6 +10,7 @@ from typing import Iterable, List, Union
 import sentencepiece
 
 from nanollm.clean import normalize_text
+from nanollm.configurator import MissingFileError, UserError
 
 # Reserved ids, fixed for the whole project (pad != eos, so masking padding never masks a real eos).
 UNK_ID, PAD_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -40,36 +41,40 @@ def train_tokenizer(source: Union[str, Iterable[str]], model_prefix: str, vocab_
     pieces, SentencePiece stops early: the actual size (printed) is `Tokenizer(path).vocab_size`.
     """
     if model_type not in ("bpe", "unigram"):
-        raise ValueError(f"tokenizer model_type must be 'bpe' or 'unigram', got {model_type!r}")
+        raise UserError(f"tokenizer model_type must be 'bpe' or 'unigram', got {model_type!r}")
     minimum = NUM_RESERVED + 256 + 1  # specials + 256 byte pieces + at least one learned piece
     if vocab_size < minimum:
-        raise ValueError(f"vocab_size={vocab_size} is too small: need >= {minimum} "
+        raise UserError(f"vocab_size={vocab_size} is too small: need >= {minimum} "
                          f"({NUM_RESERVED} special + 256 byte-fallback pieces + 1)")
     if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):
-        raise FileNotFoundError(f"tokenizer training file not found: {source}")
+        raise MissingFileError(f"tokenizer training file not found: {source}")
     sentencepiece.set_random_generator_seed(1337)  # sentence sampling is seeded -> same corpus, same model
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=_lines(source),
-        model_prefix=str(model_prefix),
-        model_type=model_type,
-        vocab_size=vocab_size,
-        hard_vocab_limit=False,            # a small corpus gives a smaller vocabulary instead of an error
-        character_coverage=0.9995,         # rare characters (many CJK ideographs) go through byte fallback
-        byte_fallback=True,                # unknown characters become UTF-8 byte pieces <0x..>: nothing is <unk>
-        split_digits=True,                 # every digit its own piece: arithmetic-friendly, fewer number pieces
-        normalization_rule_name="identity",  # we normalize ourselves with normalize_text
-        add_dummy_prefix=False,            # no invented leading space: decode(encode(x)) == x
-        remove_extra_whitespaces=False,    # keep whitespace runs (code indentation)
-        allow_whitespace_only_pieces=True,  # a run of spaces may become one piece
-        max_sentence_length=16384,         # bytes; longer lines are skipped during training only
-        input_sentence_size=input_sentence_size,  # cap on sampled training lines, for speed
-        shuffle_input_sentence=True,
-        num_threads=num_threads,
-        unk_id=UNK_ID, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-        unk_piece=UNK, pad_piece=PAD, bos_piece=BOS, eos_piece=EOS,
-        user_defined_symbols=ROLE_TOKENS,
-        minloglevel=0 if verbose else 2,
-    )
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=_lines(source),
+            model_prefix=str(model_prefix),
+            model_type=model_type,
+            vocab_size=vocab_size,
+            hard_vocab_limit=False,            # a small corpus gives a smaller vocabulary instead of an error
+            character_coverage=0.9995,         # rare characters (many CJK ideographs) go through byte fallback
+            byte_fallback=True,                # unknown characters become UTF-8 byte pieces <0x..>: nothing is <unk>
+            split_digits=True,                 # every digit its own piece: arithmetic-friendly, fewer number pieces
+            normalization_rule_name="identity",  # we normalize ourselves with normalize_text
+            add_dummy_prefix=False,            # no invented leading space: decode(encode(x)) == x
+            remove_extra_whitespaces=False,    # keep whitespace runs (code indentation)
+            allow_whitespace_only_pieces=True,  # a run of spaces may become one piece
+            max_sentence_length=16384,         # bytes; longer lines are skipped during training only
+            input_sentence_size=input_sentence_size,  # cap on sampled training lines, for speed
+            shuffle_input_sentence=True,
+            num_threads=num_threads,
+            unk_id=UNK_ID, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+            unk_piece=UNK, pad_piece=PAD, bos_piece=BOS, eos_piece=EOS,
+            user_defined_symbols=ROLE_TOKENS,
+            minloglevel=0 if verbose else 2,
+        )
+    except RuntimeError as e:  # e.g. more distinct characters than the vocabulary has room for
+        reason = str(e).split("] ")[-1].split(". Increase")[0]
+        raise UserError(f"vocab_size={vocab_size}: SentencePiece cannot train on this corpus ({reason})") from None
     path = f"{model_prefix}.model"
     trained = Tokenizer(path)
     if trained.vocab_size != vocab_size:
@@ -88,13 +93,13 @@ class Tokenizer:
 
     def __init__(self, model_path: str):
         if not os.path.isfile(model_path):
-            raise FileNotFoundError(f"tokenizer model not found: {model_path}")
+            raise MissingFileError(f"tokenizer model not found: {model_path}")
         self.model_path = str(model_path)
         self.processor = sentencepiece.SentencePieceProcessor(model_file=self.model_path)
         expected = [UNK, PAD, BOS, EOS] + ROLE_TOKENS
         found = [self.processor.id_to_piece(index) for index in range(NUM_RESERVED)]
         if found != expected:
-            raise ValueError(f"{model_path}: reserved pieces are {found}, expected {expected} "
+            raise UserError(f"{model_path}: reserved pieces are {found}, expected {expected} "
                              "(not a nanollm tokenizer)")
 
     @property

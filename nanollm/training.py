@@ -49,14 +49,20 @@ class GracefulStop:
     stops at once."""
 
     def __init__(self):
-        self.flag = False
+        self.flag, self.signum = False, signal.SIGINT  # a rank that heard nothing stops as if Ctrl-C'd
         signal.signal(signal.SIGINT, self._handle)
         signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         if self.flag:
             raise KeyboardInterrupt
-        self.flag = True
+        self.flag, self.signum = True, signum
 
     def requested(self, runtime):
         return any_rank(self.flag, runtime)
+
+    def exit_if(self, stopped):
+        """A stopped run ends with exit code 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM), as a shell
+        reports it, so that a caller can tell it from a finished run (exit code 0)."""
+        if stopped:
+            raise SystemExit(128 + int(self.signum))

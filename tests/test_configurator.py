@@ -1,6 +1,6 @@
 import pytest
 
-from nanollm.configurator import configure
+from nanollm.configurator import UserError, configure
 
 
 def script_globals():
@@ -17,14 +17,14 @@ def test_key_value_overrides_are_typed_like_the_defaults():
 
 
 def test_unknown_key_is_an_error_with_a_suggestion():
-    with pytest.raises(KeyError, match="unknown setting 'max_iter'.*max_iters"):
+    with pytest.raises(UserError, match="unknown setting 'max_iter'.*max_iters"):
         configure(script_globals(), ["--max_iter=5"])
 
 
 def test_wrong_type_is_an_error():
-    with pytest.raises(TypeError, match="'max_iters' must be int"):
+    with pytest.raises(UserError, match="'max_iters' must be int"):
         configure(script_globals(), ["--max_iters=1.5"])
-    with pytest.raises(TypeError, match="'compile' must be bool"):
+    with pytest.raises(UserError, match="'compile' must be bool"):
         configure(script_globals(), ["--compile=yes"])
 
 
@@ -36,7 +36,7 @@ def test_config_file_sets_values_and_names_the_line_of_an_unknown_key(tmp_path):
     assert g["max_iters"] == 5 and g["init_from"] == "resume"
     bad = tmp_path / "bad.py"
     bad.write_text("max_iters = 3\n\nlearning_rat = 0.1\n")
-    with pytest.raises(KeyError, match=r"bad.py:3: unknown setting 'learning_rat'"):
+    with pytest.raises(UserError, match=r"bad.py:3: unknown setting 'learning_rat'"):
         configure(script_globals(), [str(bad)])
 
 
@@ -45,5 +45,5 @@ def test_malformed_arguments_are_errors(tmp_path):
         configure(script_globals(), ["--max_iters"])
     with pytest.raises(ValueError, match="unexpected argument"):
         configure(script_globals(), ["max_iters=3"])
-    with pytest.raises(FileNotFoundError, match="missing.py"):
+    with pytest.raises(UserError, match="missing.py"):
         configure(script_globals(), [str(tmp_path / "missing.py")])

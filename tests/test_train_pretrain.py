@@ -95,7 +95,7 @@ def test_ctrl_c_checkpoints_and_the_run_resumes_exactly(corpus, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0, output[-3000:]
+    assert proc.returncode == 130, output[-3000:]  # 128 + SIGINT: a caller can tell a stopped run from a finished one
     assert "stop requested" in output
     stopped_at = len(losses(interrupted))
     assert 3 <= stopped_at < 400
@@ -132,3 +132,87 @@ def test_unknown_setting_is_rejected_before_any_work(tmp_path):
     assert result.returncode != 0
     assert "unknown setting 'max_iter'" in result.stderr and "max_iters" in result.stderr
     assert not os.listdir(tmp_path)
+
+
+def readme_command(prefix):
+    """The README's command line that starts with `prefix`, without its comment."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        lines = [line.split("#")[0].strip() for line in f if line.startswith(prefix)]
+    assert lines, f"README.md has no line starting with {prefix!r}"
+    return lines[0].split()
+
+
+def test_the_readme_ddp_command_runs_at_the_defaults(tmp_path):
+    command = readme_command("torchrun --standalone --nproc_per_node=2 train_pretrain.py")
+    command[command.index("train_pretrain.py")] = SCRIPT  # run from a scratch folder: data/ and out/ land there
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command + ["--max_iters=2", "--eval_iters=1"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "world_size=2" in result.stdout and "optimizer step sees 2 micro-batches" in result.stdout
+    assert [r["iter"] for r in read_records(tmp_path / "out" / "metrics.jsonl") if "val_loss" in r] == [0, 2]
+    assert os.path.exists(tmp_path / "out" / "ckpt.pt")
+
+
+def test_ddp_at_one_micro_step_per_rank_equals_one_process_accumulating_over_the_ranks(corpus, tmp_path):
+    common = [f"--dataset={corpus}", "--eval_interval=100", "--max_iters=3", "--dropout=0.0"]
+    run(common + [f"--out_dir={tmp_path / 'single'}", "--gradient_accumulation_steps=2"])
+    run(common + [f"--out_dir={tmp_path / 'ddp'}"], nproc=2)  # the default gradient_accumulation_steps=1
+    a, b = losses(tmp_path / "single"), losses(tmp_path / "ddp")
+    assert sorted(a) == sorted(b) == list(range(3))
+    for it in range(3):
+        assert abs(a[it] - b[it]) < 1e-5, (it, a[it], b[it])
+
+
+def snapshot(folder):
+    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
+
+
+def test_a_failed_run_leaves_the_out_dir_as_it_was(corpus, tmp_path):
+    out = tmp_path / "out"
+    run([f"--dataset={corpus}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2"])
+    before = snapshot(out)
+    assert {"ckpt.pt", "metrics.jsonl", "tokenizer.model"} <= set(before)
+    other = tmp_path / "other.txt"
+    other.write_text("".join(f"a different corpus, line {i}: {'xyzzy' * (i % 7)}\n" for i in range(300)))
+    attempts = [
+        [f"--dataset={corpus}"],  # a fresh run over an existing run: refused
+        [f"--dataset={other}", "--overwrite=True", "--n_head=3"],  # a bad setting: refused before any work
+        [f"--dataset={tmp_path / 'missing.txt'}", "--overwrite=True"],  # fails while preparing its data
+        [f"--dataset={other}", f"--data_dir={tmp_path / 'other'}", "--init_from=resume"],  # another tokenizer
+    ]
+    for extra in attempts:
+        result = run_script("train_pretrain.py", TINY + [f"--out_dir={out}", "--max_iters=4"] + extra, check=False)
+        assert result.returncode == 2, (extra, result.stderr[-2000:])
+        assert result.stderr.strip().splitlines()[-1].startswith("error:"), result.stderr[-2000:]
+        assert "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert snapshot(out) == before, extra
+    refused = run_script("train_pretrain.py", TINY + [f"--out_dir={out}", f"--dataset={corpus}"], check=False)
+    assert "already holds a run" in refused.stderr and "--overwrite=True" in refused.stderr
+    run([f"--dataset={corpus}", f"--out_dir={out}", "--max_iters=1", "--eval_interval=1", "--overwrite=True"])
+    assert [r["iter"] for r in read_records(out / "metrics.jsonl") if "val_loss" in r] == [0, 1]  # the new run only
+
+
+def read_records(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("--batch_size=0", "batch_size=0: must be > 0"), ("--batch_size=-1", "batch_size=-1: must be > 0"),
+    ("--eval_interval=0", "eval_interval=0: must be > 0"),
+    ("--gradient_accumulation_steps=0", "gradient_accumulation_steps=0: must be > 0"),
+    ("--block_size=0", "block_size=0: must be > 0"), ("--dropout=1.0", "dropout=1.0: must be in [0, 1)"),
+])
+def test_a_bad_setting_is_one_line_naming_it_and_exit_code_2(tmp_path, setting, message):
+    result = subprocess.run([sys.executable, SCRIPT, setting, f"--out_dir={tmp_path / 'out'}"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr == f"error: {message}\n"
+    assert os.listdir(tmp_path) == []  # no data prepared, no out_dir made
+
+
+def test_an_out_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "out").write_text("not a folder")
+    result = subprocess.run([sys.executable, SCRIPT, f"--out_dir={tmp_path / 'out'}"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "is a file, not a folder" in result.stderr and "Traceback" not in result.stderr
