@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from nanollm.clean import clean_documents
-from nanollm.configurator import UserError
+from nanollm.configurator import MissingFileError, UserError
 from nanollm.records import read_json, read_lines
 from nanollm.records import read_jsonl as read_records
 from nanollm.tokenizer import Tokenizer, train_tokenizer
@@ -67,11 +67,11 @@ def list_input_files(sources: List[str], suffixes: Tuple[str, ...] = (".txt", ".
     for source in sources:
         path = Path(source)
         if not path.exists():
-            raise FileNotFoundError(f"dataset path not found: {path}")
+            raise MissingFileError(f"dataset path not found: {path}")
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
             if not found:
-                raise FileNotFoundError(f"no {wanted} files under folder: {path}")
+                raise MissingFileError(f"no {wanted} files under folder: {path}")
             files.extend(found)
         elif path.suffix in suffixes:
             files.append(path)
@@ -257,7 +257,7 @@ def load_meta(data_dir: Union[str, Path]) -> dict:
     if not os.path.isfile(path) and is_nanogpt_folder(data_dir):
         return nanogpt_meta(data_dir)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"meta file not found: {path} (run prepare_dataset first)")
+        raise MissingFileError(f"meta file not found: {path} (run prepare_dataset first)")
     meta = read_json(path)
     if not isinstance(meta, dict):
         raise UserError(f"{path}: expected a JSON object, got {type(meta).__name__}")
@@ -279,18 +279,14 @@ def load_tokenizer(folder: Union[str, Path]):
     return None
 
 
-def copy_tokenizer(data_dir: Union[str, Path], out_dir: Union[str, Path]) -> Optional[str]:
-    """Copy what decodes the data's token ids (tokenizer.model, or nanoGPT's meta.pkl) into out_dir, so that
-    load_tokenizer(out_dir) finds it; return the copy's path, or None when the data has no tokenizer."""
+def tokenizer_file(data_dir: Union[str, Path]) -> Optional[str]:
+    """The file that decodes the data's token ids, to copy beside the model: our tokenizer.model, nanoGPT's meta.pkl
+    (its characters), or None (bare nanoGPT token files: GPT-2's BPE, not part of nanollm)."""
     if os.path.isfile(os.path.join(data_dir, "meta.json")):
-        source = os.path.join(data_dir, load_meta(data_dir)["tokenizer"])
-        target = os.path.join(out_dir, "tokenizer.model")
-    elif os.path.isfile(os.path.join(data_dir, "meta.pkl")):
-        source, target = os.path.join(data_dir, "meta.pkl"), os.path.join(out_dir, "meta.pkl")
-    else:
-        return None
-    _write_atomic(target, lambda handle: handle.write(Path(source).read_bytes()))
-    return target
+        return os.path.join(data_dir, load_meta(data_dir)["tokenizer"])
+    if os.path.isfile(os.path.join(data_dir, "meta.pkl")):
+        return os.path.join(data_dir, "meta.pkl")
+    return None
 
 
 # ----------------------------------------------------------------------------- nanoGPT's data folders
