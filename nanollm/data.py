@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from nanollm.clean import clean_documents
 from nanollm.configurator import MissingFileError, UserError
+from nanollm import records
 from nanollm.records import read_json, read_lines
-from nanollm.records import read_jsonl as read_records
 from nanollm.tokenizer import Tokenizer, train_tokenizer
 
 PIPELINE_VERSION = 2  # bump when preparation changes meaning: every cached dataset is then rebuilt
@@ -88,7 +88,7 @@ def read_txt(path: Path) -> List[str]:
 def read_jsonl(path: Path) -> List[str]:
     """A .jsonl file holds one {"text": "..."} object per line; blank lines are skipped."""
     documents = []
-    for line_number, record in read_records(path):
+    for line_number, record in records.read_jsonl(path):
         if not isinstance(record, dict) or "text" not in record:
             raise UserError(f"{path}:{line_number}: missing field 'text'")
         if not isinstance(record["text"], str):
