@@ -3,7 +3,7 @@
 After SFT and the reward model (python train_sft.py; python train_rm.py), one process (CPU, one GPU, or Apple MPS):
     python train_ppo.py                                         # out-sft + out-rm -> out-ppo, held-out gold score
     python train_ppo.py --init_kl_coef=0.0 --out_dir=out-ppo-b0  # no KL penalty: watch the reward model get hacked
-    python train_ppo.py --target_kl=3.0                         # adaptive beta (Ziegler et al. 2019)
+    python train_ppo.py --target_kl=0.5                         # adaptive beta (Ziegler et al. 2019)
 N processes with DDP (each rank samples its own prompts; one per GPU, gloo on CPU):
     torchrun --standalone --nproc_per_node=4 train_ppo.py --batch_size=64   # the same 256 responses per iteration
 Resume after a crash or Ctrl-C:
@@ -29,10 +29,10 @@ from nanollm.configurator import configure
 from nanollm.data import batch_seed
 from nanollm.model import GPT, GPTConfig
 from nanollm.optim import configure_optimizer
-from nanollm.ppo import (KL_ESTIMATORS, AdaptiveKLController, Critic, FixedKLController, decode_responses,
+from nanollm.ppo import (REWARD_KL_ESTIMATORS, AdaptiveKLController, Critic, FixedKLController, decode_responses,
                          encode_prompts, explained_variance, kl_estimate, leave_one_out, make_experience, mean,
-                         minibatches, ppo_losses, reward_scores, rollout, score_rollout, select, sequence_sum,
-                         shape_scores)
+                         minibatches, ppo_losses, prompts_in, reward_scores, rollout, score_rollout, select,
+                         sequence_sum, shape_scores)
 from nanollm.reward import load_reward_model
 from nanollm.tokenizer import Tokenizer
 from nanollm.training import GracefulStop, GuardedStep
@@ -46,21 +46,23 @@ reward_model = "out-rm"  # train_rm.py's out_dir: the reward model (frozen) and 
 eval_interval = 5  # held-out rm score, gold score, KL, a few samples (and a checkpoint) every this many iterations
 log_interval = 1  # write a metrics.jsonl line every this many iterations
 eval_only = False  # evaluate the starting policy once and exit
-# prompts: world questions, never their answers
+# prompts: world questions, never their answers, from three disjoint sets fixed by what they ask (world.question_split)
 world_seed = 0  # the world the gold annotator checks facts against (pretraining uses World(0))
-prompt_seed = 1337  # question order; train_rm.py's seed, so the first 20% of its questions are new to the reward model
-eval_prompts = 160  # the first this many questions: the fixed held-out set (train_rm.py's held-out 20% too)
+prompt_seed = 1337  # the questions' order and wording
+eval_prompts = 160  # test prompts: the reported held-out result (eval_* metrics); never used to choose settings
+validation_prompts = 160  # validation prompts: compare settings on these (val_* metrics), not on the test prompts
 eval_samples = 4  # responses sampled per held-out prompt (more: a less noisy held-out gold score)
-train_prompts = 640  # the next this many: the training prompts
+train_prompts = 640  # training prompts, from the train set (the reward model trains on the same set)
 # rollout
 batch_size = 256  # responses per iteration per rank; large: with 32 the policy drifts on noise (README, stage 4)
 samples_per_prompt = 1  # responses sampled per prompt (batch_size / this prompts per iteration)
-score_baseline = "none"  # 'none' | 'leave_one_out': score − the mean score of the prompt's other responses (RLOO)
+score_baseline = "none"  # 'none' | 'others_mean': score − the mean score of the prompt's other responses (centres
+# each prompt's scores; the critic stays, so this is not RLOO, which replaces the critic by that baseline)
 max_new_tokens = 32  # longest response; one that never emits eos is cut here (and penalized)
 temperature = 1.0  # pure sampling from softmax(logits / temperature); the scoring pass uses the same temperature
 eval_batch_size = 64  # held-out prompts per generation batch
 # reward: score at eos − β·KL per token
-kl_estimator = "k1"  # 'k1' = log π − log π_ref | 'k3' = (r − 1) − log r, r = π_ref/π (never negative)
+kl_estimator = "k1"  # the per-token KL in the reward: 'k1' = log π − log π_ref only (k3 there biases the gradient)
 init_kl_coef = 0.2  # β (its start, if adaptive); 0 = no KL penalty
 target_kl = 0.0  # > 0: adaptive β towards this KL per response in nats (Ziegler et al. 2019); 0: β fixed
 kl_horizon = 1000  # adaptive β: over this many responses, β changes by at most about ±20%
@@ -76,7 +78,8 @@ clip_range = 0.2  # ε of the clipped ratio
 value_clip_range = 0.2  # ε of the clipped value loss; 0 = unclipped
 entropy_coef = 0.0  # entropy bonus coefficient
 whiten_advantages = True  # normalize advantages over the batch's valid tokens
-early_stop_kl = 0.0  # stop the epochs once a minibatch's approx KL(π_old‖π) exceeds this; 0 = never
+early_stop_kl = 0.0  # end the update at the first minibatch whose approx KL(π_old‖π) exceeds this, without its
+# step (minibatches = the steps taken); 0 = never
 critic_warmup_iters = 0  # the first this many iterations train the critic only (the policy waits for good values)
 max_iters = 20  # PPO iterations (rollout + update)
 learning_rate = 2e-5  # policy (AdamW, constant)
@@ -99,14 +102,19 @@ config = configure(globals(), sys.argv[1:])
 runtime = dist_utils.setup(device, backend)
 master = runtime.is_master
 dtype = dist_utils.resolve_dtype(dtype, runtime.device_type)
-if kl_estimator not in KL_ESTIMATORS:
-    raise ValueError(f"kl_estimator={kl_estimator!r}: expected one of {KL_ESTIMATORS}")
+if kl_estimator not in REWARD_KL_ESTIMATORS:
+    raise ValueError(f"kl_estimator={kl_estimator!r}: the reward's KL must be one of {REWARD_KL_ESTIMATORS}" +
+                    (" (k3's value is unbiased, its policy gradient is not; k3 belongs in a loss: ppo.k3_kl_loss)"
+                     if kl_estimator == "k3" else ""))
 if temperature <= 0:
     raise ValueError(f"temperature={temperature}: PPO samples, so it must be > 0")
 if samples_per_prompt < 1 or batch_size % samples_per_prompt:
     raise ValueError(f"batch_size={batch_size} must be a multiple of samples_per_prompt={samples_per_prompt}")
-if score_baseline not in ("none", "leave_one_out") or (score_baseline != "none" and samples_per_prompt < 2):
-    raise ValueError(f"score_baseline={score_baseline!r}: expected 'none', or 'leave_one_out' with "
+if score_baseline == "leave_one_out":
+    raise ValueError("score_baseline='leave_one_out' is now 'others_mean': it centres scores on the prompt's other "
+                    "responses while the critic stays, which is not RLOO")
+if score_baseline not in ("none", "others_mean") or (score_baseline != "none" and samples_per_prompt < 2):
+    raise ValueError(f"score_baseline={score_baseline!r}: expected 'none', or 'others_mean' with "
                      f"samples_per_prompt >= 2 (got {samples_per_prompt})")
 if not 1 <= minibatch_size <= batch_size:
     raise ValueError(f"minibatch_size={minibatch_size} must be between 1 and batch_size={batch_size}")
@@ -117,6 +125,17 @@ if master:
     print(f"[nanollm] device={runtime.device} dtype={dtype} world_size={runtime.world_size}")
     os.makedirs(out_dir, exist_ok=True)
 ctx = dist_utils.autocast(runtime.device_type, dtype)
+
+# ---- prompts: world questions from three disjoint sets (world.question_split); the gold annotator judges replies
+world = World(world_seed)
+gold = GoldAnnotator(world)
+try:
+    held_out = {"eval_": feedback_prompts(world, eval_prompts, prompt_seed, "test"),  # metrics prefix -> questions
+                "val_": feedback_prompts(world, validation_prompts, prompt_seed, "validation")}
+    train_questions = feedback_prompts(world, train_prompts, prompt_seed, "train")
+except ValueError as error:  # more prompts asked for than a set holds
+    raise ValueError(f"eval_prompts={eval_prompts}, validation_prompts={validation_prompts}, train_prompts="
+                    f"{train_prompts}: {error}") from None
 
 # ---- the models: policy and reference from the SFT checkpoint, reward model and critic from train_rm.py's
 # loaded to the CPU: RNG states must stay CPU tensors; weights and optimizer states move to their parameters' device
@@ -135,6 +154,15 @@ config.update(init_from=sft_dir, reward_model=reward_dir)  # what a resumed run 
 tokenizer = Tokenizer(tokenizer_path)
 reward_net, reward_checkpoint = load_reward_model(os.path.join(reward_dir, "ckpt.pt"), runtime.device)
 reward_net.requires_grad_(False)
+# held out means held out: the reward model must not have trained on a validation or test prompt
+if "trained_prompts" not in reward_checkpoint:
+    raise ValueError(f"{reward_dir}/ckpt.pt does not record the prompts the reward model trained on, so the held-out "
+                    f"prompts cannot be checked; retrain it with train_rm.py")
+seen = prompts_in(held_out["eval_"] + held_out["val_"], reward_checkpoint["trained_prompts"])
+if seen:
+    raise ValueError(f"{reward_dir}: the reward model trained on {len(seen)} of the {eval_prompts} test + "
+                    f"{validation_prompts} validation prompts (e.g. {seen[0]!r}), so they are not held out; train it "
+                    f"on the world's train questions (train_rm.py's demo does) or drop these prompts from its data")
 if reward_checkpoint.get("backbone", "gpt") != "gpt":
     raise ValueError(f"{reward_dir}: a {reward_checkpoint['backbone']!r} reward model cannot initialize the critic, "
                      f"which must be causal (one value per prefix); train the reward model with backbone='sft'")
@@ -187,16 +215,13 @@ if runtime.ddp:  # every parameter takes part in each loss (lm_head is tied to w
     device_ids = [runtime.local_rank] if runtime.device_type == "cuda" else None
     policy, critic = DDP(policy, device_ids=device_ids), DDP(critic, device_ids=device_ids)
 
-# ---- prompts: world questions; the held-out ones are never trained on; the gold annotator judges replies
-world = World(world_seed)
-gold = GoldAnnotator(world)
-questions = feedback_prompts(world, eval_prompts + train_prompts, prompt_seed)
-eval_questions, train_questions = questions[:eval_prompts], questions[eval_prompts:]
-eval_encoded = encode_prompts(tokenizer, eval_questions, max_prompt_tokens) * eval_samples  # each prompt k times
+# ---- prompts, encoded; each held-out prompt eval_samples times
+held_out_encoded = {prefix: encode_prompts(tokenizer, questions, max_prompt_tokens) * eval_samples
+                    for prefix, questions in held_out.items()}
 train_encoded = encode_prompts(tokenizer, train_questions, max_prompt_tokens)
 if master:
-    print(f"[nanollm] prompts: {len(train_questions)} training, {len(eval_questions)} held out; batch {batch_size} x "
-          f"{runtime.world_size} rank(s), {ppo_epochs} epochs of minibatches of {minibatch_size}")
+    print(f"[nanollm] prompts: {len(train_questions)} training, {validation_prompts} validation, {eval_prompts} test; "
+          f"batch {batch_size} x {runtime.world_size} rank(s), {ppo_epochs} epochs of minibatches of {minibatch_size}")
 
 
 def judge(asked, replies):
@@ -205,20 +230,21 @@ def judge(asked, replies):
 
 
 @torch.no_grad()
-def evaluate(model):
-    """The held-out prompts, eval_samples responses each (pure sampling, fixed seed): reward-model score, gold score,
-    KL to the reference, length, eos rate. Rank 0 only, with the plain modules. Returns (scores, samples, (prompts,)
-    mean gold per prompt)."""
+def evaluate(model, prefix):
+    """One held-out set ('eval_': test, 'val_': validation), eval_samples responses per prompt (pure sampling, fixed
+    seed): reward-model score, gold score, KL to the reference, length, eos rate. Rank 0 only, with the plain modules.
+    Returns (scores, samples, (prompts,) mean gold per prompt)."""
+    questions, encoded = held_out[prefix], held_out_encoded[prefix]
     generator = torch.Generator(device=runtime.device).manual_seed(seed)
     scores, golds, kls, lengths, ended, samples = [], [], [], [], [], []
-    for start in range(0, len(eval_encoded), eval_batch_size):
-        generated = rollout(model, eval_encoded[start:start + eval_batch_size], max_new_tokens, temperature,
+    for start in range(0, len(encoded), eval_batch_size):
+        generated = rollout(model, encoded[start:start + eval_batch_size], max_new_tokens, temperature,
                             tokenizer.eos_id, tokenizer.pad_id, generator)
         scored = score_rollout(model, reference, None, generated, temperature, ctx)
         kl = kl_estimate(scored["logprobs"], scored["ref_logprobs"], kl_estimator)
         replies = decode_responses(tokenizer, generated)
         batch_scores = reward_scores(reward_net, generated, ctx).tolist()
-        asked = [eval_questions[i % len(eval_questions)] for i in range(start, start + len(replies))]
+        asked = [questions[i % len(questions)] for i in range(start, start + len(replies))]
         batch_golds = judge(asked, replies)
         scores += batch_scores
         golds += batch_golds
@@ -226,25 +252,24 @@ def evaluate(model):
         lengths += generated.response_mask.sum(-1).tolist()
         ended += generated.ended.float().tolist()
         samples += list(zip(asked, replies, batch_scores, batch_golds))
-    per_prompt = torch.tensor(golds).view(eval_samples, len(eval_questions)).mean(0)  # (prompts,) mean gold
-    return {"eval_score": mean(scores), "eval_gold": mean(golds),
-            "eval_gold_se": (per_prompt.std() / len(eval_questions) ** 0.5).item(),  # standard error over prompts
-            "eval_kl": mean(kls), "eval_response_length": mean(lengths), "eval_eos_rate": mean(ended)}, \
+    per_prompt = torch.tensor(golds).view(eval_samples, len(questions)).mean(0)  # (prompts,) mean gold
+    return {f"{prefix}score": mean(scores), f"{prefix}gold": mean(golds),
+            f"{prefix}gold_se": (per_prompt.std() / len(questions) ** 0.5).item(),  # standard error over prompts
+            f"{prefix}kl": mean(kls), f"{prefix}response_length": mean(lengths), f"{prefix}eos_rate": mean(ended)}, \
         samples, per_prompt
 
 
-reference_golds = None  # the SFT model's per-prompt gold on the same seeded samples: the baseline of a paired gain
+reference_golds = {}  # per held-out set: the SFT model's per-prompt gold on the same seeded samples (the baseline)
 
 
-def gold_gain(per_prompt):
+def gold_gain(per_prompt, prefix):
     """Gold gain over the SFT model on the same prompts, sampled with the same seed (common random numbers), and
     its paired standard error: mean and std/√n of the per-prompt differences."""
-    global reference_golds
-    if reference_golds is None:
-        reference_golds = per_prompt if iter_num == 0 else evaluate(reference)[2]
-    difference = per_prompt - reference_golds  # (prompts,)
-    return {"eval_gold_gain": difference.mean().item(),
-            "eval_gold_gain_se": (difference.std() / len(difference) ** 0.5).item()}
+    if prefix not in reference_golds:
+        reference_golds[prefix] = per_prompt if iter_num == 0 else evaluate(reference, prefix)[2]
+    difference = per_prompt - reference_golds[prefix]  # (prompts,)
+    return {f"{prefix}gold_gain": difference.mean().item(),
+            f"{prefix}gold_gain_se": (difference.std() / len(difference) ** 0.5).item()}
 
 
 def write_samples(iter_num, samples, count=6):
@@ -280,14 +305,17 @@ while True:
     # held-out evaluation (iteration 0: the SFT model itself), samples, checkpoint
     if iter_num % eval_interval == 0 or iter_num >= max_iters or eval_only:
         if master:
-            scores, samples, per_prompt = evaluate(raw_policy)
-            scores.update(gold_gain(per_prompt))
+            scores, samples, per_prompt = evaluate(raw_policy, "eval_")  # the test prompts: the reported result
+            scores.update(gold_gain(per_prompt, "eval_"))
+            validation, _, per_prompt = evaluate(raw_policy, "val_")  # validation prompts: for choosing settings
+            scores.update(validation, **gold_gain(per_prompt, "val_"))
             log.write({"iter": iter_num, "phase": "eval", **scores})
             write_samples(iter_num, samples)
-            tqdm.write(f"iter {iter_num}: held-out reward-model score {scores['eval_score']:+.3f}, gold "
+            tqdm.write(f"iter {iter_num}: test reward-model score {scores['eval_score']:+.3f}, gold "
                        f"{scores['eval_gold']:.3f} (gain {scores['eval_gold_gain']:+.3f} ± "
                        f"{scores['eval_gold_gain_se']:.3f}), KL {scores['eval_kl']:.3f}, length "
-                       f"{scores['eval_response_length']:.1f}, eos rate {scores['eval_eos_rate']:.2f}")
+                       f"{scores['eval_response_length']:.1f}, eos rate {scores['eval_eos_rate']:.2f}; validation "
+                       f"gold gain {scores['val_gold_gain']:+.3f} ± {scores['val_gold_gain_se']:.3f}")
         if iter_num > 0 and not eval_only:
             save(iter_num)
         dist_utils.barrier(runtime)
@@ -309,7 +337,7 @@ while True:
     scored = score_rollout(raw_policy, reference, raw_critic, generated, temperature, ctx)
     raw_scores = reward_scores(reward_net, generated, ctx)  # (B,)
     scores = shape_scores(raw_scores, generated.ended, missing_eos_penalty, score_clip)
-    if score_baseline == "leave_one_out":
+    if score_baseline == "others_mean":
         scores = leave_one_out(scores, samples_per_prompt)
     # 3. rewards (score at eos − β·kl_t), GAE advantages and returns
     beta = controller.beta
@@ -323,13 +351,20 @@ while True:
     t1 = time.time()
     policy.train(), critic.train()
     shuffler = torch.Generator().manual_seed(batch_seed(seed, "ppo-shuffle", iter_num, runtime.rank))
-    update_stats, early_stop = [], False
+    update_stats, steps, early_stop = [], 0, False
     for epoch in range(ppo_epochs):
         for rows in minibatches(batch_size, minibatch_size, shuffler):
             batch, part = select(experience, rows.to(runtime.device), generated.prompt_length)
             with ctx:
                 policy_objective, critic_loss, stats = ppo_losses(policy, critic, batch, part, temperature,
                                                                   clip_range, value_clip_range, entropy_coef)
+            # approx KL(π_old‖π) of this minibatch, measured BEFORE its step: past the limit, neither network steps
+            # and the update ends here; all-reduced, so every rank takes the same branch
+            early_stop = early_stop_kl > 0 and dist_utils.any_rank(stats["approx_kl"] > early_stop_kl, runtime)
+            if early_stop:
+                if not update_stats:  # no step at all this iteration: log what was measured
+                    update_stats.append(dict(stats, grad_norm=0.0, critic_grad_norm=0.0))
+                break
             if iter_num >= critic_warmup_iters:  # during the critic's warm-up the policy takes no step
                 scaler.scale(policy_objective).backward()
                 stats["grad_norm"] = policy_step(policy, policy_objective.item(), iter_num)
@@ -338,10 +373,7 @@ while True:
             critic_scaler.scale(critic_loss).backward()
             stats["critic_grad_norm"] = critic_step(critic, critic_loss.item(), iter_num)
             update_stats.append(stats)
-            # approx KL of this minibatch (measured before its step); every rank takes the same branch
-            early_stop = early_stop_kl > 0 and dist_utils.any_rank(stats["approx_kl"] > early_stop_kl, runtime)
-            if early_stop:
-                break
+            steps += 1
         if early_stop:
             break
     update_time = time.time() - t1
@@ -357,7 +389,7 @@ while True:
               "entropy": (scored["entropy"] * mask).sum().item() / mask.sum().item(),
               "explained_variance": explained_variance(experience["values"], experience["returns"], mask),
               "response_length": mask.sum(-1).float().mean().item(), "eos_rate": generated.ended.float().mean().item(),
-              "minibatches": len(update_stats), "rollout_s": rollout_time, "update_s": update_time}
+              "minibatches": steps, "rollout_s": rollout_time, "update_s": update_time}
     for key in update_stats[0]:
         record[key] = mean([stats[key] for stats in update_stats])
     record = {key: dist_utils.all_reduce_mean(value, runtime) for key, value in record.items()}
@@ -375,9 +407,10 @@ if master and not eval_only and not stopped:
     evals = [r for r in read_metrics(log.path) if r.get("phase") == "eval"]
     before, after = evals[0], evals[-1]
     print(f"[nanollm] {max_iters} PPO iterations in {time.time() - t_start:.1f} s; final beta {controller.beta:.4f}")
-    print(f"| held-out ({len(eval_questions)} prompts) | iteration {before['iter']} | iteration {after['iter']} |\n"
-          f"|---|---|---|")
-    for key in ("eval_score", "eval_gold", "eval_kl", "eval_response_length", "eval_eos_rate"):
+    print(f"| test ({eval_prompts} prompts; val_: {validation_prompts} validation prompts) | iteration "
+          f"{before['iter']} | iteration {after['iter']} |\n|---|---|---|")
+    for key in ("eval_score", "eval_gold", "eval_gold_gain", "eval_kl", "eval_response_length", "eval_eos_rate",
+                "val_gold", "val_gold_gain"):
         print(f"| {key} | {before[key]:.4f} | {after[key]:.4f} |")
     print(f"[nanollm] sample completions: {os.path.join(out_dir, 'samples.txt')}")
 dist_utils.teardown(runtime)

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from nanollm.annotators import feedback_prompts
 from nanollm.checkpoint import load_checkpoint
 from nanollm.model import GPT, GPTConfig
 from nanollm.reward import RewardModel
@@ -16,14 +17,14 @@ from nanollm.world import World
 from script_runner import run_script
 
 TINY = ["--batch_size=4", "--minibatch_size=2", "--ppo_epochs=2", "--max_new_tokens=8", "--eval_prompts=4",
-        "--train_prompts=12", "--eval_batch_size=4", "--learning_rate=1e-3", "--critic_learning_rate=1e-3",
+        "--validation_prompts=3", "--train_prompts=12", "--eval_batch_size=4", "--learning_rate=1e-3", "--critic_learning_rate=1e-3",
         "--dtype=float32", "--device=cpu"]
 TRAINING_KEYS = {"iter", "score", "gold", "kl", "beta", "objective", "entropy", "clip_frac", "value_clip_frac",
                  "approx_kl", "ratio_mean", "policy_loss", "value_loss", "explained_variance", "response_length",
                  "eos_rate", "rollout_s", "update_s", "minibatches", "grad_norm", "critic_grad_norm", "early_stop"}
-EVAL_KEYS = {"iter", "phase", "eval_score", "eval_gold", "eval_gold_se", "eval_gold_gain", "eval_gold_gain_se",
-             "eval_kl", "eval_response_length",
-             "eval_eos_rate"}
+EVAL_KEYS = {"iter", "phase"} | {f"{prefix}{key}" for prefix in ("eval_", "val_")  # test and validation prompts
+                                 for key in ("score", "gold", "gold_se", "gold_gain", "gold_gain_se", "kl",
+                                             "response_length", "eos_rate")}
 
 
 def run(args, nproc=0, check=True):
@@ -51,8 +52,9 @@ def checkpoints(tmp_path_factory):
     torch.manual_seed(0)
     write_checkpoint(folder / "sft", GPT(GPTConfig(**model_args)), model_args, tokenizer_path, stage="sft")
     reward_model = RewardModel(GPT(GPTConfig(**model_args)))
+    train_questions = feedback_prompts(World(0), 20, 1337, "train")  # what train_rm.py's demo would train on
     write_checkpoint(folder / "rm", reward_model, model_args, tokenizer_path, stage="reward", loss="ranking",
-                     reward_bias=0.0)
+                     reward_bias=0.0, trained_prompts=[[{"role": "user", "content": q}] for q in train_questions])
     return str(folder / "sft"), str(folder / "rm")
 
 
@@ -65,7 +67,7 @@ def test_run_logs_every_metric_and_saves_a_policy_in_the_sft_format(checkpoints,
     sft, rm = checkpoints
     out = tmp_path / "out"
     result = run([f"--init_from={sft}", f"--reward_model={rm}", f"--out_dir={out}", "--max_iters=2",
-                  "--eval_interval=1", "--target_kl=0.5", "--kl_estimator=k3"])
+                  "--eval_interval=1", "--target_kl=0.5"])
     assert "| eval_gold |" in result.stdout
     records = metrics(out)
     evals = [r for r in records if r.get("phase") == "eval"]
@@ -90,7 +92,7 @@ def test_the_critic_warms_up_alone_and_groups_of_samples_share_a_prompt(checkpoi
     sft, rm = checkpoints
     out = tmp_path / "warmup"
     run([f"--init_from={sft}", f"--reward_model={rm}", f"--out_dir={out}", "--max_iters=1", "--eval_interval=1",
-         "--critic_warmup_iters=1", "--samples_per_prompt=2", "--score_baseline=leave_one_out",
+         "--critic_warmup_iters=1", "--samples_per_prompt=2", "--score_baseline=others_mean",
          "--eval_samples=3"])
     checkpoint = load_checkpoint(str(out / "ckpt.pt"))
     start = load_checkpoint(os.path.join(sft, "ckpt.pt"))
@@ -121,13 +123,17 @@ def test_resume_continues_exactly(checkpoints, tmp_path):
             assert x[key] == pytest.approx(y[key], abs=1e-6), (x["iter"], key)
 
 
-def test_ddp_ranks_stop_the_epochs_together_on_approx_kl(checkpoints, tmp_path):
+def test_ddp_ranks_stop_the_epochs_together_on_approx_kl_without_stepping_past_it(checkpoints, tmp_path):
     sft, rm = checkpoints
     run([f"--init_from={sft}", f"--reward_model={rm}", f"--out_dir={tmp_path / 'ddp'}", "--max_iters=1",
          "--eval_interval=5", "--early_stop_kl=1e-9"], nproc=2)
     training = [r for r in metrics(tmp_path / "ddp") if "phase" not in r]
-    # minibatch 1 is measured before any step (approx KL 0); minibatch 2 is over the limit, so both ranks stop
-    assert training[0]["minibatches"] == 2 and training[0]["early_stop"] is True
+    # minibatch 1 is measured before any step (approx KL 0) and steps; minibatch 2 is over the limit, so both ranks
+    # stop before its step: each optimizer has taken exactly one step
+    assert training[0]["minibatches"] == 1 and training[0]["early_stop"] is True
+    checkpoint = load_checkpoint(str(tmp_path / "ddp" / "ckpt.pt"))
+    for optimizer in (checkpoint["optimizer"], checkpoint["critic_optimizer"]):
+        assert {int(state["step"]) for state in optimizer["state"].values()} == {1}
 
 
 def test_bad_settings_fail_before_any_work(checkpoints, tmp_path):
@@ -137,6 +143,9 @@ def test_bad_settings_fail_before_any_work(checkpoints, tmp_path):
     estimator = run([f"--init_from={sft}", f"--reward_model={rm}", f"--out_dir={tmp_path / 'b'}",
                      "--kl_estimator=k2"], check=False)
     assert estimator.returncode != 0 and "kl_estimator='k2'" in estimator.stderr
+    k3 = run([f"--init_from={sft}", f"--reward_model={rm}", f"--out_dir={tmp_path / 'b3'}", "--kl_estimator=k3"],
+             check=False)
+    assert k3.returncode == 2 and "k3 belongs in a loss" in k3.stderr and "Traceback" not in k3.stderr
     swapped = run([f"--init_from={rm}", f"--reward_model={rm}", f"--out_dir={tmp_path / 'c'}"], check=False)
     assert swapped.returncode != 0 and "holds a reward model" in swapped.stderr
     assert not os.path.exists(tmp_path / "c" / "metrics.jsonl")
@@ -144,5 +153,29 @@ def test_bad_settings_fail_before_any_work(checkpoints, tmp_path):
                "--samples_per_prompt=3"], check=False)
     assert odd.returncode != 0 and "must be a multiple of samples_per_prompt=3" in odd.stderr
     lonely = run([f"--init_from={sft}", f"--reward_model={rm}", f"--out_dir={tmp_path / 'e'}",
-                  "--score_baseline=leave_one_out"], check=False)
+                  "--score_baseline=others_mean"], check=False)
     assert lonely.returncode != 0 and "samples_per_prompt >= 2" in lonely.stderr
+    renamed = run([f"--init_from={sft}", f"--reward_model={rm}", f"--out_dir={tmp_path / 'f'}",
+                   "--score_baseline=leave_one_out", "--samples_per_prompt=2"], check=False)
+    assert renamed.returncode == 2 and "is now 'others_mean'" in renamed.stderr and "not RLOO" in renamed.stderr
+
+
+def test_a_reward_model_that_trained_on_a_test_or_validation_prompt_is_refused(checkpoints, tmp_path):
+    sft, rm = checkpoints
+    model, checkpoint = GPT.from_pretrained(sft), load_checkpoint(os.path.join(rm, "ckpt.pt"))
+    world = World(0)
+    for split in ("test", "validation"):
+        leaked = feedback_prompts(world, 3, 1337, split)[2]  # one of PPO's held-out prompts (4 test, 3 validation)
+        folder = tmp_path / f"rm-{split}"
+        write_checkpoint(folder, RewardModel(model), checkpoint["model_args"], os.path.join(rm, "tokenizer.model"),
+                         stage="reward", reward_bias=0.0,
+                         trained_prompts=checkpoint["trained_prompts"] + [[{"role": "user", "content": leaked}]])
+        result = run([f"--init_from={sft}", f"--reward_model={folder}", f"--out_dir={tmp_path / split}"], check=False)
+        assert result.returncode == 2 and "trained on 1 of the 4 test + 3 validation prompts" in result.stderr
+        assert leaked in result.stderr and "Traceback" not in result.stderr
+        assert not os.path.exists(tmp_path / split / "metrics.jsonl")
+    folder = tmp_path / "rm-old"  # a reward model that does not say what it trained on
+    write_checkpoint(folder, RewardModel(model), checkpoint["model_args"], os.path.join(rm, "tokenizer.model"),
+                     stage="reward", reward_bias=0.0)
+    result = run([f"--init_from={sft}", f"--reward_model={folder}", f"--out_dir={tmp_path / 'old'}"], check=False)
+    assert result.returncode == 2 and "does not record the prompts the reward model trained on" in result.stderr
