@@ -6,6 +6,8 @@
          -d '{"messages": [{"role": "user", "content": "Where does Ada live?"}], "temperature": 0}'
 Endpoints: POST /v1/chat/completions (JSON, or server-sent events with "stream": true), GET /v1/models,
 GET /health, GET / (the chat page, nanollm/web/chat.html). The library code is nanollm/serving.py.
+POSTs must be Content-Type: application/json, and the Host header an IP address, localhost or one of allowed_hosts
+(a web page from another site cannot drive the server); no CORS headers are sent.
 """
 import os
 import sys
@@ -28,9 +30,13 @@ default_max_tokens = 128  # answer length when a request gives no max_tokens (al
 truncate_history = True  # drop the oldest turns of a conversation longer than the context (False: a 400 error)
 max_body_bytes = 1 << 20  # larger request bodies get 413
 max_queue = 256  # waiting requests beyond this get 503
+read_timeout = 60  # seconds a client may stall in the middle of its request (then 408)
+allowed_hosts = ""  # comma-separated Host names accepted besides IP addresses and localhost (DNS rebinding guard)
 seed = 1337  # for requests without their own seed
 quiet = False  # True: no line per request on stderr
 configure(globals(), sys.argv[1:])
+if read_timeout <= 0:
+    raise ValueError(f"read_timeout={read_timeout}: must be > 0 seconds")
 
 torch.manual_seed(seed)
 device = pick_device(device)
@@ -39,7 +45,8 @@ tokenizer = Tokenizer(os.path.join(ckpt_dir, "tokenizer.model"))
 name = model_name or os.path.basename(os.path.abspath(ckpt_dir))
 engine = Engine(model, tokenizer, name, max_batch=max_batch, default_max_tokens=default_max_tokens,
                 truncate_history=truncate_history, max_queue=max_queue)
-server = make_server(engine, host, port, max_body_bytes=max_body_bytes, quiet=quiet)
+server = make_server(engine, host, port, max_body_bytes=max_body_bytes, quiet=quiet, read_timeout=read_timeout,
+                     allowed_hosts=[host_name.strip() for host_name in allowed_hosts.split(",") if host_name.strip()])
 print(f"[nanollm] serving {name} ({model.num_parameters() / 1e6:.2f} M parameters, context "
       f"{model.config.block_size} tokens) on {device}: open http://{host}:{server.server_address[1]}/ "
       f"(Ctrl-C stops)", flush=True)

@@ -7,6 +7,7 @@ and streaming text from tokens (a byte-fallback piece can hold half a character:
 Wire format: OpenAI's Chat Completions API; SSE framing: the WHATWG HTML standard, "server-sent events".
 """
 import collections
+import ipaddress
 import json
 import math
 import os
@@ -356,7 +357,10 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive; streams use chunked transfer encoding
     server_version = "nanollm"
     disable_nagle_algorithm = True  # each SSE chunk leaves at once instead of waiting for the previous ACK
-    timeout = 60  # seconds a client may take to send its request
+
+    def setup(self):
+        self.timeout = self.server.read_timeout  # seconds a socket read or write may wait (the server's setting)
+        super().setup()
 
     def log_message(self, format, *args):
         if not self.server.quiet:
@@ -368,6 +372,7 @@ class Handler(BaseHTTPRequestHandler):
         self.streaming = False  # a 200 event stream has begun: errors can only be sent as events now
         path = urlsplit(self.path).path
         try:
+            self.check_host()
             if path not in routes:
                 raise ApiError(404, f"unknown path {path}", type="not_found_error")
             if self.command not in routes[path]:
@@ -375,7 +380,7 @@ class Handler(BaseHTTPRequestHandler):
             routes[path][self.command]()
         except ApiError as error:
             self.send_error_json(error, allow=", ".join(routes.get(path, ())))
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):  # the client left, or stopped reading
             self.close_connection = True
         except Exception as error:  # a bug: log it, answer 500, keep serving
             traceback.print_exc(file=sys.stderr)
@@ -418,6 +423,31 @@ class Handler(BaseHTTPRequestHandler):
         if not head_only:
             self.wfile.write(data)
 
+    def check_host(self):
+        """DNS rebinding: a page on evil.example whose name is re-pointed at 127.0.0.1 reaches this server as the
+        same origin, but its requests still say `Host: evil.example`. Accept only IP addresses, localhost names,
+        the name the server was bound to and the allowed_hosts setting (the default of Vite's dev server)."""
+        host = self.headers.get("Host")
+        if host is None:
+            raise ApiError(400, "a Host header is required (HTTP/1.1)")
+        name = urlsplit(f"//{host}").hostname or ""
+        try:
+            ipaddress.ip_address(name)
+            return
+        except ValueError:
+            pass
+        if name == "localhost" or name.endswith(".localhost") or name in self.server.allowed_hosts:
+            return
+        raise ApiError(403, f"Host {host[:60]!r} is not allowed: use an IP address or localhost, or start the server "
+                            f"with allowed_hosts naming it (DNS rebinding protection)", type="permission_error")
+
+    def check_json_body(self):
+        """Only application/json is executed. A cross-origin page can POST text/plain without asking (a CORS
+        "simple request"); application/json makes the browser ask first (a preflight OPTIONS), which we refuse."""
+        if self.headers.get_content_type() != "application/json":
+            raise ApiError(415, f"Content-Type must be application/json, got "
+                                f"{self.headers.get('Content-Type', 'none')[:60]!r}", code="unsupported_media_type")
+
     def read_body(self):
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             raise ApiError(411, "chunked request bodies are not supported: send Content-Length")
@@ -438,7 +468,11 @@ class Handler(BaseHTTPRequestHandler):
                     left = left - len(piece) if piece else 0
             raise ApiError(413, f"request body of {length} bytes is over the limit of {limit} bytes",
                            code="request_too_large")
-        body = self.rfile.read(length)
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {self.server.read_timeout} s",
+                           code="request_timeout") from None
         if len(body) < length:
             raise ApiError(400, f"request body ended after {len(body)} of {length} bytes")
         return body
@@ -469,7 +503,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def chat_completions(self):
         engine = self.server.engine
-        request = parse_chat_request(self.read_body())
+        body = self.read_body()
+        self.check_json_body()
+        request = parse_chat_request(body)
         job = engine.prepare(request)
         engine.submit(job)
         try:
@@ -528,13 +564,19 @@ class ChatServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024  # listen() backlog: socketserver's default of 5 resets bursts of new connections
 
-    def __init__(self, address, engine, max_body_bytes=1 << 20, quiet=False, page_path=PAGE_PATH):
+    def __init__(self, address, engine, max_body_bytes=1 << 20, quiet=False, page_path=PAGE_PATH, read_timeout=60,
+                 allowed_hosts=()):
         self.engine, self.max_body_bytes, self.quiet, self.page_path = engine, max_body_bytes, quiet, page_path
+        self.read_timeout = read_timeout  # seconds a client may stall mid-request (then 408)
+        self.allowed_hosts = set(allowed_hosts) | {address[0]}  # Host names accepted besides IPs and localhost
         self.created = int(time.time())
         super().__init__(address, Handler)
 
 
-def make_server(engine, host="127.0.0.1", port=8000, max_body_bytes=1 << 20, quiet=False):
+def make_server(engine, host="127.0.0.1", port=8000, max_body_bytes=1 << 20, quiet=False, read_timeout=60,
+                allowed_hosts=()):
     """A ChatServer bound to host:port (port 0: any free port, read it from server.server_address[1]).
-    Call server.serve_forever() (in a thread if you like), then server.shutdown() and server.server_close()."""
-    return ChatServer((host, port), engine, max_body_bytes, quiet)
+    Call server.serve_forever() (in a thread if you like), then server.shutdown() and server.server_close().
+    No CORS headers are sent: a page from another origin cannot read the answers or send JSON."""
+    return ChatServer((host, port), engine, max_body_bytes, quiet, read_timeout=read_timeout,
+                      allowed_hosts=allowed_hosts)

@@ -414,6 +414,87 @@ def test_body_without_content_length_gets_411(served):
     connection.close()
 
 
+def raw_request(base, method, path, headers, body=b""):
+    """(status, headers, body) of a request whose headers are all given by the test (Host included)."""
+    connection = http.client.HTTPConnection(base.removeprefix("http://"), timeout=30)
+    connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+    for key, value in headers.items():
+        connection.putheader(key, value)
+    connection.endheaders(body or None)
+    response = connection.getresponse()
+    answer = response.status, response.headers, response.read()
+    connection.close()
+    return answer
+
+
+def test_a_cross_origin_text_plain_post_is_refused_with_415_and_not_run(served):
+    """A page on any site can POST text/plain to 127.0.0.1 without a CORS preflight; only JSON is executed."""
+    base, _, _ = served
+    host = base.removeprefix("http://")
+    body = json.dumps({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}).encode()
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {"Host": host, "Origin": "http://evil.example", "Content-Length": str(len(body))}
+        if content_type:
+            headers["Content-Type"] = content_type
+        status, answer_headers, answer = raw_request(base, "POST", "/v1/chat/completions", headers, body)
+        assert status == 415 and json.loads(answer)["error"]["code"] == "unsupported_media_type", content_type
+        assert not [key for key in answer_headers if key.lower().startswith("access-control-")]
+    headers = {"Host": host, "Content-Type": "application/json; charset=utf-8", "Content-Length": str(len(body))}
+    assert raw_request(base, "POST", "/v1/chat/completions", headers, body)[0] == 200
+
+
+def test_no_cors_headers_even_for_a_preflight(served):
+    base, _, _ = served
+    status, headers, _ = raw_request(base, "OPTIONS", "/v1/chat/completions", {
+        "Host": base.removeprefix("http://"), "Origin": "http://evil.example",
+        "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
+    assert status == 405 and not [key for key in headers if key.lower().startswith("access-control-")]
+
+
+@pytest.mark.parametrize("host, status", [("evil.example:{port}", 403), ("evil.example", 403),
+                                          ("localhost.evil.example:{port}", 403), ("localhost:{port}", 200),
+                                          ("127.0.0.1:{port}", 200), ("[::1]:{port}", 200), ("10.1.2.3", 200),
+                                          ("chat.localhost:{port}", 200), ("myhost.lan:{port}", 200)])
+def test_the_host_header_must_name_this_server(checkpoint, host, status):
+    """DNS rebinding: evil.example re-pointed at 127.0.0.1 is the page's own origin, but its Host still says so."""
+    model, tokenizer = load(checkpoint)
+    engine = Engine(model, tokenizer, "tiny")
+    server, base = start_server(engine, allowed_hosts=["myhost.lan"])
+    try:
+        host = host.format(port=server.server_address[1])
+        body = json.dumps({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}).encode()
+        post = raw_request(base, "POST", "/v1/chat/completions", {
+            "Host": host, "Content-Type": "application/json", "Content-Length": str(len(body))}, body)
+        page = raw_request(base, "GET", "/", {"Host": host})
+        assert (post[0], page[0]) == (status, status)
+        if status == 403:
+            assert "Host" in json.loads(post[2])["error"]["message"]
+            assert engine.queue.qsize() == 0
+        assert raw_request(base, "GET", "/health", {})[0] == 400  # HTTP/1.1 without a Host header
+    finally:
+        stop_server(server, engine)
+
+
+def test_a_client_that_stalls_mid_body_gets_408_without_a_traceback(checkpoint, capfd):
+    model, tokenizer = load(checkpoint)
+    engine = Engine(model, tokenizer, "tiny")
+    server, base = start_server(engine, read_timeout=1)
+    try:
+        connection = http.client.HTTPConnection(base.removeprefix("http://"), timeout=30)
+        connection.putrequest("POST", "/v1/chat/completions")
+        connection.putheader("Content-Type", "application/json")
+        connection.putheader("Content-Length", "100")
+        connection.endheaders(b'{"messages": [')  # 14 of the 100 bytes, then nothing
+        response = connection.getresponse()  # waits for the server's read timeout (1 s)
+        error = json.loads(response.read())["error"]
+        assert response.status == 408 and error["code"] == "request_timeout"
+        connection.close()
+        assert chat(base, "hello", max_tokens=2)[0] == 200  # still serving
+    finally:
+        stop_server(server, engine)
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_models_health_and_page(served):
     base, _, _ = served
     models = json.loads(request(base + "/v1/models")[2])
