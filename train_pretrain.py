@@ -24,7 +24,8 @@ from nanollm import distributed as dist_utils
 from nanollm.bert import BERT, BertConfig, fill_mask, mask_tokens, mlm_accuracy
 from nanollm.checkpoint import check_out_dir, load_checkpoint, restore_training_state, save_checkpoint, start_run, unwrap
 from nanollm.configurator import UserError, check_ranges, configure
-from nanollm.data import batch_seed, get_batch, load_meta, prepare_dataset, unigram_perplexity
+from nanollm.data import (batch_seed, get_batch, load_meta, load_tokenizer, prepare_dataset, tokenizer_file,
+                          unigram_perplexity)
 from nanollm.encdec import EncoderDecoder, infilling_batch
 from nanollm.model import GPT, GPTConfig
 from nanollm.optim import configure_optimizer, get_lr
@@ -120,11 +121,14 @@ dist_utils.barrier(runtime)
 data_dir = data_dir or prepare_dataset(dataset, None, vocab_size=vocab_size, tokenizer_type=tokenizer_type,
                                        seed=seed)  # cache hit on ranks > 0
 meta = load_meta(data_dir)
-tokenizer = Tokenizer(os.path.join(data_dir, meta["tokenizer"]))
-run_tokenizer = os.path.join(out_dir, "tokenizer.model")
-if checkpoint is not None and os.path.exists(run_tokenizer) and not filecmp.cmp(tokenizer.model_path, run_tokenizer,
-                                                                                 shallow=False):
-    raise UserError(f"init_from='resume': the data's tokenizer ({tokenizer.model_path}) is not the one the run in "
+tokenizer = load_tokenizer(data_dir)  # a Tokenizer; nanoGPT's meta.pkl characters; None for bare GPT-2 token files
+tokenizer_path = tokenizer_file(data_dir)  # copied beside the model
+if model_type != "gpt" and not isinstance(tokenizer, Tokenizer):
+    raise UserError(f"model_type={model_type!r} needs nanollm's special tokens (mask, eos): {data_dir} has none")
+run_tokenizer = tokenizer_path and os.path.join(out_dir, os.path.basename(tokenizer_path))
+if checkpoint is not None and run_tokenizer and os.path.exists(run_tokenizer) and \
+        not filecmp.cmp(tokenizer_path, run_tokenizer, shallow=False):
+    raise UserError(f"init_from='resume': the data's tokenizer ({tokenizer_path}) is not the one the run in "
                     f"{out_dir} was trained with; resume with the run's own dataset")
 
 # ---- model
@@ -202,7 +206,7 @@ def save(iter_num):
 
 
 # ---- the training loop: out_dir is written from here on
-log = start_run(out_dir, runtime, init_from == "resume", iter_num, tokenizer.model_path)
+log = start_run(out_dir, runtime, init_from == "resume", iter_num, tokenizer_path)
 progress = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True)
 stop = GracefulStop()  # Ctrl-C: finish the step, checkpoint, exit
 step = GuardedStep(optimizer, scaler, grad_clip, runtime, dtype)  # clip; skip non-finite steps
@@ -274,9 +278,12 @@ if master and not eval_only and not stopped:
           f"final val loss {last_val_loss:.4f}, val ppl {torch.exp(torch.tensor(last_val_loss)).item():.2f} "
           f"(unigram baseline ppl {unigram_perplexity(data_dir):.2f})")
     raw_model.eval()
-    prompt = torch.tensor([tokenizer.encode(sample_prompt, bos=True)], device=runtime.device)
-    masked_prompt = torch.cat([prompt, torch.full_like(prompt[:, :1], tokenizer.mask_id)], dim=1)
-    if model_type == "bert":  # predict the <|mask|> after the prompt
+    prompt = torch.tensor([tokenizer.encode(sample_prompt, bos=True) if tokenizer else [0]], device=runtime.device)
+    masked_prompt = torch.cat([prompt, torch.full_like(prompt[:, :1], tokenizer.mask_id)], dim=1) \
+        if model_type != "gpt" else None
+    if tokenizer is None:
+        print(f"[nanollm] no sample: {data_dir} has no tokenizer (nanoGPT's GPT-2 token files); sampling needs one")
+    elif model_type == "bert":  # predict the <|mask|> after the prompt
         out = fill_mask(raw_model, masked_prompt)
     elif model_type == "encdec":  # the decoder rewrites the prompt, writing out its final <|mask|> span
         out = raw_model.generate(masked_prompt, min(sample_tokens, block_size - 1), temperature=0.8, top_k=50,
@@ -284,6 +291,7 @@ if master and not eval_only and not stopped:
     else:
         out = raw_model.generate(prompt, min(sample_tokens, block_size - prompt.size(1)), temperature=0.8,
                                  top_k=50, eos_id=tokenizer.eos_id)
-    print("[nanollm] sample:", tokenizer.decode(out[0].tolist()))
+    if tokenizer is not None:
+        print("[nanollm] sample:", tokenizer.decode(out[0].tolist()))
 dist_utils.teardown(runtime)
 stop.exit_if(stopped)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from nanollm.configurator import MissingFileError, UserError
 
-RUN_FILES = ("ckpt.pt", "metrics.jsonl", "samples.txt")  # what one run writes into its out_dir (besides the tokenizer)
+RUN_FILES = ("ckpt.pt", "metrics.jsonl", "samples.txt", "tokenizer.model", "meta.pkl")  # what a run writes in out_dir
 CHECKPOINT_KEYS = ("model", "model_args", "config")  # what every checkpoint of a nanollm stage holds
 
 
@@ -139,12 +139,14 @@ def start_run(out_dir, runtime, resume, iter_num, tokenizer_path=None):
     os.makedirs(out_dir, exist_ok=True)
     for leftover in glob.glob(os.path.join(glob.escape(out_dir), "ckpt.pt.tmp.*")):
         os.remove(leftover)
-    if not resume:
+    if not resume:  # the tokenizer: our tokenizer.model, or nanoGPT's meta.pkl (its characters)
+        target = tokenizer_path and os.path.join(out_dir, os.path.basename(tokenizer_path))
+        in_place = target and os.path.exists(target) and os.path.samefile(target, tokenizer_path)
         for name in RUN_FILES:
-            if os.path.exists(os.path.join(out_dir, name)):
-                os.remove(os.path.join(out_dir, name))
-        target = os.path.join(out_dir, "tokenizer.model")
-        if tokenizer_path and not (os.path.exists(target) and os.path.samefile(tokenizer_path, target)):
+            path = os.path.join(out_dir, name)
+            if os.path.exists(path) and not (in_place and path == target):
+                os.remove(path)
+        if target and not in_place:
             shutil.copyfile(tokenizer_path, target)
     return MetricsLog(os.path.join(out_dir, "metrics.jsonl"), start_iter=iter_num if resume else 0)
 

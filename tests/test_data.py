@@ -370,7 +370,6 @@ def test_malicious_meta_pkl_is_refused_without_running_it(tmp_path):
 # Fails until train_pretrain.py takes its tokenizer from load_tokenizer/tokenizer_file (None for bare nanoGPT bins,
 # a CharCodec for meta.pkl) instead of opening meta["tokenizer"], and skips the end sample when there is none.
 # strict: once the script is changed this test passes, and the marker must go.
-@pytest.mark.xfail(strict=True, reason="train_pretrain.py still opens meta['tokenizer'], which nanoGPT folders lack")
 def test_train_pretrain_runs_on_nanogpt_folders(tmp_path):
     from script_runner import run_script
 
