@@ -116,42 +116,43 @@ def is_release(path):
 def load_release(path, device="cpu"):
     """(model in eval mode, Tokenizer) from a release folder. Everything in config.json is checked, and the weights
     file's header against it, before the model is built: a small config cannot make us allocate a large model."""
+    from nanollm.configurator import MissingFileError, UserError
     from nanollm.gpt2 import check_tensors_fit, checked_config, expected_shapes, read_safetensors
     from nanollm.model import GPT
     from nanollm.tokenizer import Tokenizer
 
     config_path = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{path}: no {CONFIG_FILE} (not a release folder)")
+        raise MissingFileError(f"{path}: no {CONFIG_FILE} (not a release folder)")
     try:
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
     except (ValueError, RecursionError) as error:
-        raise ValueError(f"{config_path}: not valid JSON ({error})") from None
+        raise UserError(f"{config_path}: not valid JSON ({error})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ValueError(f"{config_path}: field 'format' is not {FORMAT!r}")
+        raise UserError(f"{config_path}: field 'format' is not {FORMAT!r}")
     for field in ("model_args", "weights", "tokenizer", "tied_weights"):
         if field not in config:
-            raise ValueError(f"{config_path}: missing field {field!r}")
+            raise UserError(f"{config_path}: missing field {field!r}")
     for field in ("weights", "tokenizer"):  # plain file names inside the folder
         if not isinstance(config[field], str) or os.path.basename(config[field]) != config[field] or \
                 config[field] in ("", ".", ".."):
-            raise ValueError(f"{config_path}: field {field!r} must be a file name in the folder, got "
+            raise UserError(f"{config_path}: field {field!r} must be a file name in the folder, got "
                              f"{str(config[field])[:60]!r}")
     tied = config["tied_weights"]
     if not (isinstance(tied, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items())):
-        raise ValueError(f"{config_path}: field 'tied_weights' must map tensor names to tensor names")
+        raise UserError(f"{config_path}: field 'tied_weights' must map tensor names to tensor names")
     model_config = checked_config(config["model_args"], f"{config_path}: model_args")
     weights_path = os.path.join(path, config["weights"])
     stored = read_safetensors(weights_path, device="meta")  # the checked header only: no tensor is read yet
     shapes = expected_shapes(model_config, len(stored), weights_path)
     for name, source in tied.items():
         if name not in shapes or source not in shapes or shapes[name] != shapes[source] or source in tied:
-            raise ValueError(f"{config_path}: tied_weights {name!r} -> {source!r} does not fit the model")
+            raise UserError(f"{config_path}: tied_weights {name!r} -> {source!r} does not fit the model")
     check_tensors_fit(weights_path, stored, {name: shape for name, shape in shapes.items() if name not in tied},
                       f"the model in {config_path}")
     if config.get("weights_sha256") and _sha256(weights_path) != config["weights_sha256"]:
-        raise ValueError(f"{weights_path}: sha256 differs from {config_path} field 'weights_sha256' (corrupt copy?)")
+        raise UserError(f"{weights_path}: sha256 differs from {config_path} field 'weights_sha256' (corrupt copy?)")
     model = GPT(model_config)
     tensors = read_safetensors(weights_path)
     for name, source in tied.items():

@@ -14,6 +14,7 @@ import sys
 import torch
 
 from nanollm.checkpoint import load_checkpoint
+from nanollm.configurator import MissingFileError, UserError
 from nanollm.model import GPT, GPTConfig
 
 CONFIG_FILE, SAFETENSORS_FILE, PYTORCH_FILE, OUR_CHECKPOINT = (
@@ -51,7 +52,7 @@ def config_from_gpt2(hf_config, path):
     def need(field, expected, default):
         value = hf_config.get(field, default)
         if value not in expected:
-            raise ValueError(f"{path}: field {field!r} = {value!r} is not supported (expected one of {expected})")
+            raise UserError(f"{path}: field {field!r} = {value!r} is not supported (expected one of {expected})")
 
     need("model_type", ("gpt2",), "gpt2")
     need("activation_function", TANH_GELUS, "gelu_new")
@@ -66,13 +67,13 @@ def config_from_gpt2(hf_config, path):
                     n_layer=hf_config["n_layer"], n_head=hf_config["n_head"], n_embd=n_embd, bias=True,
                     layer_norm_eps=hf_config.get("layer_norm_epsilon", 1e-5), norm_position="pre", dropout=0.0)
     except KeyError as missing:
-        raise ValueError(f"{path}: field {missing} is missing") from None
+        raise UserError(f"{path}: field {missing} is missing") from None
 
 
 def config_to_gpt2(config: GPTConfig):
     """Our GPTConfig -> a Hugging Face GPT-2 config.json (dict); settings GPT-2 cannot express raise."""
     if not config.bias or config.norm_position != "pre":
-        raise ValueError(f"GPT-2 needs bias=True and norm_position='pre', got bias={config.bias}, "
+        raise UserError(f"GPT-2 needs bias=True and norm_position='pre', got bias={config.bias}, "
                          f"norm_position={config.norm_position!r}")
     return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": config.vocab_size,
             "n_positions": config.block_size, "n_ctx": config.block_size, "n_embd": config.n_embd,
@@ -92,36 +93,38 @@ def check_safetensors_header(path):
     Layout: u64 header size N (little-endian), N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}},
     then the tensors' raw bytes. Checked: N fits the file; every dtype is known; every shape is a list of
     non-negative ints; end - begin = numel * itemsize; the tensors tile the data section exactly (in range, no
-    overlap, no gap, no trailing bytes). Any failure is a ValueError naming the file and the tensor."""
+    overlap, no gap, no trailing bytes). Any failure is a UserError naming the file and the tensor."""
     if sys.byteorder != "little":
-        raise ValueError(f"{path}: safetensors data is little-endian; this machine is not")
+        raise UserError(f"{path}: safetensors data is little-endian; this machine is not")
+    if not os.path.isfile(path):
+        raise MissingFileError(f"{path}: no such weights file")
     file_size = os.path.getsize(path)
     with open(path, "rb") as f:
         header_size = int.from_bytes(f.read(8), "little") if file_size >= 8 else -1
         if not 0 <= header_size <= min(file_size - 8, MAX_HEADER_BYTES):
-            raise ValueError(f"{path}: not a safetensors file (header size {header_size} does not fit the file's "
+            raise UserError(f"{path}: not a safetensors file (header size {header_size} does not fit the file's "
                              f"{file_size} bytes)")
         try:
             raw = json.loads(f.read(header_size))
         except (ValueError, RecursionError) as error:
-            raise ValueError(f"{path}: not a safetensors file (bad JSON header: {error})") from None
+            raise UserError(f"{path}: not a safetensors file (bad JSON header: {error})") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: not a safetensors file (the header is not a JSON object)")
+        raise UserError(f"{path}: not a safetensors file (the header is not a JSON object)")
     raw.pop("__metadata__", None)
     header = {}
     for name, info in raw.items():
         info = info if isinstance(info, dict) else {}
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if dtype not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+            raise UserError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
         if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)):
-            raise ValueError(f"{path}: tensor {name!r} has a bad shape {str(shape)[:60]}")
+            raise UserError(f"{path}: tensor {name!r} has a bad shape {str(shape)[:60]}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)
                 and 0 <= offsets[0] <= offsets[1]):
-            raise ValueError(f"{path}: tensor {name!r} has bad data_offsets {str(offsets)[:60]}")
+            raise UserError(f"{path}: tensor {name!r} has bad data_offsets {str(offsets)[:60]}")
         nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
         if offsets[1] - offsets[0] != nbytes:
-            raise ValueError(f"{path}: tensor {name!r} of shape {tuple(shape)} {dtype} needs {nbytes} bytes, its "
+            raise UserError(f"{path}: tensor {name!r} of shape {tuple(shape)} {dtype} needs {nbytes} bytes, its "
                              f"data_offsets {offsets} hold {offsets[1] - offsets[0]}")
         header[name] = (dtype, tuple(shape), offsets[0], offsets[1])
     data_start, data_size = 8 + header_size, file_size - 8 - header_size
@@ -129,12 +132,12 @@ def check_safetensors_header(path):
     for name, (_, _, begin, end) in sorted(header.items(), key=lambda item: item[1][2:]):
         if begin != position:
             what = "overlaps the tensor before it" if begin < position else f"leaves a gap at byte {position}"
-            raise ValueError(f"{path}: tensor {name!r} (data_offsets [{begin}, {end}]) {what}")
+            raise UserError(f"{path}: tensor {name!r} (data_offsets [{begin}, {end}]) {what}")
         if end > data_size:
-            raise ValueError(f"{path}: tensor {name!r} ends at byte {end}, past the data's {data_size} bytes")
+            raise UserError(f"{path}: tensor {name!r} ends at byte {end}, past the data's {data_size} bytes")
         position = end
     if position != data_size:
-        raise ValueError(f"{path}: {data_size - position} bytes after the last tensor (truncated header or "
+        raise UserError(f"{path}: {data_size - position} bytes after the last tensor (truncated header or "
                          f"appended data)")
     return header, data_start
 
@@ -169,9 +172,9 @@ def read_weights(folder, device="cpu"):
                 return read_safetensors(path, device), path
             tensors = torch.load(path, map_location="cpu", weights_only=True)
             if not (isinstance(tensors, dict) and all(isinstance(t, torch.Tensor) for t in tensors.values())):
-                raise ValueError(f"{path}: not a state dict of tensors")
+                raise UserError(f"{path}: not a state dict of tensors")
             return tensors, path
-    raise FileNotFoundError(f"{folder}: no {SAFETENSORS_FILE} or {PYTORCH_FILE}")
+    raise MissingFileError(f"{folder}: no {SAFETENSORS_FILE} or {PYTORCH_FILE}")
 
 
 # ------------------------------------------------------------------------------- config and shape checks
@@ -180,33 +183,33 @@ POSITIVE_INT_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"
 
 def checked_config(args, where):
     """GPTConfig from an untrusted dict of its arguments (a config.json, a checkpoint's model_args): unknown fields,
-    sizes that are not positive ints, n_embd not divisible by n_head are one-line ValueErrors naming `where`."""
+    sizes that are not positive ints, n_embd not divisible by n_head are one-line UserErrors naming `where`."""
     if not isinstance(args, dict):
-        raise ValueError(f"{where}: model arguments must be an object, got {type(args).__name__}")
+        raise UserError(f"{where}: model arguments must be an object, got {type(args).__name__}")
     known = {field.name for field in dataclasses.fields(GPTConfig)}
     unknown = sorted(set(args) - known)
     if unknown:
-        raise ValueError(f"{where}: unknown model argument(s) {unknown}")
+        raise UserError(f"{where}: unknown model argument(s) {unknown}")
     for field in POSITIVE_INT_FIELDS:
         value = args.get(field, 1)
         if type(value) is not int or value < 1:
-            raise ValueError(f"{where}: {field} must be a positive integer, got {str(value)[:40]}")
+            raise UserError(f"{where}: {field} must be a positive integer, got {str(value)[:40]}")
     eps, dropout = args.get("layer_norm_eps", 1e-5), args.get("dropout", 0.0)
     if type(eps) not in (int, float) or not 0 < eps < 1:
-        raise ValueError(f"{where}: layer_norm_eps must be a number in (0, 1), got {str(eps)[:40]}")
+        raise UserError(f"{where}: layer_norm_eps must be a number in (0, 1), got {str(eps)[:40]}")
     if type(dropout) not in (int, float) or not 0 <= dropout < 1:
-        raise ValueError(f"{where}: dropout must be a number in [0, 1), got {str(dropout)[:40]}")
+        raise UserError(f"{where}: dropout must be a number in [0, 1), got {str(dropout)[:40]}")
     try:
         return GPTConfig(**args)  # checks n_embd % n_head and the named choices (attn_impl, init, norm_position)
     except (TypeError, ValueError) as error:
-        raise ValueError(f"{where}: {error}") from None
+        raise UserError(f"{where}: {error}") from None
 
 
 def expected_shapes(config: GPTConfig, tensor_count, path):
     """{name: shape} of a GPT's state dict, computed on the meta device (no memory). The config's n_layer is first
     bounded by the tensors the file really holds, so a tiny file cannot make us build a huge model even on meta."""
     if config.n_layer > tensor_count:
-        raise ValueError(f"{path}: holds {tensor_count} tensors, fewer than the config's n_layer={config.n_layer}")
+        raise UserError(f"{path}: holds {tensor_count} tensors, fewer than the config's n_layer={config.n_layer}")
     with torch.device("meta"):
         model = GPT(config)
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
@@ -214,17 +217,17 @@ def expected_shapes(config: GPTConfig, tensor_count, path):
 
 def check_tensors_fit(path, tensors, shapes, what):
     """The file's tensors (real or meta) against the {name: shape} the config implies: same names, same shapes,
-    floating-point dtypes. Raises a ValueError naming the file and the first tensor at fault."""
+    floating-point dtypes. Raises a UserError naming the file and the first tensor at fault."""
     missing, unexpected = sorted(set(shapes) - set(tensors)), sorted(set(tensors) - set(shapes))
     if missing or unexpected:
-        raise ValueError(f"{path}: tensors do not match {what}: "
+        raise UserError(f"{path}: tensors do not match {what}: "
                          f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
                          f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
     for name, shape in shapes.items():
         if tuple(tensors[name].shape) != tuple(shape):
-            raise ValueError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(shape)}")
+            raise UserError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(shape)}")
         if not tensors[name].dtype.is_floating_point:
-            raise ValueError(f"{path}: {name} has dtype {tensors[name].dtype}, expected a floating-point dtype")
+            raise UserError(f"{path}: {name} has dtype {tensors[name].dtype}, expected a floating-point dtype")
 
 
 # ------------------------------------------------------------------------------------------- mapping
@@ -257,7 +260,7 @@ def load_gpt2_weights(model: GPT, tensors, path):
         lm_head = tensors.get("lm_head.weight", tensors.get("transformer.lm_head.weight"))
         if lm_head is not None and not (lm_head.shape == ours["wte.weight"].shape and
                                         torch.equal(lm_head.to(ours["wte.weight"].dtype), ours["wte.weight"])):
-            raise ValueError(f"{path}: lm_head.weight differs from wte.weight; our GPT ties them")
+            raise UserError(f"{path}: lm_head.weight differs from wte.weight; our GPT ties them")
 
 
 def gpt2_state_dict(model: GPT):
@@ -287,10 +290,10 @@ def load_pretrained(path, **overrides):
     """
     fixed = sorted(set(overrides) & set(ARCHITECTURE_FIELDS))
     if fixed:
-        raise ValueError(f"{path}: {fixed} come from the checkpoint and cannot be overridden")
+        raise UserError(f"{path}: {fixed} come from the checkpoint and cannot be overridden")
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, CONFIG_FILE)):
         if not os.path.isfile(os.path.join(path, OUR_CHECKPOINT)):
-            raise FileNotFoundError(f"{path}: no {CONFIG_FILE} (Hugging Face GPT-2) and no {OUR_CHECKPOINT} (nanollm)")
+            raise MissingFileError(f"{path}: no {CONFIG_FILE} (Hugging Face GPT-2) and no {OUR_CHECKPOINT} (nanollm)")
         path = os.path.join(path, OUR_CHECKPOINT)  # our own output folder
     if not os.path.isdir(path):
         return load_our_checkpoint(path, overrides)
@@ -299,9 +302,9 @@ def load_pretrained(path, **overrides):
         with open(config_path, encoding="utf-8") as f:
             hf_config = json.load(f)
     except (ValueError, RecursionError) as error:
-        raise ValueError(f"{config_path}: not valid JSON ({error})") from None
+        raise UserError(f"{config_path}: not valid JSON ({error})") from None
     if not isinstance(hf_config, dict):
-        raise ValueError(f"{config_path}: expected a JSON object, got {type(hf_config).__name__}")
+        raise UserError(f"{config_path}: expected a JSON object, got {type(hf_config).__name__}")
     config = checked_config({**config_from_gpt2(hf_config, config_path), **overrides}, config_path)
     # the weights file's header (or a .bin file's tensors) must fit the config before the model is built
     tensors, weights_path = read_weights(path, device="meta")
@@ -319,9 +322,9 @@ def load_our_checkpoint(path, overrides):
     checkpoint = load_checkpoint(path)
     model_type = (checkpoint.get("config") or {}).get("model_type", "gpt")
     if model_type != "gpt":
-        raise ValueError(f"{path}: a {model_type!r} checkpoint, not a GPT")
+        raise UserError(f"{path}: a {model_type!r} checkpoint, not a GPT")
     if not isinstance(checkpoint.get("model"), dict) or "model_args" not in checkpoint:
-        raise ValueError(f"{path}: not a nanollm checkpoint (no 'model' weights or 'model_args')")
+        raise UserError(f"{path}: not a nanollm checkpoint (no 'model' weights or 'model_args')")
     config = checked_config({**checkpoint["model_args"], **overrides}, f"{path}: model_args")
     weights = checkpoint["model"]
     check_tensors_fit(path, weights, expected_shapes(config, len(weights), path), "the GPT in its model_args")
