@@ -1,6 +1,6 @@
 """Text-generation metrics, written out by hand so each formula can be read next to its source.
 
-Perplexity, exact match / accuracy, corpus BLEU (Papineni et al. 2002, smoothing of Lin & Och 2004),
+Perplexity, bits per byte (tokenizer-independent; as in nanochat's evaluation), exact match / accuracy, corpus BLEU (Papineni et al. 2002, smoothing of Lin & Och 2004),
 ROUGE-L (Lin 2004) and SQuAD token F1 (Rajpurkar et al. 2016). Every metric splits text with the one
 function `tokenize_for_metrics`, so English and Chinese are scored the same way.
 All scores are fractions in [0, 1] (multiply by 100 for the percentages papers print).
@@ -11,6 +11,8 @@ import math
 import re
 import unicodedata
 from collections import Counter
+
+import torch
 
 # CJK ideographs (basic, extension A, compatibility, extensions B+) and Japanese kana: written
 # without spaces, so each character is one token ("正面" -> ["正", "面"]).
@@ -86,6 +88,47 @@ def perplexity_from_sums(total_nll, n_tokens) -> float:
     if n_tokens <= 0:
         raise ValueError(f"n_tokens must be positive, got {n_tokens}: no target tokens to score")
     return perplexity(float(total_nll) / n_tokens)
+
+
+# ----------------------------------------------------------------------------- bits per byte
+def bits_per_byte(nll_sum, n_bytes) -> float:
+    """Bits per UTF-8 byte of text: the NLL summed over the scored tokens (nats), over ln 2 times their bytes.
+
+    Perplexity is per token, so it changes with the vocabulary; bits per byte counts the text itself, so models with
+    different tokenizers (a character-level one too) can be compared (as in nanochat's evaluation; also the unit of
+    compression benchmarks). bpb = Σ_t NLL_t / (ln 2 · Σ_t bytes(x_t)).
+    """
+    n_bytes = int(n_bytes)
+    if n_bytes <= 0:
+        raise ValueError(f"n_bytes must be positive, got {n_bytes}: no text bytes to score")
+    return float(nll_sum) / (math.log(2) * n_bytes)
+
+
+def token_byte_lengths(tokenizer) -> torch.Tensor:
+    """(V,) int64: how many UTF-8 bytes each token id decodes to, built once from the tokenizer.
+
+    SentencePiece (nanollm.tokenizer.Tokenizer): a piece's text with '▁' read as a space (add_dummy_prefix is off,
+    so decode(ids) is exactly the pieces joined); a byte-fallback piece <0xNN> is 1 byte; the 8 reserved ids
+    (unk, pad, bos, eos, role markers) are 0 bytes: they are structure, not text (decode(skip_special=True) drops them).
+    Character codec (nanoGPT's meta.pkl, nanollm.data.CharCodec): each character's UTF-8 length.
+    Tokens with 0 bytes are left out of bits per byte altogether (nanochat does the same), so the number does not
+    depend on how many special tokens a tokenizer inserts.
+    """
+    if hasattr(tokenizer, "itos"):  # a CharCodec: id -> one character (itos may have gaps: those ids never occur)
+        lengths = torch.zeros(max(tokenizer.itos) + 1, dtype=torch.long)
+        for index, character in tokenizer.itos.items():
+            lengths[index] = len(character.encode("utf-8"))
+        return lengths
+    from nanollm.tokenizer import NUM_RESERVED
+
+    processor = tokenizer.processor  # sentencepiece.SentencePieceProcessor
+    lengths = torch.zeros(tokenizer.vocab_size, dtype=torch.long)
+    for index in range(NUM_RESERVED, tokenizer.vocab_size):
+        if processor.is_byte(index):
+            lengths[index] = 1  # <0xNN>: one raw byte of a character the vocabulary lacks
+        elif not (processor.is_control(index) or processor.is_unknown(index) or processor.is_unused(index)):
+            lengths[index] = len(processor.id_to_piece(index).replace("\u2581", " ").encode("utf-8"))
+    return lengths
 
 
 # ----------------------------------------------------------------------------- exact match / accuracy

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from nanollm.metrics import (
     accuracy,
+    bits_per_byte,
     corpus_bleu,
     exact_match,
     generation_metrics,
@@ -15,6 +16,7 @@ from nanollm.metrics import (
     perplexity_from_sums,
     rouge_l,
     rouge_l_f1,
+    token_byte_lengths,
     token_f1,
     tokenize_for_metrics,
 )
@@ -257,3 +259,24 @@ def test_generation_metrics_bundle():
     # p1 = 8/8, p2 = (4+1)/(6+1) = 5/7, p3 = (1+1)/(4+1) = 2/5, p4 = (0+1)/(3+1) = 1/4
     # c = 6 + 2 = 8 = r -> BP = 1 -> BLEU = (5/7 · 2/5 · 1/4)^(1/4) = (1/14)^(1/4)
     assert metrics["bleu"] == pytest.approx((1 / 14) ** 0.25)
+
+
+# ----------------------------------------------------------------------------- bits per byte
+def test_bits_per_byte_hand_computed():
+    # "héllo" is 6 UTF-8 bytes (é = 2); a total NLL of 6·ln 2 nats is 6 bits: 1 bit per byte
+    assert len("héllo".encode("utf-8")) == 6
+    assert bits_per_byte(6 * math.log(2), 6) == pytest.approx(1.0)
+    # 3 tokens, each predicted with p = 1/4 (NLL = ln 4 = 2 bits), decoding to "猫!" = 3 + 1 = 4 bytes: 6 bits / 4 bytes
+    assert bits_per_byte(3 * math.log(4), len("猫!".encode("utf-8"))) == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="n_bytes"):
+        bits_per_byte(1.0, 0)
+
+
+def test_token_byte_lengths_of_a_character_codec():
+    from nanollm.data import CharCodec
+
+    itos = {0: "\n", 1: "a", 2: "é", 3: "猫", 4: "😀"}
+    codec = CharCodec({c: i for i, c in itos.items()}, itos, "meta.pkl")
+    assert token_byte_lengths(codec).tolist() == [1, 1, 2, 3, 4]
+    ids = codec.encode("a猫é😀\n")
+    assert int(token_byte_lengths(codec)[ids].sum()) == len("a猫é😀\n".encode("utf-8")) == 11

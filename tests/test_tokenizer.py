@@ -116,3 +116,17 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
         train_tokenizer(str(tmp_path / "missing.txt"), str(tmp_path / "m"), vocab_size=400)
     with pytest.raises(FileNotFoundError, match="nope.model"):
         Tokenizer(str(tmp_path / "nope.model"))
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP_TEXTS)
+def test_token_byte_lengths_sum_to_the_decoded_text_bytes(tokenizer, text):
+    """Bits per byte divides by these counts: per-token bytes must add up to the bytes of the decoded text exactly
+    (English, Chinese, emoji through byte fallback, leading spaces, whitespace runs; special tokens count 0)."""
+    from nanollm.metrics import token_byte_lengths
+
+    lengths = token_byte_lengths(tokenizer)
+    assert lengths.shape == (tokenizer.vocab_size,)
+    ids = tokenizer.encode(text, bos=True, eos=True)
+    expected = len(tokenizer.decode(ids, skip_special=True).encode("utf-8"))
+    assert int(lengths[ids].sum()) == expected
+    assert expected == len(normalize_text(text).replace("<|user|>", "").replace("<|assistant|>", "").encode("utf-8"))
