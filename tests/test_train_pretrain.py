@@ -1,6 +1,7 @@
 """End-to-end checks of train_pretrain.py, run as a user runs it (subprocesses, CPU, tiny model)."""
 import json
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import time
 
 import pytest
 
+from nanollm.configurator import UserError
 from script_runner import run_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,14 +72,15 @@ def test_resume_continues_exactly(corpus, tmp_path):
 
 
 def test_ddp_two_processes_match_one_process_with_accumulation(corpus, tmp_path):
-    common = [f"--dataset={corpus}", "--eval_interval=100", "--max_iters=4", "--dropout=0.0",
-              "--gradient_accumulation_steps=2"]
-    run(common + [f"--out_dir={tmp_path / 'single'}"])
-    run(common + [f"--out_dir={tmp_path / 'ddp'}"], nproc=2)
-    a, b = losses(tmp_path / "single"), losses(tmp_path / "ddp")
-    assert sorted(a) == sorted(b) == list(range(4))
+    common = [f"--dataset={corpus}", "--eval_interval=100", "--max_iters=4", "--dropout=0.0"]
+    run(common + [f"--out_dir={tmp_path / 'single'}", "--gradient_accumulation_steps=2"])
+    run(common + [f"--out_dir={tmp_path / 'ddp'}", "--gradient_accumulation_steps=2"], nproc=2)
+    # the default gradient_accumulation_steps=1 under two processes: one micro-step each, the same global batch
+    run(common + [f"--out_dir={tmp_path / 'ddp_default'}"], nproc=2)
+    a, b, c = losses(tmp_path / "single"), losses(tmp_path / "ddp"), losses(tmp_path / "ddp_default")
+    assert sorted(a) == sorted(b) == sorted(c) == list(range(4))
     for it in range(4):
-        assert abs(a[it] - b[it]) < 1e-5, (it, a[it], b[it])
+        assert abs(a[it] - b[it]) < 1e-5 and abs(a[it] - c[it]) < 1e-5, (it, a[it], b[it], c[it])
 
 
 def test_ctrl_c_checkpoints_and_the_run_resumes_exactly(corpus, tmp_path):
@@ -154,16 +157,6 @@ def test_the_readme_ddp_command_runs_at_the_defaults(tmp_path):
     assert os.path.exists(tmp_path / "out" / "ckpt.pt")
 
 
-def test_ddp_at_one_micro_step_per_rank_equals_one_process_accumulating_over_the_ranks(corpus, tmp_path):
-    common = [f"--dataset={corpus}", "--eval_interval=100", "--max_iters=3", "--dropout=0.0"]
-    run(common + [f"--out_dir={tmp_path / 'single'}", "--gradient_accumulation_steps=2"])
-    run(common + [f"--out_dir={tmp_path / 'ddp'}"], nproc=2)  # the default gradient_accumulation_steps=1
-    a, b = losses(tmp_path / "single"), losses(tmp_path / "ddp")
-    assert sorted(a) == sorted(b) == list(range(3))
-    for it in range(3):
-        assert abs(a[it] - b[it]) < 1e-5, (it, a[it], b[it])
-
-
 def snapshot(folder):
     return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
 
@@ -181,14 +174,14 @@ def test_a_failed_run_leaves_the_out_dir_as_it_was(corpus, tmp_path):
         [f"--dataset={tmp_path / 'missing.txt'}", "--overwrite=True"],  # fails while preparing its data
         [f"--dataset={other}", f"--data_dir={tmp_path / 'other'}", "--init_from=resume"],  # another tokenizer
     ]
-    for extra in attempts:
-        result = run_script("train_pretrain.py", TINY + [f"--out_dir={out}", "--max_iters=4"] + extra, check=False)
-        assert result.returncode == 2, (extra, result.stderr[-2000:])
-        assert result.stderr.strip().splitlines()[-1].startswith("error:"), result.stderr[-2000:]
-        assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    messages = ["already holds a run", "n_embd=32 must be a multiple of n_head=3", "dataset path not found",
+                "is not the one the run in"]
+    for extra, message in zip(attempts, messages):  # each in this process: every one fails before the loop
+        argv = [SCRIPT] + TINY + [f"--out_dir={out}", "--max_iters=4"] + extra
+        with pytest.MonkeyPatch.context() as patch, pytest.raises(UserError, match=message):
+            patch.setattr(sys, "argv", argv)
+            runpy.run_path(SCRIPT, run_name="__main__")
         assert snapshot(out) == before, extra
-    refused = run_script("train_pretrain.py", TINY + [f"--out_dir={out}", f"--dataset={corpus}"], check=False)
-    assert "already holds a run" in refused.stderr and "--overwrite=True" in refused.stderr
     run([f"--dataset={corpus}", f"--out_dir={out}", "--max_iters=1", "--eval_interval=1", "--overwrite=True"])
     assert [r["iter"] for r in read_records(out / "metrics.jsonl") if "val_loss" in r] == [0, 1]  # the new run only
 
@@ -203,16 +196,26 @@ def read_records(path):
     ("--eval_interval=0", "eval_interval=0: must be > 0"),
     ("--gradient_accumulation_steps=0", "gradient_accumulation_steps=0: must be > 0"),
     ("--block_size=0", "block_size=0: must be > 0"), ("--dropout=1.0", "dropout=1.0: must be in [0, 1)"),
+    ("--n_head=3", "n_embd=128 must be a multiple of n_head=3"),
 ])
-def test_a_bad_setting_is_one_line_naming_it_and_exit_code_2(tmp_path, setting, message):
-    result = subprocess.run([sys.executable, SCRIPT, setting, f"--out_dir={tmp_path / 'out'}"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and result.stderr == f"error: {message}\n"
+def test_a_bad_setting_is_refused_naming_it_before_any_work(tmp_path, monkeypatch, setting, message):
+    monkeypatch.chdir(tmp_path)  # the script's own checks, run in this process (they come before any work)
+    monkeypatch.setattr(sys, "argv", [SCRIPT, setting])
+    with pytest.raises(UserError) as error:
+        runpy.run_path(SCRIPT, run_name="__main__")
+    assert str(error.value) == message
     assert os.listdir(tmp_path) == []  # no data prepared, no out_dir made
 
 
-def test_an_out_dir_that_is_a_file_is_refused(tmp_path):
+def test_a_user_error_is_one_line_and_exit_code_2(tmp_path):
+    result = subprocess.run([sys.executable, SCRIPT, "--batch_size=0"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and result.stderr == "error: batch_size=0: must be > 0\n"
+
+
+def test_an_out_dir_that_is_a_file_is_refused(tmp_path, monkeypatch):
     (tmp_path / "out").write_text("not a folder")
-    result = subprocess.run([sys.executable, SCRIPT, f"--out_dir={tmp_path / 'out'}"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "is a file, not a folder" in result.stderr and "Traceback" not in result.stderr
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [SCRIPT, "--out_dir=out"])
+    with pytest.raises(UserError, match="out_dir='out' is a file, not a folder"):
+        runpy.run_path(SCRIPT, run_name="__main__")
