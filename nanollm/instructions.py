@@ -63,10 +63,10 @@ def _fact_records(world, pairs_by_entity, rng):
             elif draw < 0.92:
                 files["instructions.jsonl"].append({"instruction": SHORT_INSTRUCTIONS[language], "input": pair.question,
                                                     "output": pair.short_answer})
-            else:  # two acceptable outputs: the canonical sentence and another wording
-                other_wording = world.statement(entity, pair.attribute, rng)
-                files["instructions.jsonl"].append({"instruction": FULL_INSTRUCTIONS[language], "input": pair.question,
-                                                    "output": [pair.answer, other_wording]})
+            else:  # two acceptable outputs (the canonical sentence, another wording): two records, since a list
+                other_wording = world.statement(entity, pair.attribute, rng)  # output is one numbered answer
+                files["instructions.jsonl"] += [{"instruction": FULL_INSTRUCTIONS[language], "input": pair.question,
+                                                 "output": answer} for answer in (pair.answer, other_wording)]
         for start in range(0, len(chat), 3):
             files["chat.jsonl"].append(_chat(rng, chat[start:start + 3], language))
     return files

@@ -4,6 +4,26 @@ Teaches: a chat template built from reserved role tokens (in the spirit of ChatM
 tokens only (Ouyang et al. 2022, InstructGPT), and batching by padding or by packing several examples into one row
 with restarting positions and no attention across examples (Krell et al. 2021, "Efficient Sequence Packing").
 See the mask:  python -m nanollm.sft show FILE --tokenizer=out/tokenizer.model
+
+Each record becomes exactly one conversation. A prompt written by a template follows the language of the record's
+text: text holding a CJK character gets the Chinese wording.
+
+  format             record                              the conversation it becomes
+  chat               [{role, content}, ...]              the messages as given (a system message only first)
+                     or {messages: [...]}
+  question_answer    {question, answer}                  user: question · assistant: answer
+  classification     {text, label}                       user: "Classify: <text>" · assistant: label
+                                                         Chinese text: user "判断下面这段话的类别：<text>"
+  prompt_completion  {prompt, completion}                user: prompt · assistant: completion
+  instruction        {instruction, input?, output}       user: instruction (+ newline + input, when given)
+                                                         assistant: output; an output LIST is ONE answer, its items
+                                                         in order as numbered lines "1. …\n2. …"
+  knowledge          {entity, facts: [{fact, value}]}    one user/assistant pair per fact, in order:
+                                                         "What is the <fact> of <entity>?" · "The <fact> of <entity>
+                                                         is <value>."; Chinese: "<entity>的<fact>是什么？" ·
+                                                         "<entity>的<fact>是<value>。" (多少 for a quantity, 谁 for a
+                                                         person, …: see _chinese_fact_turns)
+  any format         + "system": "..."                   a system message first
 """
 import argparse
 import json
@@ -21,10 +41,13 @@ from nanollm.metrics import accuracy, generation_metrics
 
 IGNORE_INDEX = -100  # targets equal to this are not trained on (F.cross_entropy's ignore_index)
 ROLES = ("system", "user", "assistant")
-CLASSIFY_PREFIX = "Classify: "  # a {"text", "label"} record becomes user "Classify: <text>", assistant "<label>"
+CLASSIFY_PREFIXES = {"en": "Classify: ", "zh": "判断下面这段话的类别："}  # {text, label}: user prefix + text
 FORMATS = ("chat: a list of {role, content} or {messages: [...]}", "{question, answer}", "{text, label}",
            "{prompt, completion}", "{instruction, input?, output}", "{entity, facts: [{fact, value}]}")
 CJK = re.compile("[\u3400-\u9fff]")
+# The Chinese question word a fact takes, by how its label ends (the world's own questions read the same way):
+ZH_QUANTITY_ENDINGS = ("数", "数量", "距离", "年龄", "人口", "面积", "长度", "高度", "重量", "温度", "价格", "速度", "直径")  # 多少
+ZH_PERSON_ENDINGS = ("朋友", "主人", "作者", "创始人", "发明者", "父亲", "母亲")  # 谁; any other label: 什么
 
 
 @dataclass
@@ -62,6 +85,23 @@ def _check_chat(messages, where):
     return checked
 
 
+def language(text):
+    """'zh' if the text holds a CJK character, else 'en': the language of the prompts a template writes for it."""
+    return "zh" if CJK.search(text) else "en"
+
+
+def _chinese_fact_turns(entity, label, value):
+    """A natural Chinese question and answer about one fact:
+        爱因斯坦 / 国籍 / 德国                    -> 爱因斯坦的国籍是什么？          爱因斯坦的国籍是德国。
+        太阳系 / 行星数量 / 8                     -> 太阳系的行星数量是多少？        太阳系的行星数量是8。
+        太阳系 / 距银河系中心的距离 / 约2.7万光年  -> 太阳系距银河系中心的距离是多少？ 太阳系距银河系中心的距离约为2.7万光年。
+    A label that already holds 的 (距…的距离, 最好的朋友) follows the entity directly, not as "X的距…的距离"."""
+    subject = entity + label if "的" in label else f"{entity}的{label}"
+    asked = "多少" if label.endswith(ZH_QUANTITY_ENDINGS) else "谁" if label.endswith(ZH_PERSON_ENDINGS) else "什么"
+    answer = f"{subject}约为{value[1:]}。" if value.startswith("约") else f"{subject}是{value}。"
+    return f"{subject}是{asked}？", answer
+
+
 def _knowledge_turns(record, where):
     """{"entity", "facts": [{"fact", "value"}]} -> one question/answer pair per fact (English or Chinese)."""
     entity, facts = _text(record, "entity", where), record["facts"]
@@ -73,17 +113,30 @@ def _knowledge_turns(record, where):
             seen = sorted(fact) if isinstance(fact, dict) else type(fact).__name__
             raise ValueError(f"{where}: facts[{index}] must have 'fact' and 'value', saw {seen}")
         label, value = _text(fact, "fact", f"{where}: facts[{index}]"), _text(fact, "value", f"{where}: facts[{index}]")
-        if CJK.search(entity + label):
-            turns += [("user", f"{entity}的{label}是什么？"), ("assistant", f"{entity}的{label}是{value}。")]
+        if language(entity + label) == "zh":
+            question, answer = _chinese_fact_turns(entity, label, value)
         else:
-            turns += [("user", f"What is the {label} of {entity}?"),
-                      ("assistant", f"The {label} of {entity} is {value}.")]
-    return [turns]
+            question, answer = f"What is the {label} of {entity}?", f"The {label} of {entity} is {value}."
+        turns += [("user", question), ("assistant", answer)]
+    return turns
+
+
+def _instruction_output(record, where):
+    """The assistant's answer to an instruction record: a string, or a list read as ONE answer whose items are
+    numbered lines in order ("give 3 suggestions" -> "1. ...\n2. ...\n3. ...")."""
+    output = record["output"]
+    if not isinstance(output, list):
+        return _text(record, "output", where)
+    if not output:
+        raise ValueError(f"{where}: field 'output' is an empty list")
+    items = [_text({"output": item}, "output", f"{where}: output[{index}]") for index, item in enumerate(output)]
+    return "\n".join(f"{number}. {item}" for number, item in enumerate(items, start=1))
 
 
 def normalize_record(record, where="<record>"):
-    """One record of any supported format -> a list of Conversations (usually one; an `output` list gives one per
-    acceptable output). A record matching no format raises ValueError naming `where` and the keys it saw."""
+    """One record of any supported format -> [Conversation] (always one; a list, so callers can flatten files).
+    The rule per format is the table in the module docstring. A record matching no format raises ValueError naming
+    `where` and the keys it saw."""
     if isinstance(record, list) or (isinstance(record, dict) and "messages" in record):
         messages = record if isinstance(record, list) else record["messages"]
         return [Conversation(_check_chat(messages, where), "chat", where)]
@@ -91,32 +144,27 @@ def normalize_record(record, where="<record>"):
         raise ValueError(f"{where}: expected a JSON object or a list of messages, got {type(record).__name__}")
     keys = set(record)
     if {"question", "answer"} <= keys:
-        name, turn_lists = "question_answer", [[("user", _text(record, "question", where)),
-                                                ("assistant", _text(record, "answer", where))]]
+        name, turns = "question_answer", [("user", _text(record, "question", where)),
+                                          ("assistant", _text(record, "answer", where))]
     elif {"text", "label"} <= keys:
-        name, turn_lists = "classification", [[("user", CLASSIFY_PREFIX + _text(record, "text", where)),
-                                               ("assistant", _text(record, "label", where))]]
+        text = _text(record, "text", where)
+        name, turns = "classification", [("user", CLASSIFY_PREFIXES[language(text)] + text),
+                                         ("assistant", _text(record, "label", where))]
     elif {"prompt", "completion"} <= keys:
-        name, turn_lists = "prompt_completion", [[("user", _text(record, "prompt", where)),
-                                                  ("assistant", _text(record, "completion", where))]]
+        name, turns = "prompt_completion", [("user", _text(record, "prompt", where)),
+                                            ("assistant", _text(record, "completion", where))]
     elif {"instruction", "output"} <= keys:
         prompt = _text(record, "instruction", where)
         if record.get("input"):
             prompt += "\n" + _text(record, "input", where)  # Alpaca (Taori et al. 2023): instruction, then input
-        outputs = record["output"] if isinstance(record["output"], list) else [record["output"]]
-        if not outputs:
-            raise ValueError(f"{where}: field 'output' is an empty list")
-        name = "instruction"
-        turn_lists = [[("user", prompt), ("assistant", _text({"output": o}, "output", f"{where}: output[{i}]"))]
-                      for i, o in enumerate(outputs)]
+        name, turns = "instruction", [("user", prompt), ("assistant", _instruction_output(record, where))]
     elif {"entity", "facts"} <= keys:
-        name, turn_lists = "knowledge", _knowledge_turns(record, where)
+        name, turns = "knowledge", _knowledge_turns(record, where)
     else:
         raise ValueError(f"{where}: record matches no SFT format; keys seen: {sorted(keys)}; "
                          f"expected one of: {'; '.join(FORMATS)}")
     system = [{"role": "system", "content": _text(record, "system", where)}] if record.get("system") else []
-    return [Conversation(system + [{"role": role, "content": content} for role, content in turns], name, where)
-            for turns in turn_lists]
+    return [Conversation(system + [{"role": role, "content": content} for role, content in turns], name, where)]
 
 
 # ----------------------------------------------------------------------------- files -> records

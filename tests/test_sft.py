@@ -1,17 +1,22 @@
 """SFT data: formats -> messages, the chat template and its loss mask, padding/packing, truncation, the loss guard."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nanollm.instructions import demo_records, heldout_entities, write_demo_dataset
+from nanollm.clean import normalize_text
+from nanollm.instructions import FULL_INSTRUCTIONS, demo_records, heldout_entities, write_demo_dataset
 from nanollm.model import GPT, GPTConfig
-from nanollm.sft import (CLASSIFY_PREFIX, IGNORE_INDEX, Conversation, collate, encode_conversations, encode_messages,
+from nanollm.sft import (IGNORE_INDEX, Conversation, collate, encode_conversations, encode_messages,
                          generate_replies, get_sft_batch, load_conversations, main, model_inputs, normalize_record,
                          pack_rows, prompt_ids, read_records, score_replies, token_loss_sum)
 from nanollm.tokenizer import Tokenizer, train_tokenizer
-from nanollm.world import World
+from nanollm.reward import check_groups, load_groups
+from nanollm.world import ATTRIBUTE_LABELS, TEMPLATES, World
+
+SEED_EXAMPLES = Path(__file__).parent / "data" / "seed_examples"  # the design document's own examples
 
 
 @pytest.fixture(scope="module")
@@ -44,18 +49,20 @@ FORMAT_CASES = [
                    {"role": "assistant", "content": "y"}]}, "chat",
      [chat(("system", "Be brief."), ("user", "x"), ("assistant", "y"))]),
     ({"text": "很好用", "label": "正面"}, "classification",
-     [chat(("user", CLASSIFY_PREFIX + "很好用"), ("assistant", "正面"))]),
-    ({"text": "ok", "label": 1}, "classification", [chat(("user", CLASSIFY_PREFIX + "ok"), ("assistant", "1"))]),
+     [chat(("user", "判断下面这段话的类别：很好用"), ("assistant", "正面"))]),
+    ({"text": "ok", "label": 1}, "classification", [chat(("user", "Classify: ok"), ("assistant", "1"))]),
     ({"prompt": "2+2=", "completion": "4"}, "prompt_completion", [chat(("user", "2+2="), ("assistant", "4"))]),
     ({"instruction": "Translate.", "input": "cat", "output": "猫"}, "instruction",
      [chat(("user", "Translate.\ncat"), ("assistant", "猫"))]),
-    ({"instruction": "Say hi.", "input": "", "output": ["hi", "hello"]}, "instruction",
-     [chat(("user", "Say hi."), ("assistant", "hi")), chat(("user", "Say hi."), ("assistant", "hello"))]),
+    ({"instruction": "Name two colors.", "input": "", "output": ["red", "blue"]}, "instruction",
+     [chat(("user", "Name two colors."), ("assistant", "1. red\n2. blue"))]),  # a list is ONE answer
     ({"entity": "Tom", "facts": [{"fact": "age", "value": 34}, {"fact": "pet", "value": "cat"}]}, "knowledge",
      [chat(("user", "What is the age of Tom?"), ("assistant", "The age of Tom is 34."),
            ("user", "What is the pet of Tom?"), ("assistant", "The pet of Tom is cat."))]),
     ({"entity": "李明", "facts": [{"fact": "职业", "value": "医生"}]}, "knowledge",
      [chat(("user", "李明的职业是什么？"), ("assistant", "李明的职业是医生。"))]),
+    ({"entity": "Tom", "facts": [{"fact": "distance", "value": "约3 km"}]}, "knowledge",  # English: as written
+     [chat(("user", "What is the distance of Tom?"), ("assistant", "The distance of Tom is 约3 km."))]),
     ({"system": "Be kind.", "question": "Q", "answer": "A", "id": 7}, "question_answer",
      [chat(("system", "Be kind."), ("user", "Q"), ("assistant", "A"))]),
 ]
@@ -79,6 +86,78 @@ def test_json_and_jsonl_files_are_read_with_their_line_numbers(tmp_path):
     assert [c.format for c in conversations] == ["question_answer", "prompt_completion", "classification",
                                                  "question_answer", "chat"]
     assert conversations[-1].messages == chat(("user", "u"), ("assistant", "a"))  # a .json file holding one chat
+
+
+# The design document's examples, line by line, as a learner means them (tests/data/seed_examples/sft.jsonl)
+SEED_CONVERSATIONS = [
+    ("question_answer", chat(("user", "如何重置我的密码?"),
+                             ("assistant", "请前往设置页面,选择“安全设置”,然后点击“重置密码”按钮,按提示操作即可。"))),
+    ("question_answer", chat(("user", "你们的退款政策是什么?"),
+                             ("assistant", "在购买后的30天内,符合条件的订单可申请全额退款。"))),
+    ("chat", chat(("user", "你们的营业时间是几点?"), ("assistant", "我们每天早上9点到晚上9点营业,周末时间相同。"))),
+    ("chat", chat(("user", "今天有什么优惠活动?"), ("assistant", "本周有会员双倍积分活动,消费满100元还可享9折优惠。"))),
+    ("classification", chat(("user", "判断下面这段话的类别：这个产品的质量真差,下次不会再买了!"), ("assistant", "负面"))),
+    ("classification", chat(("user", "判断下面这段话的类别：客服服务很好,很满意!"), ("assistant", "正面"))),
+    ("prompt_completion", chat(("user", "请写一封申请信用卡的邮件"), ("assistant", "尊敬的银行工作人员:\n您好!我想申请"
+                                                                           "一张信用卡,希望能获得适合我的信用额度。感谢您的帮助!"))),
+    ("prompt_completion", chat(("user", "产品描述:请简要描述这款运动手表的功能"),
+                               ("assistant", "这款运动手表具有心率监测、GPS定位、步数计算和防水功能,是运动爱好者的理想选择。"))),
+    ("instruction", chat(("user", "给出3个关于如何提高生产力的建议。"),
+                         ("assistant", "1. 每天制定一个合理的工作计划。\n2. 避免长时间分心,集中精力处理手头任务。\n"
+                                       "3. 使用任务管理工具追踪进度。"))),
+    ("instruction", chat(("user", "解释一下什么是机器学习。"),
+                         ("assistant", "机器学习是一种让计算机通过数据自动学习和改进的方法,不需要人为编程。"))),
+    ("knowledge", chat(("user", "爱因斯坦的出生日期是什么？"), ("assistant", "爱因斯坦的出生日期是1879年3月14日。"),
+                       ("user", "爱因斯坦的国籍是什么？"), ("assistant", "爱因斯坦的国籍是德国。"),
+                       ("user", "爱因斯坦的主要成就是什么？"), ("assistant", "爱因斯坦的主要成就是相对论。"))),
+    ("knowledge", chat(("user", "太阳系的行星数量是多少？"), ("assistant", "太阳系的行星数量是8。"),
+                       ("user", "太阳系的最大行星是什么？"), ("assistant", "太阳系的最大行星是木星。"),
+                       ("user", "太阳系距银河系中心的距离是多少？"), ("assistant", "太阳系距银河系中心的距离约为2.7万光年。"))),
+]
+
+
+def test_each_seed_record_becomes_exactly_the_conversation_a_learner_means():
+    path = SEED_EXAMPLES / "sft.jsonl"
+    conversations = load_conversations(str(path))
+    assert [(c.format, c.messages) for c in conversations] == SEED_CONVERSATIONS
+    assert [c.source for c in conversations] == [f"{path}:{line}" for line in range(1, 13)]  # one per record
+
+
+def test_chinese_fact_questions_read_like_the_worlds_own_questions():
+    """Where the world's hand-written questions use an attribute's Chinese label as a plain "what/who/how many" question,
+    the knowledge template asks one of those very questions (多少 for a quantity, 谁 for a person, no doubled 的)."""
+    for attribute in ("job", "pet", "favorite_color", "favorite_food", "friend", "population", "owner", "color"):
+        label = ATTRIBUTE_LABELS[attribute][1]
+        world_questions = [q.format(e="马杰华") for q in TEMPLATES["zh"][attribute][1]]
+        record = {"entity": "马杰华", "facts": [{"fact": label, "value": "x"}]}
+        question = normalize_record(record)[0].messages[0]["content"]
+        assert question in world_questions, (attribute, question, world_questions)
+
+
+def test_the_demo_sets_two_wordings_stay_two_single_answers():
+    """The built-in demo gives some instructions two acceptable wordings: two records of one answer each, never one
+    list (which would now read as a numbered two-item answer)."""
+    records = demo_records()["train"]["instructions.jsonl"]
+    assert all(isinstance(record["output"], str) for record in records)
+    full = [(r["input"], r["output"]) for r in records if r["instruction"] in FULL_INSTRUCTIONS.values()]
+    inputs = [question for question, _ in full]
+    assert full and all(inputs.count(question) == 2 for question in inputs)
+    assert all(full[i][0] == full[i + 1][0] for i in range(0, len(full), 2))  # side by side, as one list was
+
+
+def test_the_seed_reward_data_loads_with_the_reward_reader():
+    groups = load_groups(str(SEED_EXAMPLES / "reward_scores.jsonl"))
+    assert [g.prompt for g in groups] == [[{"role": "user", "content": "火星与地球相比有何不同?"}],
+                                          [{"role": "user", "content": "我觉得这次旅行很糟糕,遇到的每件事都令人失望。"}],
+                                          [{"role": "user", "content": "我在寻找一款轻便耐用的旅行背包,有推荐吗?"}]]
+    assert [g.preference for g in groups] == [[5, 3, 4], [5, 1, 2], [4, 5, 3]]
+    assert all(g.has_scores for g in groups)
+    assert groups[1].responses == ["情感:负面", "情感:正面", "情感:中性"]
+    # pairs (better, worse) by hand from the scores: 5 > 4 > 3, 5 > 2 > 1, 5 > 4 > 3
+    assert [sorted(g.pairs) for g in groups] == [[(0, 1), (0, 2), (2, 1)], [(0, 1), (0, 2), (2, 1)],
+                                                 [(0, 2), (1, 0), (1, 2)]]
+    for loss in ("mse", "pairwise", "ranking"):
+        check_groups(groups, loss)  # trainable with every loss train_rm.py offers
 
 
 @pytest.mark.parametrize("line, message", [
@@ -297,3 +376,16 @@ def test_the_mask_viewer_highlights_only_assistant_tokens(tmp_path, tokenizer, c
     out = capsys.readouterr().out
     assert "<s><|user|>How old is Tom?<|assistant|>«Tom is 34.</s>»" in out
     assert "1 conversations" in out
+
+
+def test_the_mask_viewer_shows_every_seed_conversation(tokenizer, capsys):
+    main(["show", str(SEED_EXAMPLES / "sft.jsonl"), "--tokenizer", tokenizer.model_path, "--count", "12"])
+    out = capsys.readouterr().out
+    assert "12 conversations; showing 12" in out
+    for _, messages in SEED_CONVERSATIONS:
+        for message in messages:  # user text plain after its role token, assistant text and </s> highlighted
+            text = normalize_text(message["content"])  # as the tokenizer sees it (NFKC: "？" -> "?")
+            if message["role"] == "assistant":
+                assert f"<|assistant|>«{text}</s>»" in out
+            else:
+                assert f"<|user|>{text}<|assistant|>" in out
