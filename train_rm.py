@@ -28,8 +28,8 @@ from nanollm.checkpoint import MetricsLog, load_checkpoint, restore_training_sta
 from nanollm.configurator import configure
 from nanollm.optim import configure_optimizer, get_lr
 from nanollm.reward import (RewardModel, batch_loss, build_backbone, check_groups, dataset_loss, encode_groups,
-                            fit_reward_bias, get_reward_batch, load_groups, pair_accuracy, pearson, ranking_metrics,
-                            score_encoded, training_items)
+                            fit_reward_bias, get_reward_batch, load_groups, pair_accuracy, pearson, prompt_key,
+                            ranking_metrics, score_encoded, split_by_prompt, training_items)
 from nanollm.sft import encode_content
 from nanollm.tokenizer import Tokenizer
 from nanollm.training import GracefulStop, GuardedStep
@@ -42,12 +42,13 @@ init_from = "out-sft"  # an SFT (or pretraining) out_dir with ckpt.pt + tokenize
 eval_interval = 50  # held-out loss, pairwise accuracy and correlations (and checkpoint) every this many iterations
 log_interval = 10  # write a metrics.jsonl line every this many iterations
 eval_only = False  # evaluate the starting model once and exit
-always_save_checkpoint = True  # checkpoint at every eval, not only when the held-out loss improves
+always_save_checkpoint = True  # checkpoint at every eval; False: only when the held-out loss improves, and the run
+# ends with the best model (lowest held-out loss), not the last
 # data
 dataset = "demo"  # 'demo' (sampled from init_from, judged by nanollm/annotators.py) or .json/.jsonl files/folders
 eval_dataset = ""  # held-out files; '' = the demo's held-out prompts, or the last val_fraction of a custom dataset
 data_dir = ""  # where the demo files are written; '' = data/rm_demo
-val_fraction = 0.1  # held out of a custom dataset when eval_dataset is ''
+val_fraction = 0.1  # of a custom dataset's distinct prompts, held out (with all their records) when eval_dataset=''
 world_seed = 0  # the world the gold annotator checks facts against (pretraining uses World(0))
 # the demo's feedback collection (K replies per prompt, pure sampling) and its labelers
 demo_prompts = 800  # distinct world questions
@@ -143,7 +144,8 @@ if dataset == "demo":
     wanted = dict(checkpoint=os.path.abspath(source_dir), n_prompts=demo_prompts, k=demo_k,
                   temperatures=demo_temperatures, max_new_tokens=demo_max_new_tokens,
                   heldout_fraction=demo_heldout_fraction, n_labelers=labelers, noise=labeler_noise,
-                  length_bias=length_bias, seed=seed, world_seed=world_seed)
+                  length_bias=length_bias, seed=seed, world_seed=world_seed,
+                  prompt_splits="validation,train")  # held-out prompts from the validation set, training from train
     meta_path = os.path.join(demo_dir, "meta.json")
     meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
     fresh = init_from == "resume" or all(meta.get(k) == v for k, v in wanted.items())
@@ -163,14 +165,15 @@ if dataset == "demo":
 train_groups = load_groups(dataset)
 if eval_dataset:
     eval_groups = load_groups(eval_dataset)
-else:  # the last val_fraction of a custom dataset (its order is kept, so the split never changes)
-    n_val = max(1, round(len(train_groups) * val_fraction))
-    train_groups, eval_groups = train_groups[:-n_val], train_groups[-n_val:]
+else:  # the last val_fraction of a custom dataset's prompts (file order: the split never changes), by prompt
+    train_groups, eval_groups = split_by_prompt(train_groups, val_fraction)
 check_groups(train_groups, loss, "training data")
 check_groups(eval_groups, loss, "held-out data")
 train_encoded, train_truncated = encode_groups(tokenizer, train_groups, block_size)
 eval_encoded, eval_truncated = encode_groups(tokenizer, eval_groups, block_size)
 items = training_items(train_groups, loss)
+# saved with the model, so that a later stage can check its held-out prompts are new to the reward model
+trained_prompts = list({prompt_key(group.prompt): group.prompt for group in train_groups}.values())
 # the truth, for evaluation only: the gold annotator's overall score of every held-out response it can judge
 gold = GoldAnnotator(World(world_seed))
 judged = [g for g, group in enumerate(eval_groups) if gold.question(group.prompt) is not None]
@@ -239,7 +242,7 @@ def evaluate():
 def save(iter_num):
     save_checkpoint(os.path.join(out_dir, "ckpt.pt"), runtime, model, optimizer, scaler, iter_num, best_val_loss,
                     config, model_args, stage="reward", loss=loss, reward_bias=float(raw_model.reward_bias),
-                    backbone=backbone_kind, likelihood_weight=likelihood_weight)
+                    backbone=backbone_kind, likelihood_weight=likelihood_weight, trained_prompts=trained_prompts)
 
 
 def describe(scores):
@@ -272,6 +275,7 @@ progress = tqdm(total=max_iters, initial=iter_num, disable=not master or eval_on
 stop = GracefulStop()  # Ctrl-C: finish the step, checkpoint, exit
 step = GuardedStep(optimizer, scaler, grad_clip, runtime, dtype)  # clip; skip non-finite steps
 stopped = False
+best_weights = None  # always_save_checkpoint=False: the weights of the lowest held-out loss so far (rank 0)
 t_start = time.time()
 while True:
     if stop.requested(runtime):
@@ -289,6 +293,9 @@ while True:
             log.write({"iter": iter_num, **scores})
             improved = scores["val_loss"] < best_val_loss
             best_val_loss = min(best_val_loss, scores["val_loss"])
+            if improved and not always_save_checkpoint:  # the run ends with these weights unless a better one comes
+                best_weights = {k: v.detach().to("cpu", copy=True) for k, v in raw_model.state_dict().items()}
+                best_iter = iter_num
         save_now = dist_utils.any_rank(master and iter_num > 0 and (improved or always_save_checkpoint), runtime)
         if save_now and not eval_only and iter_num < max_iters:  # the last checkpoint comes with the fitted bias
             save(iter_num)
@@ -329,6 +336,9 @@ progress.close()
 
 # ---- the end: fit the bias (mean reward 0 on the SFT model's responses), save, and show what was learned
 if not eval_only and not stopped:
+    if master and best_weights is not None:  # always_save_checkpoint=False: keep the best model, not the last
+        raw_model.load_state_dict(best_weights)
+        print(f"[nanollm] kept the model of iteration {best_iter} (lowest held-out loss {best_val_loss:.4f})")
     if master:
         bias = fit_reward_bias(raw_model, train_encoded, tokenizer.pad_id, batch_size * 8, runtime.device, ctx)
     save(iter_num)

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanollm.model import GPT
-from nanollm.reward import last_token_index, pad_sequences, response_logprob_running_mean
+from nanollm.reward import last_token_index, pad_sequences, prompt_key, response_logprob_running_mean
 from nanollm.sft import prompt_ids
 from nanollm.tokenizer import NUM_RESERVED
 
@@ -71,6 +71,13 @@ def encode_prompts(tokenizer, questions, max_prompt_tokens):
                              f"{max_prompt_tokens}): {str(question)[:60]!r}")
         encoded.append(ids)
     return encoded
+
+
+def prompts_in(questions, trained_prompts):
+    """The questions (text, or chat messages) that are among trained_prompts (chat-message lists, as train_rm.py saves
+    the prompts its reward model trained on): a held-out prompt the reward model has seen is not held out."""
+    trained = {prompt_key(prompt) for prompt in trained_prompts}
+    return [question for question in questions if prompt_key(question) in trained]
 
 
 @dataclass

@@ -238,6 +238,21 @@ def load_groups(dataset):
     return [parse_record(record, where) for path in list_sft_files(dataset) for record, where in read_records(path)]
 
 
+def prompt_key(prompt):
+    """A prompt (text, or chat messages) as a hashable key: the same conversation gives the same key."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return tuple((message["role"], message["content"]) for message in messages)
+
+
+def split_by_prompt(groups, fraction):
+    """(train, held-out): every record of the last `fraction` of the distinct prompts (in file order) is held out, so
+    no prompt is on both sides (a pairwise file has one record per pair, and pairs of one prompt are alike)."""
+    prompts = list(dict.fromkeys(prompt_key(group.prompt) for group in groups))
+    held_out = set(prompts[len(prompts) - max(1, round(len(prompts) * fraction)):])
+    return ([group for group in groups if prompt_key(group.prompt) not in held_out],
+            [group for group in groups if prompt_key(group.prompt) in held_out])
+
+
 def check_groups(groups, loss, what="dataset"):
     """Raise early if the data cannot train `loss`: MSE needs scores; the others need at least one pair."""
     if loss not in LOSSES:

@@ -10,9 +10,9 @@ from nanollm.model import GPT, GPTConfig
 from nanollm.reward import (RewardModel, batch_loss, bradley_terry_loss, build_backbone, check_groups, dataset_loss,
                             encode_groups, encode_response, fit_reward_bias, get_reward_batch, kendall_tau,
                             last_token_index, load_groups, load_reward_model, make_batch, mse_loss, pad_sequences,
-                            pair_accuracy, response_logprob_mean,
+                            pair_accuracy, response_logprob_mean, response_logprob_running_mean,
                             parse_record, pearson, ranking_loss, ranking_metrics, score_encoded, spearman,
-                            training_items)
+                            split_by_prompt, training_items)
 from nanollm.tokenizer import Tokenizer, train_tokenizer
 from nanollm.world import World
 
@@ -104,7 +104,7 @@ def test_likelihood_weight_is_learned_saved_and_refused_on_an_encoder(tmp_path):
     assert model.likelihood_weight.grad is not None and model.likelihood_weight.grad.item() != 0
     assert not hasattr(tiny_reward_model(), "likelihood_weight")  # off by default: the plain head
     torch.save({"model": model.state_dict(), "model_args": dict(model.backbone.config.__dict__), "stage": "reward",
-                "likelihood_weight": 1.0}, tmp_path / "ckpt.pt")
+                "likelihood_weight": 1.0, "config": {}}, tmp_path / "ckpt.pt")
     loaded, _ = load_reward_model(str(tmp_path / "ckpt.pt"))
     assert torch.allclose(loaded(idx, torch.ones_like(idx)), model.eval()(idx, torch.ones_like(idx)), atol=1e-6)
     with pytest.raises(ValueError, match="causal trunk"):
@@ -311,3 +311,32 @@ def test_the_fitted_bias_centres_the_rewards_and_is_saved(tokenizer):
     assert sum(flat_after) / len(flat_after) == pytest.approx(0.0, abs=1e-5)
     assert [a - b for a, b in zip(flat_after, flat_before)] == pytest.approx([bias] * len(flat_after), abs=1e-5)
     assert model.state_dict()["reward_bias"].item() == pytest.approx(bias)
+
+
+def test_running_mean_of_response_logprobs_is_the_prefix_mean_and_ends_at_the_whole_mean():
+    model = tiny_reward_model(likelihood_weight=1.0).eval()
+    idx = torch.tensor([[2, 5, 9, ASSISTANT, 33, 12, 40, EOS]])
+    mask = torch.ones_like(idx)
+    with torch.no_grad():
+        hidden = model.hidden_states(idx, mask)
+        running = response_logprob_running_mean(model.backbone, hidden, idx, mask)[0]  # (T,)
+        logits, _ = model.backbone(idx)  # a plain forward: position t predicts token t + 1
+    logprobs = F.log_softmax(logits[0].float(), -1)
+    response = [logprobs[t - 1, idx[0, t]].item() for t in range(4, 8)]  # tokens after <|assistant|>, eos included
+    assert running[:4].tolist() == [0.0] * 4  # before the response: nothing to average
+    for t in range(4, 8):
+        assert running[t].item() == pytest.approx(sum(response[:t - 3]) / (t - 3), abs=1e-5)
+    assert response_logprob_mean(model.backbone, hidden, idx, mask).item() == pytest.approx(running[-1].item())
+
+
+def test_a_custom_dataset_is_split_by_prompt_so_no_prompt_is_on_both_sides():
+    records = [{"prompt": p, "chosen": "yes", "rejected": r} for p in ("a?", "b?", "c?", "d?") for r in ("no", "nah")]
+    records.insert(1, {"prompt": "d?", "chosen": "sure", "rejected": "no"})  # a prompt may come back later in a file
+    groups = [parse_record(record, f"f.jsonl:{line}") for line, record in enumerate(records, 1)]
+    # prompts in order of first appearance: a?, d?, b?, c?; a quarter of them is c? (the last 25% of the records
+    # would be d?'s last two pairs, while its first pair trains)
+    train, held_out = split_by_prompt(groups, 0.25)
+    assert [g.source for g in held_out] == ["f.jsonl:6", "f.jsonl:7"]
+    assert [g.source for g in train if g.prompt[0]["content"] == "d?"] == ["f.jsonl:2", "f.jsonl:8", "f.jsonl:9"]
+    train, held_out = split_by_prompt(groups, 0.5)
+    assert {g.prompt[0]["content"] for g in held_out} == {"b?", "c?"} and len(train) == 5

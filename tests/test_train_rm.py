@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from nanollm.annotators import GoldAnnotator, feedback_prompts
-from nanollm.reward import encode_groups, load_groups, load_reward_model, score_encoded
+from nanollm.checkpoint import load_checkpoint
+from nanollm.reward import dataset_loss, encode_groups, load_groups, load_reward_model, score_encoded
 from nanollm.tokenizer import Tokenizer
 from nanollm.world import World
 from script_runner import run_script
@@ -163,3 +164,63 @@ def test_a_gpt_folder_as_the_backbone_is_refused(base, scored_data, tmp_path):
     result = run([f"--init_from={base}", f"--backbone={base}", f"--dataset={scored_data / 'pairs.jsonl'}",
                   "--loss=pairwise", "--max_iters=1", f"--out_dir={tmp_path / 'out'}"], check=False)
     assert result.returncode != 0 and "--model_type=bert out_dir" in result.stderr
+
+
+def test_a_custom_file_is_split_by_prompt_and_the_model_records_its_training_prompts(base, tmp_path):
+    """10 prompts with 3 pairs each: holding out 15% of the records would cut a prompt in two; 15% of the prompts
+    (2 of them, every pair of theirs) are held out instead."""
+    prompts = [f"What is {i} plus {i}?" for i in range(10)]
+    records = [{"prompt": p, "chosen": f"{p[8:-1]} is {2 * i}.", "rejected": wrong}
+               for i, p in enumerate(prompts) for wrong in ("I do not know.", "It is 7.", "Blue.")]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    result = run([f"--init_from={base}", f"--dataset={data}", "--loss=pairwise", "--val_fraction=0.15",
+                  "--max_iters=1", f"--out_dir={tmp_path / 'out'}"])
+    assert "train: 24 prompts" in result.stdout and "held-out: 6 prompts" in result.stdout  # records of 8 and 2
+    checkpoint = load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))
+    assert checkpoint["trained_prompts"] == [[{"role": "user", "content": p}] for p in prompts[:8]]
+
+
+def test_the_demo_with_another_seed_trains_on_no_prompt_that_ppo_holds_out(base, tmp_path):
+    demo = ["--demo_prompts=30", "--demo_k=2", "--demo_max_new_tokens=4", f"--data_dir={tmp_path / 'demo'}",
+            "--seed=42"]
+    run([f"--init_from={base}", f"--out_dir={tmp_path / 'rm'}", "--max_iters=1"] + demo)
+    trained = [messages[0]["content"] for messages in load_checkpoint(str(tmp_path / "rm" / "ckpt.pt"))
+               ["trained_prompts"]]
+    lines = (tmp_path / "demo" / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    assert trained == [json.loads(line)["input"] for line in lines] and len(trained) == 24
+    world = World(0)
+    for prompt_seed in (1337, 42):  # train_ppo.py's default order and wording, and the reward model's
+        held_out = feedback_prompts(world, 160, prompt_seed, "test") + \
+            feedback_prompts(world, 160, prompt_seed, "validation")
+        assert not set(trained) & set(held_out)
+    # and train_ppo.py, which checks exactly that, accepts this reward model
+    ppo = ["--batch_size=2", "--minibatch_size=2", "--max_new_tokens=4", "--eval_prompts=2", "--validation_prompts=2",
+           "--train_prompts=4", "--eval_samples=1", "--max_iters=1", "--device=cpu", "--dtype=float32"]
+    run_script("train_ppo.py", ppo + [f"--init_from={base}", f"--reward_model={tmp_path / 'rm'}",
+                                      f"--out_dir={tmp_path / 'ppo'}"])
+
+
+def test_always_save_checkpoint_false_ends_with_the_best_model_not_the_last(base, scored_data, tmp_path):
+    """Held-out labels that reverse the training ones: the more the model learns, the worse its held-out loss."""
+    reversed_file = tmp_path / "reversed.jsonl"
+    lines = (scored_data / "heldout.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    for record in records:
+        for output in record["outputs"]:
+            output["score"] = -output["score"]
+    reversed_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    run([f"--init_from={base}", f"--dataset={scored_data / 'train.jsonl'}", f"--eval_dataset={reversed_file}",
+         "--max_iters=6", "--eval_interval=2", "--always_save_checkpoint=False", f"--out_dir={tmp_path / 'out'}"])
+    records = metrics(tmp_path / "out")
+    evals = [r for r in records if "val_loss" in r and r.get("phase") != "final"]
+    final = next(r for r in records if r.get("phase") == "final")
+    best = min(r["val_loss"] for r in evals)
+    assert [r["iter"] for r in evals] == [0, 2, 4, 6] and best < evals[-1]["val_loss"] - 1e-3
+    assert final["val_loss"] == pytest.approx(best, abs=1e-5)  # the saved, final model is the best one
+    model, _ = load_reward_model(str(tmp_path / "out" / "ckpt.pt"))
+    tokenizer = Tokenizer(str(tmp_path / "out" / "tokenizer.model"))
+    groups = load_groups(str(reversed_file))
+    encoded, _ = encode_groups(tokenizer, groups, 64)
+    rewards = score_encoded(model, encoded, tokenizer.pad_id, 32, "cpu", torch.no_grad())
+    assert dataset_loss(rewards, groups, "ranking") == pytest.approx(best, abs=1e-5)
