@@ -27,6 +27,7 @@ from nanollm.configurator import UserError, check_ranges, configure
 from nanollm.data import (batch_seed, get_batch, load_meta, load_tokenizer, prepare_dataset, tokenizer_file,
                           unigram_perplexity)
 from nanollm.encdec import EncoderDecoder, infilling_batch
+from nanollm.metrics import bits_per_byte, text_nll_and_bytes, token_byte_lengths
 from nanollm.model import GPT, GPTConfig
 from nanollm.optim import configure_optimizer, get_lr
 from nanollm.tokenizer import Tokenizer
@@ -37,6 +38,7 @@ from nanollm.training import GracefulStop, GuardedStep
 out_dir = "out"  # checkpoints, metrics.jsonl and a copy of the tokenizer go here
 eval_interval = 200  # evaluate val loss (and checkpoint) every this many iterations
 log_interval = 10  # write a metrics.jsonl line every this many iterations
+tensorboard = False  # also write every metrics.jsonl number as TensorBoard scalars in out_dir/tensorboard/
 eval_iters = 10  # batches per split in an evaluation
 eval_only = False  # evaluate once and exit
 always_save_checkpoint = True  # checkpoint at every eval, not only when val loss improves
@@ -130,6 +132,11 @@ if checkpoint is not None and run_tokenizer and os.path.exists(run_tokenizer) an
         not filecmp.cmp(tokenizer_path, run_tokenizer, shallow=False):
     raise UserError(f"init_from='resume': the data's tokenizer ({tokenizer_path}) is not the one the run in "
                     f"{out_dir} was trained with; resume with the run's own dataset")
+# bits per byte (next-token models): the tokenizer says how many UTF-8 bytes each target token is
+byte_lengths = token_byte_lengths(tokenizer).to(runtime.device) if model_type == "gpt" and tokenizer is not None \
+    else None
+if master and model_type == "gpt" and tokenizer is None:
+    print(f"[nanollm] no bits per byte: {data_dir} has no tokenizer to count the bytes of its tokens")
 
 # ---- model
 if attn_impl == "auto":
@@ -180,12 +187,13 @@ def objective_batch(split, batch_seed_base, step, micro_step):
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss (and MLM accuracy for bert) over eval_iters fixed batches of each split, with the unwrapped model
-    (rank 0 only)."""
+    """Mean loss (and MLM accuracy for bert, bits per byte for gpt) over eval_iters fixed batches of each split, with
+    the unwrapped model (rank 0 only)."""
     raw_model.eval()
     out = {}
     for split in ("train", "val"):
         losses, accuracies = torch.zeros(eval_iters), torch.zeros(eval_iters)
+        nll_sum, n_bytes = 0.0, 0  # over the text tokens of the same batches
         for k in range(eval_iters):
             batch = objective_batch(split, seed + 1, k, 0)
             with ctx:
@@ -193,9 +201,14 @@ def estimate_loss():
             losses[k] = loss.item()
             if model_type == "bert":
                 accuracies[k] = mlm_accuracy(logits, batch["targets"])
+            if byte_lengths is not None:
+                batch_nll, batch_bytes = text_nll_and_bytes(logits, batch["targets"], byte_lengths)
+                nll_sum, n_bytes = nll_sum + batch_nll, n_bytes + batch_bytes
         out[split] = losses.mean().item()
         if model_type == "bert":
             out[f"{split}_mlm_accuracy"] = accuracies.nanmean().item()
+        if byte_lengths is not None:
+            out[f"{split}_bpb"] = bits_per_byte(nll_sum, n_bytes)
     raw_model.train()
     return out
 
@@ -206,7 +219,7 @@ def save(iter_num):
 
 
 # ---- the training loop: out_dir is written from here on
-log = start_run(out_dir, runtime, init_from == "resume", iter_num, tokenizer_path)
+log = start_run(out_dir, runtime, init_from == "resume", iter_num, tokenizer_path, tensorboard=tensorboard)
 progress = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True)
 stop = GracefulStop()  # Ctrl-C: finish the step, checkpoint, exit
 step = GuardedStep(optimizer, scaler, grad_clip, runtime, dtype)  # clip; skip non-finite steps
@@ -225,11 +238,11 @@ while True:
         if master:
             losses = estimate_loss()
             val_ppl = torch.exp(torch.tensor(losses["val"])).item()
-            accuracy = {"val_mlm_accuracy": losses["val_mlm_accuracy"]} if model_type == "bert" else {}
+            extra = {k: losses[k] for k in ("val_mlm_accuracy", "val_bpb", "train_bpb") if k in losses}
             tqdm.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-                       f"val ppl {val_ppl:.2f}" + "".join(f", {k} {v:.4f}" for k, v in accuracy.items()))
+                       f"val ppl {val_ppl:.2f}" + "".join(f", {k} {v:.4f}" for k, v in extra.items()))
             log.write({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                       "val_ppl": val_ppl, **accuracy})
+                       "val_ppl": val_ppl, **extra})
             improved = losses["val"] < best_val_loss
             last_val_loss = losses["val"]
             best_val_loss = min(best_val_loss, losses["val"])

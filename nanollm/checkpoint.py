@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from nanollm.configurator import MissingFileError, UserError
 
+TENSORBOARD_DIR = "tensorboard"  # event files of MetricsLog(tensorboard=True), under out_dir
 RUN_FILES = ("ckpt.pt", "metrics.jsonl", "samples.txt", "tokenizer.model", "meta.pkl")  # what a run writes in out_dir
 CHECKPOINT_KEYS = ("model", "model_args", "config")  # what every checkpoint of a nanollm stage holds
 
@@ -129,11 +130,13 @@ def check_out_dir(out_dir, resume, overwrite=False):
                         f"--init_from=resume, choose another out_dir, or replace it with --overwrite=True")
 
 
-def start_run(out_dir, runtime, resume, iter_num, tokenizer_path=None):
+def start_run(out_dir, runtime, resume, iter_num, tokenizer_path=None, tensorboard=False):
     """The run's first write to out_dir, once every check has passed and the models are built: a fresh run
-    replaces whatever run was there (ckpt.pt, metrics.jsonl, samples.txt) and copies its tokenizer; a resumed one
-    keeps its log up to the checkpoint. Removes temporary files of a save that was killed. Returns the MetricsLog
-    (rank 0) or None."""
+    replaces whatever run was there (ckpt.pt, metrics.jsonl, samples.txt, tensorboard/) and copies its tokenizer; a
+    resumed one keeps its log up to the checkpoint. Removes temporary files of a save that was killed. Returns the
+    MetricsLog (rank 0; tensorboard=True mirrors it as TensorBoard scalars) or None."""
+    if tensorboard:
+        tensorboard_writer_class()  # a missing package is a one-line error before anything is written
     if not runtime.is_master:
         return None
     os.makedirs(out_dir, exist_ok=True)
@@ -148,7 +151,19 @@ def start_run(out_dir, runtime, resume, iter_num, tokenizer_path=None):
                 os.remove(path)
         if target and not in_place:
             shutil.copyfile(tokenizer_path, target)
-    return MetricsLog(os.path.join(out_dir, "metrics.jsonl"), start_iter=iter_num if resume else 0)
+        shutil.rmtree(os.path.join(out_dir, TENSORBOARD_DIR), ignore_errors=True)  # the old run's event files
+    return MetricsLog(os.path.join(out_dir, "metrics.jsonl"), start_iter=iter_num if resume else 0,
+                      tensorboard=tensorboard)
+
+
+def tensorboard_writer_class():
+    """torch.utils.tensorboard.SummaryWriter, or a one-line UserError naming the setting if the package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("tensorboard=True needs the tensorboard package: pip install tensorboard "
+                        "(or pip install -e .[extras]), or leave tensorboard=False") from None
+    return SummaryWriter
 
 
 class MetricsLog:
@@ -156,10 +171,16 @@ class MetricsLog:
 
     On resume from iteration `start_iter`, lines from iterations >= start_iter (written after the checkpoint
     by a run that then crashed) are dropped first, so the log reads as one uninterrupted run.
+    tensorboard=True also writes every number of every record as a TensorBoard scalar in {out_dir}/tensorboard/
+    (step = the record's "iter", tag = its key, under "<phase>/" if the record has a "phase"); metrics.jsonl stays
+    the source of truth. View with: tensorboard --logdir out_dir/tensorboard
     """
 
-    def __init__(self, path, start_iter=0):
+    def __init__(self, path, start_iter=0, tensorboard=False):
         self.path = path
+        self.tensorboard_dir = os.path.join(os.path.dirname(os.path.abspath(path)), TENSORBOARD_DIR) \
+            if tensorboard else None
+        self.writer, self.start_iter = None, start_iter  # the writer is opened at the first record
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         if start_iter == 0 or not os.path.exists(path):
             open(path, "w").close()
@@ -171,6 +192,24 @@ class MetricsLog:
     def write(self, record):
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tensorboard_dir is not None:
+            self._write_scalars(record)
+
+    def _write_scalars(self, record):
+        if self.writer is None:
+            # on resume, purge_step hides events a crashed run wrote at steps >= start_iter (metrics.jsonl drops them)
+            self.writer = tensorboard_writer_class()(log_dir=self.tensorboard_dir, purge_step=self.start_iter or None)
+        prefix = f"{record['phase']}/" if isinstance(record.get("phase"), str) else ""
+        step = record.get("iter", 0)
+        for key, value in record.items():
+            if key != "iter" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(prefix + key, value, global_step=step)
+        self.writer.flush()  # each record reaches the disk now, as metrics.jsonl does
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 def read_metrics(path):

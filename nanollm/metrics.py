@@ -1,9 +1,10 @@
 """Text-generation metrics, written out by hand so each formula can be read next to its source.
 
-Perplexity, bits per byte (tokenizer-independent; as in nanochat's evaluation), exact match / accuracy, corpus BLEU (Papineni et al. 2002, smoothing of Lin & Och 2004),
+Perplexity, bits per byte (tokenizer-independent; as in nanochat's evaluation), exact match / accuracy,
+corpus BLEU (Papineni et al. 2002, smoothing of Lin & Och 2004),
 ROUGE-L (Lin 2004) and SQuAD token F1 (Rajpurkar et al. 2016). Every metric splits text with the one
 function `tokenize_for_metrics`, so English and Chinese are scored the same way.
-All scores are fractions in [0, 1] (multiply by 100 for the percentages papers print).
+The text scores are fractions in [0, 1] (multiply by 100 for the percentages papers print).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import unicodedata
 from collections import Counter
 
 import torch
+import torch.nn.functional as F
 
 # CJK ideographs (basic, extension A, compatibility, extensions B+) and Japanese kana: written
 # without spaces, so each character is one token ("正面" -> ["正", "面"]).
@@ -129,6 +131,17 @@ def token_byte_lengths(tokenizer) -> torch.Tensor:
         elif not (processor.is_control(index) or processor.is_unknown(index) or processor.is_unused(index)):
             lengths[index] = len(processor.id_to_piece(index).replace("\u2581", " ").encode("utf-8"))
     return lengths
+
+
+def text_nll_and_bytes(logits, targets, byte_lengths) -> tuple:
+    """One batch's share of bits per byte: (Σ NLL in nats, Σ UTF-8 bytes) over the targets that decode to text.
+
+    logits (B, T, V), targets (B, T) token ids, byte_lengths (V,) from token_byte_lengths on the same device.
+    Targets of 0 bytes (special tokens, or -100 = ignored) count in neither sum.
+    """
+    target_bytes = byte_lengths[targets.clamp(min=0)] * (targets >= 0)  # (B, T)
+    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten().clamp(min=0), reduction="none")  # (B*T,)
+    return (nll * (target_bytes.flatten() > 0)).sum().item(), int(target_bytes.sum().item())
 
 
 # ----------------------------------------------------------------------------- exact match / accuracy
