@@ -45,6 +45,7 @@ init_from = "out-sft"  # the policy's start and the frozen reference: an SFT out
 reward_model = "out-rm"  # train_rm.py's out_dir: the reward model (frozen) and the critic's starting point
 eval_interval = 5  # held-out rm score, gold score, KL, a few samples (and a checkpoint) every this many iterations
 log_interval = 1  # write a metrics.jsonl line every this many iterations
+tensorboard = False  # also write every metrics.jsonl number as TensorBoard scalars in out_dir/tensorboard/
 eval_only = False  # evaluate the starting policy once and exit
 # prompts: world questions, never their answers, from three disjoint sets fixed by what they ask (world.question_split)
 world_seed = 0  # the world the gold annotator checks facts against (pretraining uses World(0))
@@ -287,7 +288,8 @@ def save(iter_num):
 
 
 # ---- the training loop
-log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), start_iter=iter_num) if master else None
+log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), start_iter=iter_num, tensorboard=tensorboard) \
+    if master else None
 progress = tqdm(total=max_iters, initial=iter_num, disable=not master or eval_only, dynamic_ncols=True)
 stop = GracefulStop()  # Ctrl-C: finish the iteration, checkpoint, exit
 policy_step = GuardedStep(optimizer, scaler, grad_clip, runtime, dtype)  # clip; skip non-finite steps

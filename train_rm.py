@@ -41,6 +41,7 @@ out_dir = "out-rm"  # checkpoints, metrics.jsonl and a copy of the tokenizer go 
 init_from = "out-sft"  # an SFT (or pretraining) out_dir with ckpt.pt + tokenizer.model | 'resume' (out_dir/ckpt.pt)
 eval_interval = 50  # held-out loss, pairwise accuracy and correlations (and checkpoint) every this many iterations
 log_interval = 10  # write a metrics.jsonl line every this many iterations
+tensorboard = False  # also write every metrics.jsonl number as TensorBoard scalars in out_dir/tensorboard/
 eval_only = False  # evaluate the starting model once and exit
 always_save_checkpoint = True  # checkpoint at every eval; False: only when the held-out loss improves, and the run
 # ends with the best model (lowest held-out loss), not the last
@@ -270,7 +271,8 @@ def print_length_table(rewards):
 
 
 # ---- the training loop
-log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), start_iter=iter_num) if master else None
+log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), start_iter=iter_num, tensorboard=tensorboard) \
+    if master else None
 progress = tqdm(total=max_iters, initial=iter_num, disable=not master or eval_only, dynamic_ncols=True)
 stop = GracefulStop()  # Ctrl-C: finish the step, checkpoint, exit
 step = GuardedStep(optimizer, scaler, grad_clip, runtime, dtype)  # clip; skip non-finite steps

@@ -38,6 +38,7 @@ init_from = "out"  # a pretraining out_dir (ckpt.pt + tokenizer.model) | 'resume
 overwrite = False  # True: a fresh run may replace the run already in out_dir (else it refuses)
 eval_interval = 100  # held-out assistant-token loss (and checkpoint) every this many iterations
 log_interval = 10  # write a metrics.jsonl line every this many iterations
+tensorboard = False  # also write every metrics.jsonl number as TensorBoard scalars in out_dir/tensorboard/
 eval_only = False  # evaluate the starting model once (loss and generations) and exit
 always_save_checkpoint = True  # checkpoint at every eval, not only when the held-out loss improves
 # data
@@ -171,7 +172,8 @@ def save(iter_num):
 
 
 # ---- before training: the base model on the held-out set (skipped on resume: it is in metrics.jsonl)
-log = start_run(out_dir, runtime, init_from == "resume", iter_num, tokenizer_path)  # out_dir is written from here on
+log = start_run(out_dir, runtime, init_from == "resume", iter_num, tokenizer_path,
+                tensorboard=tensorboard)  # out_dir is written from here on
 if master and (iter_num == 0 or eval_only):
     before, _ = run_evaluation(with_generation=eval_examples > 0)
     log.write({"iter": iter_num, "phase": "before", **before})
