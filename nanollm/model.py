@@ -62,17 +62,21 @@ class KVCache:
         shape = (n_layer, batch_size, n_head, max_len, head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.layer_keys = [self.keys[layer] for layer in range(n_layer)]  # per-layer views, made once
+        self.layer_values = [self.values[layer] for layer in range(n_layer)]
         self.max_len = max_len
         self.length = 0
 
     def append(self, layer, k, v):
-        """Write k, v (B, H, T, D) after the cached positions; return all keys/values so far."""
+        """Write k, v (B, H, T, D) in place after the cached positions (no concatenation, no new memory);
+        return views of all keys/values so far, (B, H, length + T, D)."""
         start, end = self.length, self.length + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} positions > max_len={self.max_len}")
-        self.keys[layer, :, :, start:end] = k
-        self.values[layer, :, :, start:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        keys, values = self.layer_keys[layer], self.layer_values[layer]  # (B, H, max_len, D)
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        return keys[:, :, :end], values[:, :, :end]
 
 
 # ------------------------------------------------------------------------------------------ attention
@@ -104,6 +108,8 @@ def attend(q, k, v, attn_impl, causal, key_padding_mask=None, segment_ids=None, 
            self_attention=True):
     """softmax(Q Kᵀ / √d + mask) V for q (B, H, Tq, D) and k, v (B, H, Tk, D), by one of three paths."""
     t_query, t_key = q.size(2), k.size(2)
+    if causal and t_query == 1 and self_attention:
+        causal = False  # one new query is the newest position: every cached key is in its past, no mask to build
     if attn_impl == "triton" and segment_ids is None and (t_key == t_query or not self_attention):
         from kernels.attention import flash_attention
 
@@ -128,6 +134,11 @@ def attend(q, k, v, attn_impl, causal, key_padding_mask=None, segment_ids=None, 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=plain and causal)
 
 
+def dropout_layer(p):
+    """nn.Dropout(p), or a no-op module when p == 0 (one call less per layer and token while decoding)."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 def split_heads(x, n_head):
     """(B, T, C) -> (B, H, T, C/H)"""
     B, T, C = x.shape
@@ -149,11 +160,12 @@ class SelfAttention(nn.Module):
         self.attn_impl, self.dropout = config.attn_impl, config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = dropout_layer(config.dropout)
 
     def forward(self, x, key_padding_mask=None, kv_cache=None, layer=0, segment_ids=None):
-        q, k, v = self.c_attn(x).split(x.size(-1), dim=2)  # each (B, T, C)
-        q, k, v = (split_heads(t, self.n_head) for t in (q, k, v))  # (B, H, T, D)
+        B, T, C = x.shape
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # q, k, v side by side, heads split
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D), views of one matmul's output
         if kv_cache is not None:
             k, v = kv_cache.append(layer, k, v)  # (B, H, Tk, D) with Tk = cached + T
         dropout_p = self.dropout if self.training else 0.0
@@ -191,7 +203,7 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = dropout_layer(config.dropout)
 
     def forward(self, x):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GELU, tanh form (GPT-2)
@@ -246,7 +258,7 @@ class Embeddings(nn.Module):
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.wse = nn.Embedding(n_segments, config.n_embd) if n_segments else None  # segment A/B
         self.ln = layer_norm(config) if config.norm_position == "post" else nn.Identity()
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = dropout_layer(config.dropout)
 
     def forward(self, idx, position_ids, segment_ids=None):
         x = self.wte(idx) + self.wpe(position_ids)  # (B, T, C)
@@ -322,7 +334,7 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings
         self.wpe = nn.Embedding(config.block_size, config.n_embd)  # learned position embeddings
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = dropout_layer(config.dropout)
         self.blocks = nn.ModuleList([Block(config, causal=True) for _ in range(config.n_layer)])
         self.ln_f = final_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -420,24 +432,42 @@ class GPT(nn.Module):
         if T + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size="
                              f"{self.config.block_size}")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(idx)
-        cache = self.new_kv_cache(B, T + max_new_tokens) if use_cache else None
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: positions are 0..T-1 and no layer builds a padding mask
+        if use_cache:
+            yield from self._generate_with_cache(idx, max_new_tokens, temperature, top_k, top_p, eos_id,
+                                                 attention_mask, generator)
+            return
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        step_input = idx
-        for _ in range(max_new_tokens):
-            if use_cache:
-                logits, _ = self(step_input, attention_mask=attention_mask, kv_cache=cache)
-            else:
-                logits, _ = self(idx, attention_mask=attention_mask)
+        for _ in range(max_new_tokens):  # the slow reference: the whole sequence runs again for every new token
+            logits, _ = self(idx, attention_mask=attention_mask)
             next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
             next_token, finished = stop_finished_rows(next_token, finished, eos_id)
             yield next_token
             idx = torch.cat([idx, next_token[:, None]], dim=1)
-            attention_mask = torch.cat([attention_mask, torch.ones_like(next_token)[:, None]], dim=1)
-            step_input = next_token[:, None]
+            if attention_mask is not None:
+                attention_mask = F.pad(attention_mask, (0, 1), value=1)  # the new token is real
             if eos_id is not None and bool(finished.all()):
                 break
+
+    def _generate_with_cache(self, idx, max_new_tokens, temperature, top_k, top_p, eos_id, attention_mask,
+                             generator):
+        """The prompt runs once (prefill); then each step feeds only the newest token, whose keys and values
+        are written in place into a cache preallocated for the whole generation."""
+        B, T = idx.shape
+        cache = self.new_kv_cache(B, T + max_new_tokens)
+        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        if attention_mask is not None:  # left padding: one mask for every position, generated ones are real
+            full_mask = F.pad(attention_mask, (0, max_new_tokens), value=1)  # (B, T + max_new_tokens)
+        logits, _ = self(idx, attention_mask=attention_mask, kv_cache=cache)  # prefill: (B, T, V)
+        for step in range(max_new_tokens):
+            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
+            next_token, finished = stop_finished_rows(next_token, finished, eos_id)
+            yield next_token
+            if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
+                break  # no forward pass for a token nobody will sample after
+            step_mask = None if attention_mask is None else full_mask[:, :T + step + 1]  # (B, cached + 1)
+            logits, _ = self(next_token[:, None], attention_mask=step_mask, kv_cache=cache)  # (B, 1, V)
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

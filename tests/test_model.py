@@ -259,3 +259,40 @@ def test_all_ignored_targets_give_zero_loss_and_no_gradient_not_nan():
     assert loss.item() == 0.0
     loss.backward()
     assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("attn_impl", ["manual", "sdpa"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_cached_generation_logits_at_every_step_match_one_full_forward(attn_impl, padded):
+    """The LM head's outputs during a whole cached generation (prefill, then one token per step) equal the logits
+    of one forward pass over the final sequence, with and without left padding."""
+    model = tiny(attn_impl=attn_impl).eval()
+    prompt = torch.randint(0, 97, (2, 7))
+    mask = torch.ones_like(prompt)
+    if padded:
+        mask[0, :3] = 0  # row 0 is a 4-token prompt, left-padded
+    step_logits = []
+    hook = model.lm_head.register_forward_hook(lambda module, inputs, output: step_logits.append(output))
+    out = model.generate(prompt, 20, temperature=1.0, attention_mask=mask, generator=torch.Generator().manual_seed(0))
+    hook.remove()
+    assert [s.size(1) for s in step_logits] == [7] + [1] * 19  # the prompt once, then only the newest token
+    full_mask = torch.cat([mask, torch.ones(2, 20, dtype=mask.dtype)], dim=1)
+    full_logits, _ = model(out[:, :-1], attention_mask=full_mask[:, :-1])  # (2, 26, V)
+    real = full_mask[:, :-1].bool()  # logits at padding positions are never used
+    torch.testing.assert_close(torch.cat(step_logits, dim=1)[real], full_logits[real], rtol=1e-4, atol=1e-5)
+
+
+def test_unpadded_cached_decoding_builds_no_attention_mask(monkeypatch):
+    """Without padding, one new query sees every cached key: SDPA runs with no mask (nothing built per layer),
+    even when the caller passes an all-ones attention_mask."""
+    import nanollm.model as model_module
+
+    model = tiny(attn_impl="sdpa").eval()
+    prompt = torch.randint(0, 97, (2, 6))
+    expected = model.generate(prompt, 10, temperature=0, use_cache=False)
+
+    def no_mask_expected(*args, **kwargs):
+        raise AssertionError("an attention mask was built")
+
+    monkeypatch.setattr(model_module, "attention_mask_matrix", no_mask_expected)
+    assert torch.equal(model.generate(prompt, 10, temperature=0, attention_mask=torch.ones_like(prompt)), expected)
