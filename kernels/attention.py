@@ -12,6 +12,9 @@ Saving lse lets the backward rebuild P = exp(s − lse) block by block instead o
 Backward: Δ_i = rowsum(dO∘O)_i (pre-pass); dV = Pᵀ·dO ; dP = dO·Vᵀ ; dS = P∘(dP − Δ) ;
   dK = scale·dSᵀ·Q (one program per key block) ; dQ = scale·dS·K (one program per query block).
 
+Launch grid: (B·H, ⌈T / BLOCK⌉) — the (batch, head) pairs on axis 0, which holds 2³¹ − 1 programs, because CUDA
+caps axes 1 and 2 at 65,535 (B·H = 65,536 would not launch there). Head dim D ≤ 128, padded to a power of two.
+
 Conventions: q (B, H, T_q, D), k and v (B, H, T_k, D). key_padding_mask (B, T_k) bool, True = real
 token (attend to it), False = padding (ignored). causal: query i sits at position i + T_k − T_q
 (bottom-right aligned, as in KV-cache decoding; the usual lower triangle when T_q == T_k).
@@ -43,6 +46,17 @@ BLOCK_M_FP32_GPU, BLOCK_N_FP32_GPU = 32, 32
 # fp32 inputs are multiplied in true fp32 ("ieee"), not TF32, so fp32 runs match the reference;
 # fp16/bf16 tiles use the tensor cores with fp32 accumulation whatever this says.
 DOT_PRECISION = "ieee"
+# Largest head dim: at D = 256 the q tile, the fp32 accumulator and the scores of these tiles no longer fit in
+# registers (they would need smaller tiles, not written here).
+MAX_HEAD_DIM = 128
+_announced = set()
+
+
+def _say_once(message):
+    """Say a choice of code path once per process (never pad or fall back silently)."""
+    if message not in _announced:
+        _announced.add(message)
+        print(f"[nanollm] {message}")
 LOG2_E = tl.constexpr(1.4426950408889634)  # exp(x) = 2^(x·log2 e); exp2 is the GPU's native instruction
 LN_2 = tl.constexpr(0.6931471805599453)  # ln x = log2(x)·ln 2
 
@@ -92,8 +106,8 @@ def _attention_forward_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # this program: query rows [block_m·BLOCK_M, +BLOCK_M) of one (batch, head)
-    block_m = tl.program_id(0)
-    batch_head = tl.program_id(1)
+    batch_head = tl.program_id(0)  # axis 0: up to 2³¹ − 1 programs (axes 1 and 2 stop at 65,535)
+    block_m = tl.program_id(1)
     q_base = batch_head.to(tl.int64) * seq_len_q * HEAD_DIM
     k_base = batch_head.to(tl.int64) * seq_len_k * HEAD_DIM
     mask_row_ptr = MASK + (batch_head // num_heads).to(tl.int64) * seq_len_k
@@ -142,8 +156,8 @@ def _attention_forward_kernel(
 def _attention_backward_delta_kernel(OUT, GRAD_OUT, DELTA, seq_len_q,
                                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     # Δ_i = Σ_d dO_id·O_id  (= Σ_j P_ij·dP_ij), one program per BLOCK_M rows of one (batch, head)
-    block_m = tl.program_id(0)
-    batch_head = tl.program_id(1).to(tl.int64)
+    batch_head = tl.program_id(0).to(tl.int64)
+    block_m = tl.program_id(1)
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     offsets = batch_head * seq_len_q * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :]
@@ -160,8 +174,8 @@ def _attention_backward_dkdv_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # this program: keys [block_n·BLOCK_N, +BLOCK_N) of one (batch, head); loops over query blocks
-    block_n = tl.program_id(0)
-    batch_head = tl.program_id(1)
+    batch_head = tl.program_id(0)  # axis 0: up to 2³¹ − 1 programs (axes 1 and 2 stop at 65,535)
+    block_n = tl.program_id(1)
     q_base = batch_head.to(tl.int64) * seq_len_q * HEAD_DIM
     k_base = batch_head.to(tl.int64) * seq_len_k * HEAD_DIM
     mask_row_ptr = MASK + (batch_head // num_heads).to(tl.int64) * seq_len_k
@@ -208,8 +222,8 @@ def _attention_backward_dq_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # this program: query rows [block_m·BLOCK_M, +BLOCK_M) of one (batch, head); loops over key blocks
-    block_m = tl.program_id(0)
-    batch_head = tl.program_id(1)
+    batch_head = tl.program_id(0)  # axis 0: up to 2³¹ − 1 programs (axes 1 and 2 stop at 65,535)
+    block_m = tl.program_id(1)
     q_base = batch_head.to(tl.int64) * seq_len_q * HEAD_DIM
     k_base = batch_head.to(tl.int64) * seq_len_k * HEAD_DIM
     mask_row_ptr = MASK + (batch_head // num_heads).to(tl.int64) * seq_len_k
@@ -255,6 +269,26 @@ def _launch_settings(head_dim, dtype, device, backward=False):
     return BLOCK_M_GPU, BLOCK_N_GPU, 8, 3
 
 
+# CUDA's limits on a launch grid: axis 0 may hold 2³¹ − 1 programs, axes 1 and 2 only 65,535 each.
+MAX_GRID_AXIS_0, MAX_GRID_AXIS_1 = 2**31 - 1, 65_535
+
+
+def launch_grid(seq_len, block, batch_heads):
+    """(batch·heads, ⌈seq_len / block⌉): the many (batch, head) pairs on axis 0, the few blocks of one sequence
+    on axis 1 (B·H = 65,536 would not fit on axis 1). Plain integers: no device work, no Triton helper call."""
+    grid = (batch_heads, (seq_len + block - 1) // block)
+    if grid[0] > MAX_GRID_AXIS_0 or grid[1] > MAX_GRID_AXIS_1:
+        raise ValueError(f"kernels/attention.py flash_attention: launch grid {grid} exceeds CUDA's limits "
+                         f"({MAX_GRID_AXIS_0:,} programs on axis 0, {MAX_GRID_AXIS_1:,} on axis 1)")
+    return grid
+
+
+def padded_head_dim(head_dim):
+    """The tile width for head dim D: the next power of two, at least 16 (tl.arange and tl.dot need powers of
+    two). D = 80 or 96 runs as 128 with the extra columns masked: correct, but the dots do D = 128's work."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
 def _mask_argument(key_padding_mask, q):
     """The mask as uint8 (1 = real token); a dummy pointer when there is none."""
     if key_padding_mask is None:
@@ -272,10 +306,9 @@ def _flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lse = torch.empty(batch, heads, seq_len_q, dtype=torch.float32, device=q.device)  # (B, H, T_q)
     mask, has_mask = _mask_argument(key_padding_mask, q)
     block_m, block_n, num_warps, num_stages = _launch_settings(head_dim, q.dtype, q.device)
-    grid = (triton.cdiv(seq_len_q, block_m), batch * heads)
-    _attention_forward_kernel[grid](
+    _attention_forward_kernel[launch_grid(seq_len_q, block_m, batch * heads)](
         q, k, v, out, lse, mask, seq_len_q, seq_len_k, heads, sm_scale,
-        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m, BLOCK_N=block_n,
+        HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
         CAUSAL=causal, HAS_MASK=has_mask, DTYPE=_compute_dtype(q.dtype), PRECISION=DOT_PRECISION,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -297,16 +330,16 @@ def _flash_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
     grad_q, grad_k, grad_v = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
     delta = torch.empty_like(lse)  # (B, H, T_q) fp32
     mask, has_mask = _mask_argument(key_padding_mask, q)
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = padded_head_dim(head_dim)
     block_m, block_n, num_warps, num_stages = _launch_settings(head_dim, q.dtype, q.device, backward=True)
-    _attention_backward_delta_kernel[(triton.cdiv(seq_len_q, block_m), batch * heads)](
+    _attention_backward_delta_kernel[launch_grid(seq_len_q, block_m, batch * heads)](
         out, grad_out, delta, seq_len_q, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m)
     shared = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
                   HAS_MASK=has_mask, DTYPE=_compute_dtype(q.dtype), PRECISION=DOT_PRECISION,
                   num_warps=num_warps, num_stages=num_stages)
-    _attention_backward_dkdv_kernel[(triton.cdiv(seq_len_k, block_n), batch * heads)](
+    _attention_backward_dkdv_kernel[launch_grid(seq_len_k, block_n, batch * heads)](
         q, k, v, grad_out, lse, delta, mask, grad_k, grad_v, seq_len_q, seq_len_k, heads, sm_scale, **shared)
-    _attention_backward_dq_kernel[(triton.cdiv(seq_len_q, block_m), batch * heads)](
+    _attention_backward_dq_kernel[launch_grid(seq_len_q, block_m, batch * heads)](
         q, k, v, grad_out, lse, delta, mask, grad_q, seq_len_q, seq_len_k, heads, sm_scale, **shared)
     return grad_q, grad_k, grad_v
 
@@ -345,8 +378,10 @@ def _check_inputs(q, k, v, key_padding_mask):
         raise ValueError(f"kernels/attention.py flash_attention: q, k, v must share one dtype among "
                          f"fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
     check_device(q, "kernels/attention.py flash_attention")
-    if not 1 <= q.shape[3] <= 128:
-        raise ValueError(f"kernels/attention.py flash_attention: head dim D={q.shape[3]} must be in 1..128")
+    if not 1 <= q.shape[3] <= MAX_HEAD_DIM:
+        raise ValueError(f"kernels/attention.py flash_attention: head dim D={q.shape[3]} is not supported: D must "
+                         f"be in 1..{MAX_HEAD_DIM} (a D = 256 tile set does not fit in registers with these tile "
+                         f"sizes); use attn_impl='sdpa' for larger heads")
     if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
                                          or tuple(key_padding_mask.shape) != (k.shape[0], k.shape[2])):
         raise ValueError(f"kernels/attention.py flash_attention: key_padding_mask must be bool (B, T_k) = "
@@ -358,8 +393,14 @@ def flash_attention(q, k, v, causal=False, key_padding_mask=None, sm_scale=None)
 
     key_padding_mask: (B, T_k) bool, True = real token, False = padding. sm_scale defaults to 1/√D.
     Inputs are made contiguous (a copy if they are transposed views).
+    Head dim D: 1..128. A D that is not a power of two (e.g. 80, 96) runs padded to the next one (128), said once;
+    D > 128 (e.g. 256) is refused with a ValueError: use PyTorch's SDPA (attn_impl='sdpa') there.
     """
     _check_inputs(q, k, v, key_padding_mask)
+    head_dim = q.shape[-1]
+    if padded_head_dim(head_dim) != head_dim:
+        _say_once(f"kernels/attention.py: head dim D={head_dim} runs padded to {padded_head_dim(head_dim)} "
+                  f"(masked columns; the dots cost what D={padded_head_dim(head_dim)} costs)")
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out, _ = _flash_attention_forward(q, k, v, key_padding_mask, causal, scale)

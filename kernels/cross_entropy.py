@@ -38,8 +38,10 @@ def _cross_entropy_forward_kernel(LOGITS, TARGETS, LOSSES, LSE, vocab_size, igno
         inside = start + columns < vocab_size
         logits = tl.load(logits_row + start + columns, mask=inside, other=float("-inf")).to(tl.float32)
         new_max = tl.maximum(running_max, tl.max(logits, 0))
+        # a block of only −inf (masked-out tokens) leaves m = −inf: subtract 0 instead, as exp(−inf − (−inf)) = NaN
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
         # l = l·exp(m_old − m_new) + Σ exp(x − m_new)
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max), 0)
+        running_sum = running_sum * tl.exp(running_max - safe_max) + tl.sum(tl.exp(logits - safe_max), 0)
         running_max = new_max
     lse = running_max + tl.log(running_sum)  # log Σ exp(x)
     target = tl.load(TARGETS + row)

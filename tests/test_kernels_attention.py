@@ -186,3 +186,27 @@ def test_cuda_matches_scaled_dot_product_attention():
     q, k, v, _, _ = make_inputs(4, 8, 1024, 1024, 64, torch.bfloat16, device="cuda")
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     torch.testing.assert_close(flash_attention(q, k, v, causal=True), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_launch_grid_puts_batch_times_heads_on_the_unlimited_axis():
+    from kernels.attention import MAX_GRID_AXIS_1, launch_grid
+
+    # B·H = 65,536 (e.g. B = 4096, H = 16) at T = 8192 with 128-row blocks: CUDA allows 65,535 on axes 1 and 2
+    assert launch_grid(8192, 128, 65_536) == (65_536, 64)
+    assert launch_grid(17, 64, 6) == (6, 1)  # a partial block still gets a program
+    assert launch_grid(128, 64, 6) == (6, 2)
+    with pytest.raises(ValueError, match="kernels/attention.py"):
+        launch_grid(64 * (MAX_GRID_AXIS_1 + 1), 64, 1)  # a sequence of more than 65,535 blocks
+
+
+def test_head_dim_padding_is_said_and_head_dim_256_is_refused(capsys):
+    from kernels.attention import padded_head_dim
+
+    assert [padded_head_dim(d) for d in (8, 16, 64, 80, 96, 128)] == [16, 16, 64, 128, 128, 128]
+    q, k, v, _, _ = make_inputs(1, 1, 5, 5, 80, torch.float32)
+    out = flash_attention(q, k, v)
+    torch.testing.assert_close(out, attention_reference(q, k, v), atol=1e-5, rtol=1e-5)
+    assert "D=80 runs padded to 128" in capsys.readouterr().out
+    big = torch.randn(1, 1, 4, 256)
+    with pytest.raises(ValueError, match=r"D=256 is not supported.*attn_impl='sdpa'"):
+        flash_attention(big, big, big)

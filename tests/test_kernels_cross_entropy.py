@@ -67,6 +67,24 @@ def test_all_targets_ignored_gives_zero_loss_not_nan():
     assert loss.item() == 0.0 and (grad == 0).all()
 
 
+def test_a_first_vocabulary_block_of_only_minus_infinity_is_finite():
+    # tokens banned with logit −inf fill the whole first block (BLOCK_V_CPU = 64 columns) of row 0: the online
+    # log-sum-exp must not compute exp(−inf − (−inf)) = NaN there
+    logits, targets = make_inputs(3, 200, torch.float32)
+    logits = logits.detach().clone()
+    logits[0, :64] = float("-inf")
+    logits[1, 64:128] = float("-inf")  # a middle block, for comparison
+    targets = torch.tensor([100, 150, 7])
+    logits.requires_grad_()
+    loss = cross_entropy(logits, targets)
+    (grad,) = torch.autograd.grad(loss, logits)
+    expected = cross_entropy_reference(logits, targets)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grad, expected_grad)
+    assert (grad[0, :64] == 0).all()  # probability exp(−inf) = 0: no gradient on the banned tokens
+
+
 def test_saves_only_one_number_per_row():
     logits, targets = make_inputs(5, 100, torch.float32)
     losses, lse = _cross_entropy_forward(logits, targets, -100)
