@@ -16,8 +16,8 @@ import torch
 
 from nanollm.configurator import configure
 from nanollm.distributed import pick_device
-from nanollm.evaluation import (count_parameters, format_table, load_model, load_questions, perplexity_on_tokens,
-                                read_token_stream, sft_metrics)
+from nanollm.evaluation import (byte_lengths_next_to, count_parameters, format_table, load_model, load_questions,
+                                perplexity_on_tokens, read_token_stream, sft_metrics)
 
 # ------------------------------------------------------------------------------------------ settings
 model = "out-sft"  # comma-separated models, one table column each
@@ -52,8 +52,10 @@ for path in paths:
     values = {"kind": kind, "parameters": count_parameters(net)}
     if text:
         tokens = read_token_stream(text, tokenizer, split, net.config.vocab_size)
-        scores = perplexity_on_tokens(net, tokens, block_size or None, batch_size, max_tokens)
-        values.update({"text tokens": scores["tokens"], "text loss": scores["loss"], "text ppl": scores["ppl"]})
+        byte_lengths = byte_lengths_next_to(path, tokenizer)  # None: no tokenizer beside the model, no bits per byte
+        scores = perplexity_on_tokens(net, tokens, block_size or None, batch_size, max_tokens, byte_lengths)
+        values.update({"text tokens": scores["tokens"], "text loss": scores["loss"], "text ppl": scores["ppl"],
+                       "text bytes": scores.get("bytes"), "text bpb": scores.get("bpb")})
     if conversations:
         scores = sft_metrics(net, tokenizer, conversations, eval_examples, max_new_tokens, batch_size)
         names = {"val_loss": "answer loss", "val_ppl": "answer ppl"}  # assistant tokens of the question set

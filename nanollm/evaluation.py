@@ -3,7 +3,9 @@
 Teaches what perplexity measures, PPL = exp(-(1/N) Σ_t log p(x_t | x_<t)), and how its number depends on how the text
 is cut into windows: here the stream is cut into non-overlapping windows of block_size tokens, so every token is
 predicted exactly once, from the context since its window began (a sliding window gives a lower number at more cost).
-One loader accepts every model file the course writes: checkpoint folders, release folders, int8 files.
+Bits per byte (the NLL over the UTF-8 bytes of the text) does not depend on the tokenizer, so it compares models
+with different vocabularies. One loader accepts every model file the course writes: checkpoint folders, release
+folders, int8 files.
 """
 import os
 
@@ -11,7 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nanollm.data import is_prepared, list_input_files, load_meta, parse_dataset, read_documents, token_dtype
+from nanollm.data import (is_prepared, list_input_files, load_meta, load_tokenizer, parse_dataset, read_documents,
+                          token_dtype)
+from nanollm.metrics import bits_per_byte, text_nll_and_bytes, token_byte_lengths
 
 HELDOUT = "heldout"  # the questions setting that names the built-in held-out SFT set
 
@@ -48,6 +52,15 @@ def load_model(path, device="cpu"):
             return load_quantized(path, device, payload=payload), _tokenizer_next_to(path), "int8"
     model = GPT.from_pretrained(path).to(device).eval()  # our ckpt.pt (or folder), or a GPT-2 folder
     return model, _tokenizer_next_to(path), "checkpoint"
+
+
+def byte_lengths_next_to(path, tokenizer):
+    """(V,) UTF-8 bytes per token id, for bits per byte: from the model's tokenizer, else from nanoGPT's meta.pkl
+    characters in the model's folder; None when neither is there (bits per byte is then not reported)."""
+    if tokenizer is None:
+        folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        tokenizer = load_tokenizer(folder)
+    return token_byte_lengths(tokenizer) if tokenizer is not None else None
 
 
 def count_parameters(model):
@@ -108,10 +121,12 @@ def read_token_stream(source, tokenizer=None, split="val", vocab_size=None):
 
 # ----------------------------------------------------------------------------- perplexity
 @torch.no_grad()
-def perplexity_on_tokens(model, tokens, block_size=None, batch_size=16, max_tokens=0):
+def perplexity_on_tokens(model, tokens, block_size=None, batch_size=16, max_tokens=0, byte_lengths=None):
     """Mean NLL and perplexity of `tokens` (1-D), cut into non-overlapping windows of block_size inputs:
     window w reads tokens[wT : wT + T] and predicts tokens[wT + 1 : wT + T + 1]; the last window may be shorter.
-    Every token but the first is predicted once. Returns {"loss", "ppl", "tokens"} (tokens = predictions made)."""
+    Every token but the first is predicted once. Returns {"loss", "ppl", "tokens"} (tokens = predictions made), and
+    with byte_lengths ((V,) bytes per token id, nanollm.metrics.token_byte_lengths) also "bpb" and "bytes": the NLL of
+    the predicted tokens that are text, over ln 2 times their UTF-8 bytes."""
     block_size = block_size or model.config.block_size
     if block_size > model.config.block_size:
         raise ValueError(f"block_size={block_size} exceeds the model's block_size={model.config.block_size}")
@@ -132,13 +147,21 @@ def perplexity_on_tokens(model, tokens, block_size=None, batch_size=16, max_toke
                for start in range(0, n_full, batch_size)]
     if n_predicted > n_full * block_size:  # the shorter last window
         windows.append((tokens[n_full * block_size:-1][None], tokens[n_full * block_size + 1:][None]))
-    total = 0.0
+    if byte_lengths is not None:
+        byte_lengths = byte_lengths.to(device)
+    total, text_nll, n_bytes = 0.0, 0.0, 0
     for x, y in windows:
         logits, _ = model(x.to(device))  # (B, T, V)
         total += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
+        if byte_lengths is not None:
+            batch_nll, batch_bytes = text_nll_and_bytes(logits, y.to(device), byte_lengths)
+            text_nll, n_bytes = text_nll + batch_nll, n_bytes + batch_bytes
     model.train(was_training)
     loss = total / n_predicted
-    return {"loss": loss, "ppl": float(np.exp(loss)), "tokens": n_predicted}  # PPL = exp(mean NLL)
+    scores = {"loss": loss, "ppl": float(np.exp(loss)), "tokens": n_predicted}  # PPL = exp(mean NLL)
+    if byte_lengths is not None and n_bytes > 0:
+        scores.update(bpb=bits_per_byte(text_nll, n_bytes), bytes=n_bytes)
+    return scores
 
 
 # ----------------------------------------------------------------------------- question sets

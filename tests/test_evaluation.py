@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from nanollm.evaluation import format_table, load_model, load_questions, perplexity_on_tokens, read_token_stream
+from nanollm.metrics import token_byte_lengths
 from nanollm.model import GPT, GPTConfig
 from nanollm.quantize import quantize_model, save_quantized
 from nanollm.tokenizer import Tokenizer, train_tokenizer
@@ -60,6 +61,18 @@ def test_a_model_with_all_logits_equal_has_perplexity_vocab_size():
         model.wte.weight.zero_()  # tied with lm_head: every logit is 0, p = 1/V for every token
     tokens = torch.randint(0, 50, (40,))
     assert perplexity_on_tokens(model, tokens)["ppl"] == pytest.approx(50.0, rel=1e-6)
+
+
+def test_bits_per_byte_of_a_uniform_model_is_log2_vocab_times_tokens_over_bytes():
+    model = tiny_gpt()
+    with torch.no_grad():
+        model.wte.weight.zero_()  # every token costs ln 50 nats = log2(50) bits
+    byte_lengths = torch.tensor([0] * 4 + [1, 2, 3, 4] * 11 + [1, 1])  # (50,) ids 0-3 are "special": 0 bytes
+    tokens = torch.tensor([2, 4, 5, 6, 7, 0, 3, 8])  # predicted: 4 5 6 7 0 3 8 -> 1+2+3+4+0+0+1 = 11 bytes, 5 text tokens
+    result = perplexity_on_tokens(model, tokens, byte_lengths=byte_lengths)
+    assert result["bytes"] == 11
+    assert result["bpb"] == pytest.approx(5 * math.log2(50) / 11, rel=1e-6)  # special tokens in neither sum
+    assert "bpb" not in perplexity_on_tokens(model, tokens)  # no byte lengths, no bits per byte
 
 
 def test_token_streams_from_text_jsonl_bin_and_a_prepared_folder(tmp_path, checkpoint_dir):
@@ -132,3 +145,9 @@ def test_evaluate_script_prints_one_table_for_two_models(tmp_path, checkpoint_di
     printed = float(re.search(r"^\| text ppl \| ([0-9.]+) \|", out, re.M).group(1))
     assert printed == pytest.approx(expected, abs=1e-4)
     assert re.search(r"^\| kind \| checkpoint \| int8 \|$", out, re.M)
+    # bits per byte: the same NLL over the bytes of the decoded text (ASCII lines, so no token splits a character)
+    tokens = read_token_stream(str(tmp_path / "text.txt"), tokenizer)
+    scores = perplexity_on_tokens(load_model(str(checkpoint_dir))[0], tokens, byte_lengths=token_byte_lengths(tokenizer))
+    assert scores["bytes"] == len(tokenizer.decode(tokens.tolist(), skip_special=True).encode("utf-8"))
+    printed = float(re.search(r"^\| text bpb \| ([0-9.]+) \|", out, re.M).group(1))
+    assert printed == pytest.approx(scores["bpb"], abs=1e-4)
