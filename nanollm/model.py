@@ -414,19 +414,20 @@ class GPT(nn.Module):
     # ----------------------------------------------------------------------------------- generation
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-                 attention_mask=None, use_cache=True, generator=None):
+                 attention_mask=None, use_cache=True, generator=None, banned_ids=None):
         """Append up to max_new_tokens to each row of idx (B, T); temperature 0 means greedy.
 
         With attention_mask, prompts are left-padded. A row that emitted eos_id keeps emitting eos_id,
-        and generation stops when every row has. Returns (B, T + n_generated).
+        and generation stops when every row has. banned_ids (e.g. chat role ids) are never sampled.
+        Returns (B, T + n_generated).
         """
         new_tokens = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id,
-                                               attention_mask, use_cache, generator))
+                                               attention_mask, use_cache, generator, banned_ids))
         return torch.cat([idx] + [token[:, None] for token in new_tokens], dim=1)
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-                        attention_mask=None, use_cache=True, generator=None):
+                        attention_mask=None, use_cache=True, generator=None, banned_ids=None):
         """Like generate, but yields each step's new tokens (B,) as soon as they are sampled (for streaming)."""
         B, T = idx.shape
         if T + max_new_tokens > self.config.block_size:
@@ -436,12 +437,13 @@ class GPT(nn.Module):
             attention_mask = None  # no padding: positions are 0..T-1 and no layer builds a padding mask
         if use_cache:
             yield from self._generate_with_cache(idx, max_new_tokens, temperature, top_k, top_p, eos_id,
-                                                 attention_mask, generator)
+                                                 attention_mask, generator, banned_ids)
             return
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):  # the slow reference: the whole sequence runs again for every new token
             logits, _ = self(idx, attention_mask=attention_mask)
-            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
+            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator,
+                                           banned_ids)  # (B,)
             next_token, finished = stop_finished_rows(next_token, finished, eos_id)
             yield next_token
             idx = torch.cat([idx, next_token[:, None]], dim=1)
@@ -451,7 +453,7 @@ class GPT(nn.Module):
                 break
 
     def _generate_with_cache(self, idx, max_new_tokens, temperature, top_k, top_p, eos_id, attention_mask,
-                             generator):
+                             generator, banned_ids):
         """The prompt runs once (prefill); then each step feeds only the newest token, whose keys and values
         are written in place into a cache preallocated for the whole generation."""
         B, T = idx.shape
@@ -461,7 +463,8 @@ class GPT(nn.Module):
             full_mask = F.pad(attention_mask, (0, max_new_tokens), value=1)  # (B, T + max_new_tokens)
         logits, _ = self(idx, attention_mask=attention_mask, kv_cache=cache)  # prefill: (B, T, V)
         for step in range(max_new_tokens):
-            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
+            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator,
+                                           banned_ids)  # (B,)
             next_token, finished = stop_finished_rows(next_token, finished, eos_id)
             yield next_token
             if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
@@ -470,9 +473,12 @@ class GPT(nn.Module):
             logits, _ = self(next_token[:, None], attention_mask=step_mask, kv_cache=cache)  # (B, 1, V)
 
 
-def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None, banned_ids=None):
     """logits (B, V) -> token ids (B,). Greedy when temperature == 0; otherwise softmax(logits / temperature),
-    optionally restricted to the top_k tokens and to the smallest set whose probability reaches top_p (nucleus)."""
+    optionally restricted to the top_k tokens and to the smallest set whose probability reaches top_p (nucleus).
+    banned_ids get logit −inf first, so they are never chosen."""
+    if banned_ids:
+        logits = logits.index_fill(-1, torch.tensor(banned_ids, device=logits.device), float("-inf"))
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
