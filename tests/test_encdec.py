@@ -154,11 +154,28 @@ def test_cross_attention_keys_values_are_computed_once_per_source():
 def test_generation_stops_when_every_row_emitted_eos():
     model = varied(tiny())
     src, mask = source_batch()
-    free = model.generate(src, 12, src_attention_mask=mask)
-    eos = int(free[0, 3])
-    out = model.generate(src, 12, src_attention_mask=mask, eos_id=eos)
-    first = int((free[0, 1:] == eos).nonzero()[0]) + 1
-    assert torch.equal(out[0, :first + 1], free[0, :first + 1]) and (out[0, first:] == eos).all()
+
+    def sample(eos_id):  # the same random draws with and without eos: every step samples both rows
+        return model.generate(src, 12, src_attention_mask=mask, temperature=1.0, eos_id=eos_id,
+                              generator=torch.Generator().manual_seed(1))
+
+    def first(row, token):  # step at which `row` of `free` first emits `token`
+        return int((free[row, 1:] == token).nonzero()[0]) + 1
+
+    free = sample(None)
+    shared = set(free[0, 1:].tolist()) & set(free[1, 1:].tolist())
+    eos = min(token for token in shared if first(0, token) < first(1, token))  # both rows emit it, row 0 first
+    firsts = [first(0, eos), first(1, eos)]
+    assert max(firsts) < 12  # the rows finish at different steps, both before the budget
+    out = sample(eos)
+    assert out.shape == (2, max(firsts) + 1)  # generation stops at the step where the last row finished
+    for row in range(2):  # each row: unchanged up to its eos, then eos only
+        assert torch.equal(out[row, :firsts[row] + 1], free[row, :firsts[row] + 1])
+        assert (out[row, firsts[row]:] == eos).all()
+    only_second = next(token for token in free[1, 1:].tolist() if token not in free[0, 1:].tolist())
+    out = sample(only_second)  # one row never emits it: the budget is used, and that row is untouched
+    assert out.shape == free.shape and torch.equal(out[0], free[0])
+    assert (out[1, first(1, only_second):] == only_second).all()
 
 
 def test_tiny_model_overfits_an_infilling_batch():
