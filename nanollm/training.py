@@ -3,6 +3,7 @@
 The loop itself stays in each train_*.py script; these are the parts that would otherwise be copied.
 Both take decisions that must agree across DDP ranks, so each decision is all-reduced first.
 """
+import math
 import signal
 
 import torch
@@ -26,13 +27,16 @@ class GuardedStep:
         self.scaler.unscale_(self.optimizer)
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)  # ‖g‖₂ over all parameters
+        # one read-back of each number per step (a GPU sync); plain floats from here on, no tensors built.
+        # loss_mean may be a float or a 0-dim tensor (a loop that sums micro-step losses on the device)
+        grad_norm, loss_mean = float(grad_norm), float(loss_mean)
         # fp16 overflow is the GradScaler's business (it skips that step itself and lowers the scale)
-        non_finite = not torch.isfinite(torch.tensor(loss_mean)) or (not self.fp16 and not torch.isfinite(grad_norm))
+        non_finite = not math.isfinite(loss_mean) or (not self.fp16 and not math.isfinite(grad_norm))
         if any_rank(non_finite, self.runtime):
             self.bad_steps += 1
             if self.runtime.is_master:
                 tqdm.write(f"[nanollm] iter {iter_num}: non-finite loss ({loss_mean}) or gradient norm "
-                           f"({float(grad_norm)}); step skipped, weights untouched")
+                           f"({grad_norm}); step skipped, weights untouched")
             if self.bad_steps >= MAX_BAD_STEPS:
                 raise RuntimeError(f"{MAX_BAD_STEPS} non-finite steps in a row: lower learning_rate, "
                                    f"or use dtype='bfloat16'/'float32'")
@@ -41,7 +45,7 @@ class GuardedStep:
             self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        return grad_norm
 
 
 class GracefulStop:

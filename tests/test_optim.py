@@ -34,3 +34,22 @@ def test_weight_decay_only_on_matrices():
     assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in not_decayed["params"])
     n_params = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     assert n_params == model.num_parameters()  # the tied matrix is there once
+
+
+def test_cpu_optimizer_is_fused_and_steps_like_plain_adamw():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    reference = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    optimizer = configure_optimizer(model, 0.1, 1e-2, (0.9, 0.95), "cpu", verbose=False)
+    assert optimizer.defaults["fused"] is True  # one fused kernel for all parameters, not a loop of small ops
+    plain = torch.optim.AdamW([{"params": [p for p in reference if p.dim() >= 2], "weight_decay": 0.1},
+                               {"params": [p for p in reference if p.dim() < 2], "weight_decay": 0.0}],
+                              lr=1e-2, betas=(0.9, 0.95), foreach=False)  # the unfused per-tensor loop
+    for _ in range(3):
+        for p, q in zip(model.parameters(), reference):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        optimizer.step()
+        plain.step()
+    for p, q in zip(model.parameters(), reference):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
