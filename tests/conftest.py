@@ -1,3 +1,4 @@
+import importlib
 import os
 
 import pytest
@@ -17,3 +18,16 @@ def on_kernel_device():
 
     with torch.device(kernel_device()):
         yield
+
+
+def require(module):
+    """Import an optional package, or skip the test when it is missing; under NANOLLM_REQUIRE_OPTIONAL=1 (set by
+    .ci/run) a missing package fails the test instead, so that CI cannot pass by skipping.
+    Use: `from conftest import require` then `onnx = require("onnx")`."""
+    if os.environ.get("NANOLLM_REQUIRE_OPTIONAL") == "1":
+        try:
+            return importlib.import_module(module)
+        except ImportError as error:
+            pytest.fail(f"optional package {module!r} is missing and NANOLLM_REQUIRE_OPTIONAL=1 (CI runs every "
+                        f"test): {error}", pytrace=False)
+    return pytest.importorskip(module)

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from conftest import require
 from nanollm.data import prepare_dataset
 from nanollm.model import GPT, GPTConfig
 from script_runner import run_script
@@ -52,12 +53,14 @@ def test_bfloat16_autocast_on_cpu_trains_like_float32(data_dir, float32_losses, 
 
 @pytest.mark.slow
 def test_triton_attention_trains_like_sdpa(data_dir, float32_losses, tmp_path):
+    require("triton")  # a dependency on Linux only
     losses, out = train(data_dir, tmp_path, "--dtype=float32", "--attn_impl=triton")
     assert "attn_impl=triton" in out
     assert losses == pytest.approx(float32_losses, abs=1e-4)  # the same arithmetic in another order
 
 
 def test_kv_cache_decoding_with_triton_attention_equals_the_full_forward():
+    require("triton")
     torch.manual_seed(0)
     config = dict(vocab_size=97, block_size=24, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
     model = GPT(GPTConfig(**config, attn_impl="triton")).eval()
