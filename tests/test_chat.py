@@ -62,6 +62,7 @@ def reply_text(tokenizer, tokens):
     return tokenizer.decode(tokens, skip_special=True).strip()
 
 
+@pytest.mark.slow  # a subprocess
 def test_multi_turn_chat_with_reset_and_quit(checkpoint_dir):
     out = chat(checkpoint_dir, "where does person 3 live?\n李小明住在哪里？\n/reset\nhello\n/quit\nnever read\n",
                "--max_new_tokens=8", "--temperature=0")
@@ -114,6 +115,7 @@ def test_long_conversation_drops_the_oldest_turns_and_keeps_the_system_message(c
     assert kept_from >= 3 and max(kept_pairs) >= 1  # trimmed several times, and earlier turns were kept when they fit
 
 
+@pytest.mark.slow  # a subprocess
 def test_greedy_stream_prints_what_generate_returns(checkpoint_dir):
     from nanollm.sft import prompt_ids
 

@@ -87,6 +87,7 @@ def test_quantize_model_replaces_linears_but_not_the_tied_embedding(path):
     assert torch.equal(cached, uncached)
 
 
+@pytest.mark.slow  # a subprocess
 def test_saved_file_holds_int8_and_loads_in_a_fresh_process_with_identical_logits(tmp_path, path):
     model = tiny_gpt()
     quantize_model(model)
