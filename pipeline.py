@@ -2,7 +2,7 @@
 -> PPO with the KL penalty -> PPO with β = 0 (reward hacking), then a summary report with the tables and the plot.
 
     python pipeline.py                 # 20-22 minutes on 2 CPU cores -> out-pipeline/report.md (+ ppo_curves.png)
-    python pipeline.py --pipeline_dir=run2 --ppo_args="--max_iters=100 --target_kl=3.0"
+    python pipeline.py --pipeline_dir=run2 --ppo_args="--max_iters=100 --target_kl=0.5"
     python pipeline.py                 # again: finished stages are skipped, an interrupted one resumes
 Each stage is the stage's own script run as a subprocess (read those for the loops); its output goes to the
 console and to pipeline_dir/<stage>.log. Rebuild the report from existing runs: python -m nanollm.report out-pipeline

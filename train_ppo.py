@@ -14,7 +14,6 @@ Settings below are plain variables; override them with a config file and/or --ke
 """
 import filecmp
 import os
-import shutil
 import sys
 import time
 
@@ -24,8 +23,9 @@ from tqdm import tqdm
 
 from nanollm import distributed as dist_utils
 from nanollm.annotators import GoldAnnotator, feedback_prompts
-from nanollm.checkpoint import MetricsLog, load_checkpoint, read_metrics, restore_training_state, save_checkpoint
-from nanollm.configurator import configure
+from nanollm.checkpoint import (check_out_dir, load_checkpoint, read_metrics, restore_training_state, save_checkpoint,
+                                start_run)
+from nanollm.configurator import UserError, check_ranges, configure
 from nanollm.data import batch_seed
 from nanollm.model import GPT, GPTConfig
 from nanollm.optim import configure_optimizer
@@ -42,6 +42,7 @@ from nanollm.world import World
 # I/O
 out_dir = "out-ppo"  # checkpoints (policy in the SFT format + critic), metrics.jsonl, samples.txt, tokenizer
 init_from = "out-sft"  # the policy's start and the frozen reference: an SFT out_dir | 'resume' (out_dir/ckpt.pt)
+overwrite = False  # True: a fresh run may replace the run already in out_dir (else it refuses)
 reward_model = "out-rm"  # train_rm.py's out_dir: the reward model (frozen) and the critic's starting point
 eval_interval = 5  # held-out rm score, gold score, KL, a few samples (and a checkpoint) every this many iterations
 log_interval = 1  # write a metrics.jsonl line every this many iterations
@@ -98,33 +99,38 @@ compile = False  # torch.compile the policy and critic for the update (rollouts 
 seed = 1337
 # ----------------------------------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])
+check_ranges(config, positive=("batch_size", "minibatch_size", "ppo_epochs", "eval_interval", "log_interval",
+                               "max_new_tokens", "eval_batch_size", "eval_samples", "train_prompts", "eval_prompts",
+                               "validation_prompts"),
+             non_negative=("max_iters", "learning_rate", "critic_learning_rate", "weight_decay", "grad_clip",
+                           "init_kl_coef"))
+check_out_dir(out_dir, init_from == "resume", overwrite)  # nothing in out_dir changes before the loop starts
 
 # ---- setup: device, DDP, precision; settings checked before any work
 runtime = dist_utils.setup(device, backend)
 master = runtime.is_master
 dtype = dist_utils.resolve_dtype(dtype, runtime.device_type)
 if kl_estimator not in REWARD_KL_ESTIMATORS:
-    raise ValueError(f"kl_estimator={kl_estimator!r}: the reward's KL must be one of {REWARD_KL_ESTIMATORS}" +
+    raise UserError(f"kl_estimator={kl_estimator!r}: the reward's KL must be one of {REWARD_KL_ESTIMATORS}" +
                     (" (k3's value is unbiased, its policy gradient is not; k3 belongs in a loss: ppo.k3_kl_loss)"
                      if kl_estimator == "k3" else ""))
 if temperature <= 0:
-    raise ValueError(f"temperature={temperature}: PPO samples, so it must be > 0")
+    raise UserError(f"temperature={temperature}: PPO samples, so it must be > 0")
 if samples_per_prompt < 1 or batch_size % samples_per_prompt:
-    raise ValueError(f"batch_size={batch_size} must be a multiple of samples_per_prompt={samples_per_prompt}")
+    raise UserError(f"batch_size={batch_size} must be a multiple of samples_per_prompt={samples_per_prompt}")
 if score_baseline == "leave_one_out":
-    raise ValueError("score_baseline='leave_one_out' is now 'others_mean': it centres scores on the prompt's other "
+    raise UserError("score_baseline='leave_one_out' is now 'others_mean': it centres scores on the prompt's other "
                     "responses while the critic stays, which is not RLOO")
 if score_baseline not in ("none", "others_mean") or (score_baseline != "none" and samples_per_prompt < 2):
-    raise ValueError(f"score_baseline={score_baseline!r}: expected 'none', or 'others_mean' with "
+    raise UserError(f"score_baseline={score_baseline!r}: expected 'none', or 'others_mean' with "
                      f"samples_per_prompt >= 2 (got {samples_per_prompt})")
 if not 1 <= minibatch_size <= batch_size:
-    raise ValueError(f"minibatch_size={minibatch_size} must be between 1 and batch_size={batch_size}")
+    raise UserError(f"minibatch_size={minibatch_size} must be between 1 and batch_size={batch_size}")
 if batch_size // samples_per_prompt * runtime.world_size > train_prompts:
-    raise ValueError(f"batch_size={batch_size} / samples_per_prompt={samples_per_prompt} x {runtime.world_size} "
+    raise UserError(f"batch_size={batch_size} / samples_per_prompt={samples_per_prompt} x {runtime.world_size} "
                      f"rank(s) prompts per iteration exceed train_prompts={train_prompts}")
 if master:
     print(f"[nanollm] device={runtime.device} dtype={dtype} world_size={runtime.world_size}")
-    os.makedirs(out_dir, exist_ok=True)
 ctx = dist_utils.autocast(runtime.device_type, dtype)
 
 # ---- prompts: world questions from three disjoint sets (world.question_split); the gold annotator judges replies
@@ -135,7 +141,7 @@ try:
                 "val_": feedback_prompts(world, validation_prompts, prompt_seed, "validation")}
     train_questions = feedback_prompts(world, train_prompts, prompt_seed, "train")
 except ValueError as error:  # more prompts asked for than a set holds
-    raise ValueError(f"eval_prompts={eval_prompts}, validation_prompts={validation_prompts}, train_prompts="
+    raise UserError(f"eval_prompts={eval_prompts}, validation_prompts={validation_prompts}, train_prompts="
                     f"{train_prompts}: {error}") from None
 
 # ---- the models: policy and reference from the SFT checkpoint, reward model and critic from train_rm.py's
@@ -147,7 +153,7 @@ if init_from == "resume":
     sft_checkpoint = load_checkpoint(os.path.join(sft_dir, "ckpt.pt"), "cpu")
 else:
     if checkpoint.get("stage") == "reward":
-        raise ValueError(f"init_from={init_from!r} holds a reward model; start from an SFT out_dir or use 'resume'")
+        raise UserError(f"init_from={init_from!r} holds a reward model; start from an SFT out_dir or use 'resume'")
     sft_dir, reward_dir = init_from, reward_model
     tokenizer_path = os.path.join(init_from, "tokenizer.model")
     sft_checkpoint = checkpoint
@@ -157,29 +163,27 @@ reward_net, reward_checkpoint = load_reward_model(os.path.join(reward_dir, "ckpt
 reward_net.requires_grad_(False)
 # held out means held out: the reward model must not have trained on a validation or test prompt
 if "trained_prompts" not in reward_checkpoint:
-    raise ValueError(f"{reward_dir}/ckpt.pt does not record the prompts the reward model trained on, so the held-out "
+    raise UserError(f"{reward_dir}/ckpt.pt does not record the prompts the reward model trained on, so the held-out "
                     f"prompts cannot be checked; retrain it with train_rm.py")
 seen = prompts_in(held_out["eval_"] + held_out["val_"], reward_checkpoint["trained_prompts"])
 if seen:
-    raise ValueError(f"{reward_dir}: the reward model trained on {len(seen)} of the {eval_prompts} test + "
+    raise UserError(f"{reward_dir}: the reward model trained on {len(seen)} of the {eval_prompts} test + "
                     f"{validation_prompts} validation prompts (e.g. {seen[0]!r}), so they are not held out; train it "
                     f"on the world's train questions (train_rm.py's demo does) or drop these prompts from its data")
 if reward_checkpoint.get("backbone", "gpt") != "gpt":
-    raise ValueError(f"{reward_dir}: a {reward_checkpoint['backbone']!r} reward model cannot initialize the critic, "
+    raise UserError(f"{reward_dir}: a {reward_checkpoint['backbone']!r} reward model cannot initialize the critic, "
                      f"which must be causal (one value per prefix); train the reward model with backbone='sft'")
 if not filecmp.cmp(tokenizer_path, os.path.join(reward_dir, "tokenizer.model"), shallow=False):
-    raise ValueError(f"{reward_dir}/tokenizer.model differs from {tokenizer_path}: the reward model must read the "
+    raise UserError(f"{reward_dir}/tokenizer.model differs from {tokenizer_path}: the reward model must read the "
                      f"policy's tokens")
 if attn_impl == "auto":
     attn_impl = "sdpa"
 model_args = dict(checkpoint["model_args"], dropout=0.0, attn_impl=attn_impl)
 critic_args = dict(reward_checkpoint["model_args"], dropout=0.0, attn_impl=attn_impl)
 if critic_args["vocab_size"] != model_args["vocab_size"]:
-    raise ValueError(f"reward model vocab_size={critic_args['vocab_size']} != policy vocab_size="
+    raise UserError(f"reward model vocab_size={critic_args['vocab_size']} != policy vocab_size="
                      f"{model_args['vocab_size']}")
 max_prompt_tokens = min(model_args["block_size"], critic_args["block_size"]) - max_new_tokens
-if master and init_from != "resume":
-    shutil.copyfile(tokenizer_path, os.path.join(out_dir, "tokenizer.model"))
 
 policy = GPT(GPTConfig(**model_args)).to(runtime.device)
 reference = GPT(GPTConfig(**model_args)).to(runtime.device)
@@ -288,8 +292,8 @@ def save(iter_num):
 
 
 # ---- the training loop
-log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), start_iter=iter_num, tensorboard=tensorboard) \
-    if master else None
+log = start_run(out_dir, runtime, init_from == "resume", iter_num, tokenizer_path,
+                tensorboard=tensorboard)  # out_dir is written from here on
 progress = tqdm(total=max_iters, initial=iter_num, disable=not master or eval_only, dynamic_ncols=True)
 stop = GracefulStop()  # Ctrl-C: finish the iteration, checkpoint, exit
 policy_step = GuardedStep(optimizer, scaler, grad_clip, runtime, dtype)  # clip; skip non-finite steps
@@ -416,3 +420,4 @@ if master and not eval_only and not stopped:
         print(f"| {key} | {before[key]:.4f} | {after[key]:.4f} |")
     print(f"[nanollm] sample completions: {os.path.join(out_dir, 'samples.txt')}")
 dist_utils.teardown(runtime)
+stop.exit_if(stopped)

@@ -14,7 +14,6 @@ Settings below are plain variables; override them with a config file and/or --ke
 import filecmp
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -24,8 +23,9 @@ from tqdm import tqdm
 
 from nanollm import distributed as dist_utils
 from nanollm.annotators import GoldAnnotator, collect_feedback, parse_temperatures
-from nanollm.checkpoint import MetricsLog, load_checkpoint, restore_training_state, save_checkpoint, unwrap
-from nanollm.configurator import configure
+from nanollm.checkpoint import (check_out_dir, load_checkpoint, restore_training_state, save_checkpoint, start_run,
+                                unwrap)
+from nanollm.configurator import UserError, check_ranges, configure
 from nanollm.optim import configure_optimizer, get_lr
 from nanollm.reward import (RewardModel, batch_loss, build_backbone, check_groups, dataset_loss, encode_groups,
                             fit_reward_bias, get_reward_batch, load_groups, pair_accuracy, pearson, prompt_key,
@@ -39,6 +39,7 @@ from nanollm.world import World
 # I/O
 out_dir = "out-rm"  # checkpoints, metrics.jsonl and a copy of the tokenizer go here
 init_from = "out-sft"  # an SFT (or pretraining) out_dir with ckpt.pt + tokenizer.model | 'resume' (out_dir/ckpt.pt)
+overwrite = False  # True: a fresh run may replace the run already in out_dir (else it refuses)
 eval_interval = 50  # held-out loss, pairwise accuracy and correlations (and checkpoint) every this many iterations
 log_interval = 10  # write a metrics.jsonl line every this many iterations
 tensorboard = False  # also write every metrics.jsonl number as TensorBoard scalars in out_dir/tensorboard/
@@ -92,6 +93,10 @@ compile = False  # torch.compile the model
 seed = 1337
 # ----------------------------------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])
+check_ranges(config, positive=("batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval"),
+             non_negative=("max_iters", "block_size", "learning_rate", "min_lr", "warmup_iters", "weight_decay",
+                           "grad_clip"), fraction=("dropout",))
+check_out_dir(out_dir, init_from == "resume", overwrite)  # nothing in out_dir changes before the loop starts
 
 # ---- setup: device, DDP, precision, seeds
 runtime = dist_utils.setup(device, backend)
@@ -102,7 +107,6 @@ demo_temperatures = ",".join(str(t) for t in parse_temperatures(demo_temperature
 lr_decay_iters = max_iters if lr_decay_iters < 0 else lr_decay_iters
 if master:
     print(f"[nanollm] device={runtime.device} dtype={dtype} world_size={runtime.world_size} loss={loss}")
-    os.makedirs(out_dir, exist_ok=True)
 ctx = dist_utils.autocast(runtime.device_type, dtype)
 
 # ---- the starting model: an SFT checkpoint, or our own reward-model checkpoint when resuming
@@ -111,7 +115,7 @@ if init_from == "resume":
     source_dir, tokenizer_path = checkpoint["config"]["init_from"], os.path.join(out_dir, "tokenizer.model")
 else:
     if checkpoint.get("stage") == "reward":
-        raise ValueError(f"init_from={init_from!r} holds a reward model; start from an SFT out_dir or use 'resume'")
+        raise UserError(f"init_from={init_from!r} holds a reward model; start from an SFT out_dir or use 'resume'")
     source_dir, tokenizer_path = init_from, os.path.join(init_from, "tokenizer.model")
     config["init_from"] = init_from
 tokenizer = Tokenizer(tokenizer_path)
@@ -126,18 +130,16 @@ elif backbone == "sft":
 else:
     trunk_checkpoint = load_checkpoint(os.path.join(backbone, "ckpt.pt"), runtime.device)
     if trunk_checkpoint["config"].get("model_type") != "bert":
-        raise ValueError(f"backbone={backbone!r}: expected 'sft' or a train_pretrain.py --model_type=bert out_dir, "
+        raise UserError(f"backbone={backbone!r}: expected 'sft' or a train_pretrain.py --model_type=bert out_dir, "
                          f"found model_type={trunk_checkpoint['config'].get('model_type', 'gpt')!r}")
     if not filecmp.cmp(os.path.join(backbone, "tokenizer.model"), tokenizer_path, shallow=False):
-        raise ValueError(f"backbone={backbone!r}: its tokenizer.model differs from {tokenizer_path}; pretrain the BERT "
+        raise UserError(f"backbone={backbone!r}: its tokenizer.model differs from {tokenizer_path}; pretrain the BERT "
                          f"on the same prepared data (--data_dir) as the SFT model's base")
     backbone_kind = "bert"
 model_args = dict(trunk_checkpoint["model_args"], dropout=dropout, attn_impl=attn_impl)
 block_size = block_size or model_args["block_size"]
 if block_size > model_args["block_size"]:
-    raise ValueError(f"block_size={block_size} exceeds the base model's block_size={model_args['block_size']}")
-if master and init_from != "resume":
-    shutil.copyfile(tokenizer_path, os.path.join(out_dir, "tokenizer.model"))
+    raise UserError(f"block_size={block_size} exceeds the base model's block_size={model_args['block_size']}")
 
 # ---- data: the demo is collected once (rank 0) and reused while its settings stay the same
 if dataset == "demo":
@@ -172,6 +174,10 @@ check_groups(train_groups, loss, "training data")
 check_groups(eval_groups, loss, "held-out data")
 train_encoded, train_truncated = encode_groups(tokenizer, train_groups, block_size)
 eval_encoded, eval_truncated = encode_groups(tokenizer, eval_groups, block_size)
+n_responses = sum(len(g.responses) for g in train_groups)
+if train_truncated * 2 > n_responses:  # an overlong prompt + response loses its beginning: most would be cut
+    raise UserError(f"block_size={block_size}: {train_truncated} of {n_responses} training prompt + response pairs do "
+                    f"not fit; raise it (0 = the base model's {model_args['block_size']})")
 items = training_items(train_groups, loss)
 # saved with the model, so that a later stage can check its held-out prompts are new to the reward model
 trained_prompts = list({prompt_key(group.prompt): group.prompt for group in train_groups}.values())
@@ -271,8 +277,8 @@ def print_length_table(rewards):
 
 
 # ---- the training loop
-log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), start_iter=iter_num, tensorboard=tensorboard) \
-    if master else None
+log = start_run(out_dir, runtime, init_from == "resume", iter_num, tokenizer_path,
+                tensorboard=tensorboard)  # out_dir is written from here on
 progress = tqdm(total=max_iters, initial=iter_num, disable=not master or eval_only, dynamic_ncols=True)
 stop = GracefulStop()  # Ctrl-C: finish the step, checkpoint, exit
 step = GuardedStep(optimizer, scaler, grad_clip, runtime, dtype)  # clip; skip non-finite steps
@@ -352,3 +358,4 @@ if not eval_only and not stopped:
         print(f"[nanollm] final: {describe(scores)}")
         print_length_table(rewards)
 dist_utils.teardown(runtime)
+stop.exit_if(stopped)

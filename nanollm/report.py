@@ -140,9 +140,12 @@ def ppo_evals(records):
 
 
 def best_gold(records):
-    """The held-out evaluation line with the highest gold score (the first one on ties)."""
+    """The evaluation line whose gold score on the validation prompts is highest (the first one on ties): the iteration
+    one would pick without looking at the test prompts it is reported on. Runs without validation prompts fall back
+    to the test prompts' gold, which then flatters the pick."""
     evals = ppo_evals(records)
-    return max(evals, key=lambda r: (r["eval_gold"], -r["iter"])) if evals else None
+    key = "val_gold" if evals and all("val_gold" in r for r in evals) else "eval_gold"
+    return max(evals, key=lambda r: (r[key], -r["iter"])) if evals else None
 
 
 def run_label(name, records):
@@ -181,7 +184,9 @@ def ppo_section(runs):
             best = best_gold(records)
             header.append(f"best gold (iteration {best['iter']})")
             columns.append(best)
-            notes[-1] += f" Best gold {best['eval_gold']:.3f} at iteration {best['iter']}."
+            chosen_on = "validation" if "val_gold" in best else "test"
+            notes[-1] += f" Best gold {best['eval_gold']:.3f} at iteration {best['iter']} (chosen on the {chosen_on} " \
+                         f"prompts)."
     text = "## PPO (RLHF)\n\nThe same fixed held-out prompts and sampling seed at every evaluation; the gold score " \
            "is the gold annotator's, which the policy never sees. The paired gain compares each prompt's mean gold " \
            "with the SFT model's on the same seeded samples.\n\n"

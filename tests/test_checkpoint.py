@@ -80,8 +80,9 @@ def test_out_dir_checks_refuse_before_any_work(tmp_path):
 
 
 def test_start_run_replaces_the_old_run_as_a_whole_and_removes_killed_saves(tmp_path):
-    run, tokenizer = tmp_path / "run", tmp_path / "new.model"
+    run, tokenizer = tmp_path / "run", tmp_path / "data" / "tokenizer.model"
     run.mkdir()
+    tokenizer.parent.mkdir()
     tokenizer.write_bytes(b"new tokenizer")
     for name, data in [("ckpt.pt", b"old"), ("metrics.jsonl", b'{"iter": 0}\n'), ("samples.txt", b"old"),
                        ("tokenizer.model", b"old tokenizer"), ("ckpt.pt.tmp.4242", b"half"), ("notes.txt", b"mine")]:

@@ -22,7 +22,8 @@ def tiny_settings(corpus):
             "--rm_args=--demo_prompts=24 --demo_k=3 --demo_max_new_tokens=8 --max_iters=5 --eval_interval=5 "
             "--batch_size=4 --warmup_iters=1 --likelihood_weight=1.0",
             "--ppo_args=--max_iters=2 --eval_interval=1 --eval_prompts=8 --eval_batch_size=8 --train_prompts=16 "
-            "--batch_size=8 --minibatch_size=4 --ppo_epochs=1 --max_new_tokens=8 --init_kl_coef=0.2",
+            "--batch_size=8 --minibatch_size=4 --ppo_epochs=1 --max_new_tokens=8 --init_kl_coef=0.2 "
+            "--validation_prompts=8",
             "--ppo_beta0_args=--max_iters=3"]
 
 
@@ -99,12 +100,36 @@ def test_an_interrupted_stage_resumes_and_the_stages_after_it_rerun(finished, tm
 
 def test_a_failing_stage_stops_the_pipeline_naming_the_stage_and_its_log(finished, tmp_path):
     settings = copy_of(finished, tmp_path)
-    settings = [s + " --no_such_setting=1" if s.startswith("--rm_args=") else s for s in settings]
+    settings = [s + " --batch_size=0" if s.startswith("--rm_args=") else s for s in settings]  # a valid int
+    settings = [s + " --max_iters=21" if s.startswith("--pretrain_args=") else s for s in settings]  # rerun all
+    rm_before = snapshot(tmp_path / "run" / "rm")
     result = run(tmp_path, settings, check=False)
     assert result.returncode != 0
-    assert "stage 'rm' (train_rm.py) failed" in result.stderr and os.path.join("run", "rm.log") in result.stderr
-    assert "unknown setting 'no_such_setting'" in open(tmp_path / "run" / "rm.log").read()
+    assert "stage 'rm' (train_rm.py) failed with exit code 2" in result.stderr
+    assert os.path.join("run", "rm.log") in result.stderr
+    assert "error: batch_size=0: must be > 0" in open(tmp_path / "run" / "rm.log").read()
     assert "[pipeline] ppo:" not in result.stdout  # nothing after the failed stage ran
+    after = snapshot(tmp_path / "run" / "rm")
+    assert {k: v for k, v in after.items() if k != MARKER} == {k: v for k, v in rm_before.items() if k != MARKER}
+    rerun = run(tmp_path, [s for s in settings if not s.startswith("--rm_args=")] + [
+        next(s for s in finished[1] if s.startswith("--rm_args="))], check=False)  # fixed: rm reruns, not resumes
+    assert "[pipeline] rm: running" in rerun.stdout, rerun.stdout[-3000:]
+
+
+def snapshot(folder):
+    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))
+            if os.path.isfile(os.path.join(folder, name))}
+
+
+def test_a_typo_in_any_stage_is_refused_before_any_stage_is_touched(finished, tmp_path):
+    settings = copy_of(finished, tmp_path)
+    before = {name: snapshot(tmp_path / "run" / name) for name in STAGE_DIRS.values()}
+    typo = [s + " --max_itres=5" if s.startswith("--pretrain_args=") else s for s in settings]
+    typo = [s + " --temperature=hot" if s.startswith("--ppo_args=") else s for s in typo]
+    result = run(tmp_path, typo, check=False)
+    assert result.returncode != 0 and "[pipeline] pretrain (train_pretrain.py)" in result.stderr
+    assert "unknown setting 'max_itres' (did you mean max_iters" in result.stderr
+    assert before == {name: snapshot(tmp_path / "run" / name) for name in STAGE_DIRS.values()}
 
 
 def test_bad_stage_arguments_are_refused_before_any_stage_runs(tmp_path):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from nanollm.report import MARKER, PLOT_NAME, best_gold, build_report, main, read_run, run_label
+from nanollm.report import MARKER, PLOT_NAME, best_gold, build_report, main, ppo_evals, read_run, run_label
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -96,7 +96,7 @@ def test_tables_show_the_hand_known_numbers(stages, tmp_path):
     assert "| KL to the SFT model (nats per response) | 0.000 | 2.000 | 0.000 | 16.000 | 4.000 |" in markdown
     assert "| response length (tokens) | 10.0 | 12.0 | 10.0 | 12.0 | 11.0 |" in markdown
     assert "| eos rate | 1.00 | 0.50 | 1.00 | 0.50 | 0.75 |" in markdown
-    assert "gold 2.000 → 2.600 (+0.600)" in markdown and "Best gold 2.900 at iteration 5." in markdown
+    assert "gold 2.000 → 2.600 (+0.600)" in markdown and "Best gold 2.900 at iteration 5 (chosen on the test" in markdown
     # wall time: each stage and the total 100 + 30.5 + 20 + 40 + 45 = 235.5
     assert "| sft | 30.5 | finished |" in markdown and "| **total** | **235.5** |" in markdown
     assert "| ppo_beta0 | 45.0 | finished (resumed after an interruption) |" in markdown
@@ -106,6 +106,13 @@ def test_best_gold_is_the_highest_held_out_gold_and_the_first_on_ties():
     records = ppo_records(0.0, [2.0, 2.5, 2.5, 2.1], [0, 0, 0, 0], [0, 0, 0, 0])
     assert best_gold(records)["iter"] == 5
     assert best_gold([{"iter": 0, "score": 1.0}]) is None
+
+
+def test_best_gold_is_chosen_on_the_validation_prompts_when_the_run_has_them():
+    records = ppo_records(0.0, [2.0, 2.9, 2.2], [0, 0, 0], [0, 0, 0])
+    for record, validation_gold in zip(ppo_evals(records), [2.0, 2.1, 2.5]):
+        record["val_gold"] = validation_gold
+    assert best_gold(records)["iter"] == 10  # not iteration 5, the best on the test prompts
 
 
 def test_run_label_reads_beta_fixed_or_adaptive():

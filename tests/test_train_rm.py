@@ -224,3 +224,17 @@ def test_always_save_checkpoint_false_ends_with_the_best_model_not_the_last(base
     encoded, _ = encode_groups(tokenizer, groups, 64)
     rewards = score_encoded(model, encoded, tokenizer.pad_id, 32, "cpu", torch.no_grad())
     assert dataset_loss(rewards, groups, "ranking") == pytest.approx(best, abs=1e-5)
+
+
+def test_a_block_size_that_cuts_most_replies_is_refused_before_training(base, scored_data, tmp_path, monkeypatch):
+    import runpy
+    import sys
+
+    from nanollm.configurator import UserError
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_rm.py")
+    monkeypatch.setattr(sys, "argv", [script] + TINY + [f"--init_from={base}", f"--out_dir={tmp_path / 'out'}",
+                                                        f"--dataset={scored_data / 'train.jsonl'}", "--block_size=2"])
+    with pytest.raises(UserError, match=r"block_size=2: (\d+) of \1 training prompt \+ response pairs do not fit"):
+        runpy.run_path(script, run_name="__main__")  # the script's own checks, in this process
+    assert not os.path.exists(tmp_path / "out")
