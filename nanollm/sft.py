@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from nanollm import records
+from nanollm.configurator import UserError
 from nanollm.data import batch_seed, list_input_files, parse_dataset
 from nanollm.metrics import accuracy, generation_metrics
 
@@ -62,26 +64,26 @@ def _text(record, key, where):
     """record[key] as a string; numbers are accepted (a label 1, a value 34) and written as text."""
     value = record[key]
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ValueError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+        raise UserError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
     return str(value)
 
 
 def _check_chat(messages, where):
     """A list of {role, content}; system only first; at least one assistant turn to learn from."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+        raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
     checked = []
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             seen = sorted(message) if isinstance(message, dict) else type(message).__name__
-            raise ValueError(f"{where}: messages[{index}] must have 'role' and 'content', saw {seen}")
+            raise UserError(f"{where}: messages[{index}] must have 'role' and 'content', saw {seen}")
         if message["role"] not in ROLES:
-            raise ValueError(f"{where}: messages[{index}]: role {message['role']!r} is not one of {ROLES}")
+            raise UserError(f"{where}: messages[{index}]: role {message['role']!r} is not one of {ROLES}")
         if message["role"] == "system" and index > 0:
-            raise ValueError(f"{where}: messages[{index}]: a system message may only come first")
+            raise UserError(f"{where}: messages[{index}]: a system message may only come first")
         checked.append({"role": message["role"], "content": _text(message, "content", f"{where}: messages[{index}]")})
     if not any(message["role"] == "assistant" for message in checked):
-        raise ValueError(f"{where}: the chat has no assistant message, so nothing to train on")
+        raise UserError(f"{where}: the chat has no assistant message, so nothing to train on")
     return checked
 
 
@@ -106,12 +108,12 @@ def _knowledge_turns(record, where):
     """{"entity", "facts": [{"fact", "value"}]} -> one question/answer pair per fact (English or Chinese)."""
     entity, facts = _text(record, "entity", where), record["facts"]
     if not isinstance(facts, list) or not facts:
-        raise ValueError(f"{where}: field 'facts' must be a non-empty list of {{fact, value}}")
+        raise UserError(f"{where}: field 'facts' must be a non-empty list of {{fact, value}}")
     turns = []
     for index, fact in enumerate(facts):
         if not isinstance(fact, dict) or "fact" not in fact or "value" not in fact:
             seen = sorted(fact) if isinstance(fact, dict) else type(fact).__name__
-            raise ValueError(f"{where}: facts[{index}] must have 'fact' and 'value', saw {seen}")
+            raise UserError(f"{where}: facts[{index}] must have 'fact' and 'value', saw {seen}")
         label, value = _text(fact, "fact", f"{where}: facts[{index}]"), _text(fact, "value", f"{where}: facts[{index}]")
         if language(entity + label) == "zh":
             question, answer = _chinese_fact_turns(entity, label, value)
@@ -128,7 +130,7 @@ def _instruction_output(record, where):
     if not isinstance(output, list):
         return _text(record, "output", where)
     if not output:
-        raise ValueError(f"{where}: field 'output' is an empty list")
+        raise UserError(f"{where}: field 'output' is an empty list")
     items = [_text({"output": item}, "output", f"{where}: output[{index}]") for index, item in enumerate(output)]
     return "\n".join(f"{number}. {item}" for number, item in enumerate(items, start=1))
 
@@ -141,7 +143,7 @@ def normalize_record(record, where="<record>"):
         messages = record if isinstance(record, list) else record["messages"]
         return [Conversation(_check_chat(messages, where), "chat", where)]
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object or a list of messages, got {type(record).__name__}")
+        raise UserError(f"{where}: expected a JSON object or a list of messages, got {type(record).__name__}")
     keys = set(record)
     if {"question", "answer"} <= keys:
         name, turns = "question_answer", [("user", _text(record, "question", where)),
@@ -161,7 +163,7 @@ def normalize_record(record, where="<record>"):
     elif {"entity", "facts"} <= keys:
         name, turns = "knowledge", _knowledge_turns(record, where)
     else:
-        raise ValueError(f"{where}: record matches no SFT format; keys seen: {sorted(keys)}; "
+        raise UserError(f"{where}: record matches no SFT format; keys seen: {sorted(keys)}; "
                          f"expected one of: {'; '.join(FORMATS)}")
     system = [{"role": "system", "content": _text(record, "system", where)}] if record.get("system") else []
     return [Conversation(system + [{"role": role, "content": content} for role, content in turns], name, where)]
@@ -180,7 +182,9 @@ def _json_array_items(text, path):
         try:
             item, position = decoder.raw_decode(text, position)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{error.lineno}: malformed JSON ({error.msg})") from None
+            raise UserError(f"{path}:{error.lineno}: malformed JSON ({error.msg})") from None
+        except RecursionError:
+            raise UserError(f"{path}:{line}: JSON nested too deeply to parse") from None
         yield line, item
 
 
@@ -188,24 +192,14 @@ def read_records(path):
     """Yield (record, "file:line") from a .jsonl file (one record per line) or a .json file (an array of records,
     one record, or one chat given as an array of {role, content})."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not valid UTF-8 ({error.reason})") from None
     if path.suffix == ".jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    yield json.loads(line), f"{path}:{number}"
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number}: malformed JSON ({error.msg}, column {error.colno})") from None
+        for number, record in records.read_jsonl(path):
+            yield record, f"{path}:{number}"
         return
+    text = "".join(line + "\n" for _, line in records.read_lines(path))  # UTF-8 checked line by line
     stripped = text.lstrip()
     if not stripped.startswith("["):
-        try:
-            yield json.loads(text), f"{path}:1"
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{error.lineno}: malformed JSON ({error.msg})") from None
+        yield records.parse_json(text, str(path)), f"{path}:1"
         return
     items = list(_json_array_items(text, path))
     if items and all(isinstance(item, dict) and "role" in item for _, item in items):
@@ -222,8 +216,11 @@ def list_sft_files(dataset):
 
 def load_conversations(dataset):
     """Every record of every file, normalized. All files are checked before any training starts."""
-    return [conversation for path in list_sft_files(dataset) for record, where in read_records(path)
-            for conversation in normalize_record(record, where)]
+    conversations = [conversation for path in list_sft_files(dataset) for record, where in read_records(path)
+                     for conversation in normalize_record(record, where)]
+    if not conversations:
+        raise UserError(f"dataset={dataset!r}: no records in {', '.join(map(str, list_sft_files(dataset)))}")
+    return conversations
 
 
 # ----------------------------------------------------------------------------- chat template -> ids + mask
@@ -232,7 +229,7 @@ def encode_content(tokenizer, text):
     "<|assistant|>" gets plain characters, never a role token: only the template can write role markers."""
     ids = [i for piece in re.split(r"(?<=<)(?=\|)", text) for i in tokenizer.encode(piece)]
     if any(i < 8 for i in ids):  # ids 0..7 are reserved (unk, pad, bos, eos, roles, mask)
-        raise ValueError(f"message text encoded to a reserved id: {text[:60]!r}")
+        raise UserError(f"message text encoded to a reserved id: {text[:60]!r}")
     return ids
 
 

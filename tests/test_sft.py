@@ -389,3 +389,18 @@ def test_the_mask_viewer_shows_every_seed_conversation(tokenizer, capsys):
                 assert f"<|assistant|>«{text}</s>»" in out
             else:
                 assert f"<|user|>{text}<|assistant|>" in out
+
+
+def test_an_empty_file_and_hostile_json_are_one_line_errors_naming_the_file(tmp_path):
+    from nanollm.configurator import UserError
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(UserError, match=r"no records in .*empty.jsonl"):
+        load_conversations(str(empty))
+    deep = "[" * 100_000 + "]" * 100_000
+    for name, text, line in (("deep.jsonl", '{"question": "q", "answer": "a"}\n' + deep + "\n", 2),
+                             ("deep.json", deep, 1), ("deep_item.json", "[\n" + deep + "\n]", 2)):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(UserError, match=rf"{name}:{line}: .*(nested too deeply|malformed)"):
+            load_conversations(str(tmp_path / name))
