@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from nanollm.configurator import UserError
 from nanollm.metrics import tokenize_for_metrics
 from nanollm.world import PROMPT_SPLITS, TEMPLATES, ZH_OPERATIONS, World, question_split
 
@@ -227,7 +228,7 @@ def preference_records(prompt, replies, ratings, data_format):
         places = sorted(set(ratings), reverse=True)
         ranking = [[r for r, s in zip(replies, ratings) if s == place] for place in places]
         return [{"prompt": prompt, "ranking": [p[0] if len(p) == 1 else p for p in ranking]}]
-    raise ValueError(f"data_format={data_format!r}: expected 'scores', 'pairwise' or 'ranked'")
+    raise UserError(f"data_format={data_format!r}: expected 'scores', 'pairwise' or 'ranked'")
 
 
 # ----------------------------------------------------------------------------- collection
@@ -235,13 +236,13 @@ def feedback_prompts(world, n_prompts, seed=0, split=None):
     """n distinct questions about the world (facts in both languages, and arithmetic), in a seeded order; split
     ('train' | 'validation' | 'test', see world.question_split) keeps that prompt set only, whatever the seed."""
     if split is not None and split not in PROMPT_SPLITS:
-        raise ValueError(f"split={split!r}: expected one of {tuple(PROMPT_SPLITS)}")
+        raise UserError(f"split={split!r}: expected one of {tuple(PROMPT_SPLITS)}")
     questions = list(dict.fromkeys(pair.question for pair in world.qa_pairs(seed)
                                    if split is None or question_split(pair) == split))
     random.Random(f"feedback:{seed}").shuffle(questions)
     if n_prompts > len(questions):
         where = f"the {split} split of the world" if split else "the world"
-        raise ValueError(f"n_prompts={n_prompts}: {where} has only {len(questions)} distinct questions")
+        raise UserError(f"n_prompts={n_prompts}: {where} has only {len(questions)} distinct questions")
     return questions[:n_prompts]
 
 
@@ -252,7 +253,7 @@ def parse_temperatures(text):
     except ValueError:
         temperatures = ()
     if not temperatures or any(t <= 0 for t in temperatures):
-        raise ValueError(f"temperatures={text!r}: expected comma-separated numbers > 0, e.g. '1.0' or '0.8,1.2'")
+        raise UserError(f"temperatures={text!r}: expected comma-separated numbers > 0, e.g. '1.0' or '0.8,1.2'")
     return temperatures
 
 

@@ -10,6 +10,7 @@ computes the cross-attention keys/values once per source.
 import torch
 import torch.nn as nn
 
+from nanollm.configurator import UserError
 from nanollm.model import (Block, Embeddings, GPTConfig, KVCache, cross_entropy_loss, final_norm, init_weights,
                            parameter_table, position_ids_for, sample_next_token, stop_finished_rows)
 from nanollm.tokenizer import BOS_ID, PAD_ID, Tokenizer
@@ -109,7 +110,7 @@ class EncoderDecoder(nn.Module):
         """
         B = src.size(0)
         if 1 + max_new_tokens > self.config.block_size:
-            raise ValueError(f"1 + max_new_tokens ({max_new_tokens}) exceeds block_size={self.config.block_size}")
+            raise UserError(f"1 + max_new_tokens ({max_new_tokens}) exceeds block_size={self.config.block_size}")
         tgt = torch.full((B, 1), start_id, dtype=torch.long, device=src.device)
         if use_cache:
             memory_kv = self.cross_keys_values(self.encode(src, src_attention_mask))  # once per source

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nanollm.configurator import MissingFileError, UserError
 from nanollm.data import (is_prepared, list_input_files, load_meta, load_tokenizer, parse_dataset, read_documents,
                           token_dtype)
 from nanollm.metrics import bits_per_byte, text_nll_and_bytes, token_byte_lengths
@@ -40,7 +41,7 @@ def load_model(path, device="cpu"):
     from nanollm.quantize import FORMAT as INT8_FORMAT, QUANTIZED_FILE, load_quantized
 
     if not os.path.exists(path):
-        raise FileNotFoundError(f"model not found: {path}")
+        raise MissingFileError(f"model not found: {path}")
     if os.path.isdir(path) and is_release(path):
         model, tokenizer = load_release(path, device)
         return model, tokenizer, "release"
@@ -79,7 +80,7 @@ def _same_tokenizer(data_tokenizer_path, tokenizer, where):
         return
     with open(data_tokenizer_path, "rb") as a, open(tokenizer.model_path, "rb") as b:
         if a.read() != b.read():
-            raise ValueError(f"{where}: its tokenizer ({data_tokenizer_path}) differs from the model's "
+            raise UserError(f"{where}: its tokenizer ({data_tokenizer_path}) differs from the model's "
                              f"({tokenizer.model_path}); perplexity over these ids would be meaningless")
 
 
@@ -99,7 +100,7 @@ def read_token_stream(source, tokenizer=None, split="val", vocab_size=None):
     if len(sources) == 1 and sources[0].endswith(".bin"):
         path = sources[0]
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"token file not found: {path}")
+            raise MissingFileError(f"token file not found: {path}")
         folder = os.path.dirname(os.path.abspath(path))
         if os.path.isfile(os.path.join(folder, "meta.json")):
             meta = load_meta(folder)
@@ -108,13 +109,13 @@ def read_token_stream(source, tokenizer=None, split="val", vocab_size=None):
         elif vocab_size is not None:
             dtype = token_dtype(vocab_size)
         else:
-            raise ValueError(f"{path}: no meta.json beside it and no vocab_size to infer the token dtype")
+            raise UserError(f"{path}: no meta.json beside it and no vocab_size to infer the token dtype")
         return torch.from_numpy(np.fromfile(path, dtype=dtype).astype(np.int64))
     if tokenizer is None:
-        raise ValueError(f"{source}: text needs the model's tokenizer, and none was found next to the model")
+        raise UserError(f"{source}: text needs the model's tokenizer, and none was found next to the model")
     documents = read_documents(list_input_files(sources))
     if not documents:
-        raise ValueError(f"{source}: no documents")
+        raise UserError(f"{source}: no documents")
     ids = [token for document in tokenizer.encode_batch(documents, bos=True, eos=True) for token in document]
     return torch.tensor(ids, dtype=torch.long)
 
@@ -129,13 +130,13 @@ def perplexity_on_tokens(model, tokens, block_size=None, batch_size=16, max_toke
     the predicted tokens that are text, over ln 2 times their UTF-8 bytes."""
     block_size = block_size or model.config.block_size
     if block_size > model.config.block_size:
-        raise ValueError(f"block_size={block_size} exceeds the model's block_size={model.config.block_size}")
+        raise UserError(f"block_size={block_size} exceeds the model's block_size={model.config.block_size}")
     if max_tokens:
         tokens = tokens[:max_tokens + 1]
     if tokens.numel() < 2:
-        raise ValueError(f"need at least 2 tokens to predict one, got {tokens.numel()}")
+        raise UserError(f"need at least 2 tokens to predict one, got {tokens.numel()}")
     if int(tokens.max()) >= model.config.vocab_size:
-        raise ValueError(f"token id {int(tokens.max())} >= the model's vocab_size={model.config.vocab_size}")
+        raise UserError(f"token id {int(tokens.max())} >= the model's vocab_size={model.config.vocab_size}")
     was_training = model.training
     model.eval()
     device = model.wte.weight.device
@@ -187,7 +188,7 @@ def sft_metrics(model, tokenizer, conversations, eval_examples=240, max_new_toke
     from nanollm.sft import encode_conversations, evaluate
 
     if tokenizer is None:
-        raise ValueError("the SFT metrics need the model's tokenizer (tokenizer.model next to the model)")
+        raise UserError("the SFT metrics need the model's tokenizer (tokenizer.model next to the model)")
     examples, _ = encode_conversations(tokenizer, conversations, model.config.block_size)
     count = min(eval_examples, len(conversations))
     chosen = [conversations[i * len(conversations) // count] for i in range(count)] if count else []

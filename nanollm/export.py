@@ -18,6 +18,8 @@ import sys
 
 import torch
 
+from nanollm.configurator import MissingFileError, UserError
+
 FORMAT = "nanollm-release"
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.model"
@@ -79,10 +81,10 @@ def export_release(model, tokenizer_path, out, source=""):
     from nanollm.tokenizer import Tokenizer
 
     if any(".parametrizations." in name for name in model.state_dict()):
-        raise ValueError("the model still holds pruning masks: call nanollm.prune.make_permanent first")
+        raise UserError("the model still holds pruning masks: call nanollm.prune.make_permanent first")
     tokenizer = Tokenizer(tokenizer_path)  # checks it is a nanollm tokenizer before anything is written
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{tokenizer_path}: {tokenizer.vocab_size} pieces, but the model has vocab_size="
+        raise UserError(f"{tokenizer_path}: {tokenizer.vocab_size} pieces, but the model has vocab_size="
                          f"{model.config.vocab_size}")
     os.makedirs(out, exist_ok=True)
     tensors, tied = untied_state_dict(model)
@@ -214,7 +216,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     tokenizer_path = os.path.join(args.ckpt_dir, TOKENIZER_FILE)
     if not os.path.isfile(tokenizer_path):
-        raise FileNotFoundError(f"{args.ckpt_dir}: no {TOKENIZER_FILE} next to the checkpoint")
+        raise MissingFileError(f"{args.ckpt_dir}: no {TOKENIZER_FILE} next to the checkpoint")
     model = GPT.from_pretrained(args.ckpt_dir)
     export_release(model, tokenizer_path, args.out, source=args.ckpt_dir)
     have_onnx = importlib.util.find_spec("onnx") is not None

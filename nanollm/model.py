@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanollm.configurator import UserError
+
 ATTN_IMPLS = ("manual", "sdpa", "triton")
 INITS = ("normal", "xavier", "he")
 NORM_POSITIONS = ("pre", "post")
@@ -43,13 +45,13 @@ class GPTConfig:
 
     def __post_init__(self):
         if self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+            raise UserError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.attn_impl not in ATTN_IMPLS:
-            raise ValueError(f"attn_impl={self.attn_impl!r}: expected one of {ATTN_IMPLS}")
+            raise UserError(f"attn_impl={self.attn_impl!r}: expected one of {ATTN_IMPLS}")
         if self.init not in INITS:
-            raise ValueError(f"init={self.init!r}: expected one of {INITS}")
+            raise UserError(f"init={self.init!r}: expected one of {INITS}")
         if self.norm_position not in NORM_POSITIONS:
-            raise ValueError(f"norm_position={self.norm_position!r}: expected one of {NORM_POSITIONS}")
+            raise UserError(f"norm_position={self.norm_position!r}: expected one of {NORM_POSITIONS}")
 
 
 class KVCache:
@@ -272,7 +274,7 @@ def position_ids_for(attention_mask, past, length, device, block_size):
     """Positions of `length` new tokens after `past` cached ones, (B or 1, T); with a padding mask (B, past+T)
     they count real tokens only, so left padding does not shift them."""
     if past + length > block_size:
-        raise ValueError(f"sequence of {past + length} tokens exceeds block_size={block_size}")
+        raise UserError(f"sequence of {past + length} tokens exceeds block_size={block_size}")
     if attention_mask is None:
         return torch.arange(past, past + length, device=device)[None, :]  # (1, T)
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + length]  # (B, T)
@@ -396,7 +398,7 @@ class GPT(nn.Module):
         if position_ids is None:
             position_ids = position_ids_for(attention_mask, past, T, idx.device, self.config.block_size)
         elif past + T > self.config.block_size:
-            raise ValueError(f"sequence of {past + T} tokens exceeds block_size={self.config.block_size}")
+            raise UserError(f"sequence of {past + T} tokens exceeds block_size={self.config.block_size}")
         x = self.drop(self.wte(idx) + self.wpe(position_ids))  # (B, T, C)
         key_padding_mask = attention_mask.bool() if attention_mask is not None else None
         for layer, block in enumerate(self.blocks):
@@ -431,7 +433,7 @@ class GPT(nn.Module):
         """Like generate, but yields each step's new tokens (B,) as soon as they are sampled (for streaming)."""
         B, T = idx.shape
         if T + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size="
+            raise UserError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size="
                              f"{self.config.block_size}")
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: positions are 0..T-1 and no layer builds a padding mask

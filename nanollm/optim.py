@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from nanollm.configurator import UserError
+
 LR_SCHEDULES = ("cosine", "poly", "constant")
 
 
@@ -30,7 +32,7 @@ def configure_optimizer(model, weight_decay, learning_rate, betas, device_type, 
 def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, schedule="cosine", power=1.0):
     """Learning rate at iteration `it`."""
     if schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule={schedule!r}: expected one of {LR_SCHEDULES}")
+        raise UserError(f"lr_schedule={schedule!r}: expected one of {LR_SCHEDULES}")
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)  # linear warmup, never exactly 0
     if schedule == "constant":

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanollm.configurator import UserError
 from nanollm.model import GPT
 from nanollm.reward import last_token_index, pad_sequences, prompt_key, response_logprob_running_mean
 from nanollm.sft import prompt_ids
@@ -67,7 +68,7 @@ def encode_prompts(tokenizer, questions, max_prompt_tokens):
         messages = [{"role": "user", "content": question}] if isinstance(question, str) else question
         ids = prompt_ids(tokenizer, messages)
         if len(ids) > max_prompt_tokens:
-            raise ValueError(f"prompt of {len(ids)} tokens leaves no room for the response (at most "
+            raise UserError(f"prompt of {len(ids)} tokens leaves no room for the response (at most "
                              f"{max_prompt_tokens}): {str(question)[:60]!r}")
         encoded.append(ids)
     return encoded

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanollm.configurator import UserError
 from nanollm.data import batch_seed
 from nanollm.sft import encode_content, list_sft_files, prompt_ids, read_records
 from nanollm.tokenizer import Tokenizer
@@ -114,7 +115,7 @@ def build_backbone(kind, model_args):
         if backbone.lm_head.bias is not None:
             backbone.lm_head.bias.requires_grad_(False)
         return backbone
-    raise ValueError(f"backbone={kind!r}: expected one of {BACKBONES}")
+    raise UserError(f"backbone={kind!r}: expected one of {BACKBONES}")
 
 
 def load_reward_model(path, device="cpu"):
@@ -123,7 +124,7 @@ def load_reward_model(path, device="cpu"):
 
     checkpoint = load_checkpoint(path, device)
     if checkpoint.get("stage") != "reward":
-        raise ValueError(f"{path}: not a reward-model checkpoint (stage={checkpoint.get('stage')!r})")
+        raise UserError(f"{path}: not a reward-model checkpoint (stage={checkpoint.get('stage')!r})")
     backbone = build_backbone(checkpoint.get("backbone", "gpt"), dict(checkpoint["model_args"], dropout=0.0))
     model = RewardModel(backbone, checkpoint.get("likelihood_weight", 0.0)).to(device)
     model.load_state_dict(checkpoint["model"])
@@ -165,7 +166,7 @@ class PromptGroup:
 
 def _string(value, where, field):
     if not isinstance(value, str):
-        raise ValueError(f"{where}: field '{field}' must be a string, got {type(value).__name__}")
+        raise UserError(f"{where}: field '{field}' must be a string, got {type(value).__name__}")
     return value
 
 
@@ -175,9 +176,9 @@ def _prompt(value, where, field):
         return [{"role": "user", "content": value}]
     if not isinstance(value, list) or not value or not all(isinstance(m, dict) and {"role", "content"} <= set(m)
                                                            for m in value):
-        raise ValueError(f"{where}: field '{field}' must be a string or a list of {{role, content}} messages")
+        raise UserError(f"{where}: field '{field}' must be a string or a list of {{role, content}} messages")
     if value[-1]["role"] != "user":
-        raise ValueError(f"{where}: field '{field}': the last message must be from the user, not {value[-1]['role']!r}")
+        raise UserError(f"{where}: field '{field}': the last message must be from the user, not {value[-1]['role']!r}")
     return [{"role": m["role"], "content": _string(m["content"], where, f"{field}.content")} for m in value]
 
 
@@ -192,20 +193,20 @@ def _pairs_from_preference(preference):
 def parse_record(record, where="<record>"):
     """One record of any reward-data format -> a PromptGroup; ValueError naming `where` for anything else."""
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
     keys = set(record)
     if {"input", "outputs"} <= keys:
         outputs = record["outputs"]
         if not isinstance(outputs, list) or not outputs:
-            raise ValueError(f"{where}: field 'outputs' must be a non-empty list of {{response, score}}")
+            raise UserError(f"{where}: field 'outputs' must be a non-empty list of {{response, score}}")
         responses, scores = [], []
         for index, output in enumerate(outputs):
             if not isinstance(output, dict) or not {"response", "score"} <= set(output):
                 seen = sorted(output) if isinstance(output, dict) else type(output).__name__
-                raise ValueError(f"{where}: outputs[{index}] must have 'response' and 'score', saw {seen}")
+                raise UserError(f"{where}: outputs[{index}] must have 'response' and 'score', saw {seen}")
             score = output["score"]
             if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
-                raise ValueError(f"{where}: outputs[{index}].score must be a finite number, got {score!r}")
+                raise UserError(f"{where}: outputs[{index}].score must be a finite number, got {score!r}")
             responses.append(_string(output["response"], where, f"outputs[{index}].response"))
             scores.append(float(score))
         pairs, ties = _pairs_from_preference(scores)
@@ -213,23 +214,23 @@ def parse_record(record, where="<record>"):
     if {"prompt", "chosen", "rejected"} <= keys:
         chosen, rejected = _string(record["chosen"], where, "chosen"), _string(record["rejected"], where, "rejected")
         if chosen == rejected:
-            raise ValueError(f"{where}: 'chosen' and 'rejected' are the same text: a tie is not a preference")
+            raise UserError(f"{where}: 'chosen' and 'rejected' are the same text: a tie is not a preference")
         return PromptGroup(_prompt(record["prompt"], where, "prompt"), [chosen, rejected], [1.0, 0.0], [(0, 1)],
                            False, where)
     if {"prompt", "ranking"} <= keys:
         ranking = record["ranking"]
         if not isinstance(ranking, list) or len(ranking) < 2:
-            raise ValueError(f"{where}: field 'ranking' must list at least 2 places, best first")
+            raise UserError(f"{where}: field 'ranking' must list at least 2 places, best first")
         responses, preference = [], []
         for place, item in enumerate(ranking):
             tied = item if isinstance(item, list) else [item]  # a list at one place = responses rated equal
             if not tied:
-                raise ValueError(f"{where}: ranking[{place}] is an empty list")
+                raise UserError(f"{where}: ranking[{place}] is an empty list")
             responses += [_string(text, where, f"ranking[{place}]") for text in tied]
             preference += [-float(place)] * len(tied)
         pairs, ties = _pairs_from_preference(preference)
         return PromptGroup(_prompt(record["prompt"], where, "prompt"), responses, preference, pairs, False, where, ties)
-    raise ValueError(f"{where}: record matches no reward-data format; keys seen: {sorted(keys)}; "
+    raise UserError(f"{where}: record matches no reward-data format; keys seen: {sorted(keys)}; "
                      f"expected one of: {'; '.join(FORMATS)}")
 
 
@@ -256,15 +257,15 @@ def split_by_prompt(groups, fraction):
 def check_groups(groups, loss, what="dataset"):
     """Raise early if the data cannot train `loss`: MSE needs scores; the others need at least one pair."""
     if loss not in LOSSES:
-        raise ValueError(f"loss={loss!r}: expected one of {LOSSES}")
+        raise UserError(f"loss={loss!r}: expected one of {LOSSES}")
     if not groups:
-        raise ValueError(f"{what}: no records")
+        raise UserError(f"{what}: no records")
     if loss == "mse":
         unscored = [g.source for g in groups if not g.has_scores]
         if unscored:
-            raise ValueError(f"{unscored[0]}: loss='mse' needs the scores format ({FORMATS[0]})")
+            raise UserError(f"{unscored[0]}: loss='mse' needs the scores format ({FORMATS[0]})")
     elif not any(g.pairs for g in groups):
-        raise ValueError(f"{what}: no pair with different scores, so nothing for loss={loss!r} to learn")
+        raise UserError(f"{what}: no pair with different scores, so nothing for loss={loss!r} to learn")
 
 
 def encode_response(tokenizer, prompt, response, block_size):
