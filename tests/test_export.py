@@ -13,6 +13,7 @@ from nanollm.export import export_onnx, export_release, load_release, onnx_max_d
 from nanollm.gpt2 import read_safetensors
 from nanollm.model import GPT, GPTConfig
 from nanollm.tokenizer import Tokenizer, train_tokenizer
+from conftest import require
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,8 +94,8 @@ def test_a_corrupted_weights_file_is_refused(tmp_path, checkpoint_dir):
 
 
 def test_onnx_export_matches_pytorch_logits_in_onnxruntime(tmp_path, checkpoint_dir):
-    pytest.importorskip("onnx")  # optional packages: pip install onnx onnxscript onnxruntime
-    pytest.importorskip("onnxruntime")
+    require("onnx")  # optional packages: pip install onnx onnxscript onnxruntime (CI: a missing one fails)
+    require("onnxruntime")
     model = GPT.from_pretrained(str(checkpoint_dir))
     export_onnx(model, str(tmp_path / "model.onnx"), seq_len=12)
     idx = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))

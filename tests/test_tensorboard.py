@@ -10,9 +10,10 @@ import torch.nn.functional as F
 
 from nanollm.checkpoint import MetricsLog, read_metrics
 from nanollm.configurator import UserError
+from conftest import require
 from script_runner import run_script
 
-pytest.importorskip("tensorboard")
+require("tensorboard")  # in the test extra; CI fails rather than skips without it
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--vocab_size=400",
