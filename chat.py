@@ -3,7 +3,7 @@
     python chat.py                                  # out-sft/ (after python train_sft.py)
     python chat.py --out_dir=out-sft --system="Answer briefly." --temperature=0.7 --top_p=0.9
 Type a message and press Enter; /reset forgets the conversation, /quit (or Ctrl-D) leaves.
-The prompt is the SFT chat template (nanollm/sft.py: prompt_ids), so the model sees what it was trained on.
+The prompt is the SFT chat template (nanollm/tokenizer.py: prompt_ids), so the model sees what it was trained on.
 """
 import os
 import sys
@@ -14,8 +14,7 @@ from nanollm.configurator import configure
 from nanollm.distributed import pick_device
 from nanollm.model import GPT
 from nanollm.sampling import check_sampling
-from nanollm.sft import prompt_ids
-from nanollm.tokenizer import Tokenizer
+from nanollm.tokenizer import Tokenizer, prompt_ids
 
 out_dir = "out-sft"  # folder holding ckpt.pt and tokenizer.model
 system = ""  # an optional system message at the start of every conversation

@@ -26,12 +26,12 @@ from nanollm.annotators import GoldAnnotator, collect_feedback, parse_temperatur
 from nanollm.checkpoint import (check_out_dir, load_checkpoint, restore_training_state, save_checkpoint, start_run,
                                 unwrap)
 from nanollm.configurator import UserError, check_ranges, configure
+from nanollm.metrics import pair_accuracy, pearson, ranking_metrics
 from nanollm.optim import configure_optimizer, get_lr
 from nanollm.reward import (RewardModel, batch_loss, build_backbone, check_groups, dataset_loss, encode_groups,
-                            fit_reward_bias, get_reward_batch, load_groups, pair_accuracy, pearson, prompt_key,
-                            ranking_metrics, score_encoded, split_by_prompt, training_items)
-from nanollm.sft import encode_content
-from nanollm.tokenizer import Tokenizer
+                            fit_reward_bias, get_reward_batch, load_groups, prompt_key, score_encoded,
+                            split_by_prompt, training_items)
+from nanollm.tokenizer import Tokenizer, encode_content
 from nanollm.training import GracefulStop, GuardedStep
 from nanollm.world import World
 

@@ -19,6 +19,7 @@ import torch
 
 from nanollm.configurator import UserError
 from nanollm.metrics import tokenize_for_metrics
+from nanollm.tokenizer import prompt_ids  # the chat template, so the model sees what it was trained on
 from nanollm.world import PROMPT_SPLITS, TEMPLATES, ZH_OPERATIONS, World, question_split
 
 DIMENSIONS = ("accuracy", "relevance", "naturalness", "conciseness")
@@ -262,8 +263,6 @@ def sample_responses(model, tokenizer, questions, k, temperatures=(1.0,), max_ne
     """K replies per question by pure sampling (no top-k/top-p): reply j at temperatures[j % len(temperatures)]
     (several temperatures give more varied replies, as Llama 2 did: Touvron et al. 2023). Prompts are repeated,
     left-padded and decoded with the KV cache; replies are cut at eos. Returns a list of K-lists of strings."""
-    from nanollm.sft import prompt_ids  # the SFT chat template, so the model sees what it was trained on
-
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)

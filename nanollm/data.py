@@ -6,7 +6,6 @@ one flat uint16/uint32 array per split, read through a memory map. Batches are a
 nanoGPT's own folders (uint16 train.bin/val.bin, with or without meta.pkl) are read as they are.
 """
 import hashlib
-import importlib
 import itertools
 import json
 import os
@@ -21,7 +20,7 @@ from tqdm import tqdm
 
 from nanollm.clean import clean_documents
 from nanollm.configurator import MissingFileError, UserError
-from nanollm import records
+from nanollm import records, world
 from nanollm.records import read_json, read_lines
 from nanollm.tokenizer import Tokenizer, train_tokenizer
 
@@ -105,15 +104,10 @@ def read_documents(files: List[Path]) -> List[str]:
     return documents
 
 
-def _world_module():
-    return importlib.import_module("nanollm.world")  # looked up at call time: written by another stage
-
-
 def source_fingerprint(sources: List[str], world_seed: int, world_documents: Optional[int]) -> dict:
     """What identifies the raw input: files (path, size, mtime) or the world generator (its code and seed)."""
     if sources == ["world"]:
-        world_file = getattr(_world_module(), "__file__", None)
-        code_hash = hashlib.sha256(Path(world_file).read_bytes()).hexdigest() if world_file else ""
+        code_hash = hashlib.sha256(Path(world.__file__).read_bytes()).hexdigest()  # a new generator, a new corpus
         return {"world_seed": world_seed, "world_documents": world_documents, "world_code": code_hash}
     files = [(str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) for path in list_input_files(sources)]
     return {"files": files}
@@ -202,7 +196,7 @@ def prepare_dataset(dataset: Union[str, Sequence[str]] = "world", data_dir: Opti
     # 1. read (bad input fails here, before any file is touched)
     if sources == ["world"]:
         size = {} if world_documents is None else {"n_documents": world_documents}
-        raw = _world_module().generate_corpus(seed=world_seed, **size)
+        raw = world.generate_corpus(seed=world_seed, **size)
         source_text = f"world(seed={world_seed})"
     else:
         files = list_input_files(sources)
@@ -435,3 +429,25 @@ def get_batch(data_dir: str, split: str, batch_size: int, block_size: int, seed:
     if torch.device(device).type == "cuda":
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
+
+
+# ----------------------------------------------------------------------------- token lists -> padded tensors
+def pad_sequences(sequences, pad_id, side="right"):
+    """Lists of ids -> (input_ids, attention_mask), both (B, T), padded on the right or the left."""
+    width = max(len(ids) for ids in sequences)
+    if side not in ("right", "left"):
+        raise ValueError(f"padding side must be 'right' or 'left', got {side!r}")
+    rows, masks = [], []
+    for ids in sequences:
+        padding = [pad_id] * (width - len(ids))
+        rows.append(ids + padding if side == "right" else padding + ids)
+        masks.append([1] * len(ids) + [0] * len(padding) if side == "right" else [0] * len(padding) + [1] * len(ids))
+    return torch.tensor(rows), torch.tensor(masks)
+
+
+def last_token_index(attention_mask):
+    """(B, T) mask -> (B,) index of each row's last real token; right and left padding alike."""
+    if bool((attention_mask.sum(-1) == 0).any()):
+        raise ValueError("a row of the batch has no real token (its attention_mask is all 0)")
+    positions = torch.arange(attention_mask.size(1), device=attention_mask.device)  # (T,)
+    return (attention_mask.long() * positions).argmax(-1)  # the largest position whose mask is 1

@@ -5,6 +5,8 @@ corpus BLEU (Papineni et al. 2002, smoothing of Lin & Och 2004),
 ROUGE-L (Lin 2004) and SQuAD token F1 (Rajpurkar et al. 2016). Every metric splits text with the one
 function `tokenize_for_metrics`, so English and Chinese are scored the same way.
 The text scores are fractions in [0, 1] (multiply by 100 for the percentages papers print).
+Rank statistics, for how well a reward model orders responses: pairwise accuracy, Pearson, Spearman's rho
+(Spearman 1904) and Kendall's tau-b (Kendall 1945).
 """
 from __future__ import annotations
 
@@ -317,3 +319,82 @@ def generation_metrics(predictions, references) -> dict:
         "rouge_l_f1": rouge_l_f1(predictions, references),
         "bleu": corpus_bleu(predictions, references, smooth=True),
     }
+
+
+# ----------------------------------------------------------------------------- rank statistics (reward models)
+def preference_pairs(preference):
+    """All (i, j) with preference[i] > preference[j]: the ordered pairs a ranking of len(preference) items implies
+    (ties make no pair)."""
+    k = len(preference)
+    return [(i, j) for i in range(k) for j in range(k) if preference[i] > preference[j]]
+
+
+def _ranks(values):
+    """Ranks 1..n with ties given their average rank (as Spearman's rho needs)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks, start = [0.0] * len(values), 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for position in range(start, end + 1):
+            ranks[order[position]] = (start + end) / 2 + 1  # the average of ranks start+1 .. end+1
+        start = end + 1
+    return ranks
+
+
+def pearson(x, y):
+    """Σ(x−x̄)(y−ȳ) / √(Σ(x−x̄)² Σ(y−ȳ)²); nan if either is constant."""
+    n = len(x)
+    mean_x, mean_y = sum(x) / n, sum(y) / n
+    covariance = sum((a - mean_x) * (b - mean_y) for a, b in zip(x, y))
+    spread = math.sqrt(sum((a - mean_x) ** 2 for a in x) * sum((b - mean_y) ** 2 for b in y))
+    return covariance / spread if spread > 0 else float("nan")
+
+
+def spearman(x, y):
+    """Spearman's rho: the Pearson correlation of the (average) ranks."""
+    return pearson(_ranks(x), _ranks(y))
+
+
+def kendall_tau(x, y):
+    """Kendall's tau-b: (concordant − discordant) / √((n0 − ties_x)(n0 − ties_y)), n0 = n(n−1)/2."""
+    concordant = discordant = ties_x = ties_y = 0
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            sign = (x[i] - x[j]) * (y[i] - y[j])
+            concordant += sign > 0
+            discordant += sign < 0
+            ties_x += x[i] == x[j]
+            ties_y += y[i] == y[j]
+    n0 = len(x) * (len(x) - 1) / 2
+    denominator = math.sqrt((n0 - ties_x) * (n0 - ties_y))
+    return (concordant - discordant) / denominator if denominator > 0 else float("nan")
+
+
+def pair_accuracy(rewards, preference, keep=None):
+    """Over groups: the fraction of pairs (preference_i > preference_j) with r_i > r_j; an equal reward counts 1/2.
+    Ties in preference make no pair; keep(g, i, j) may select pairs. Returns (accuracy, number of pairs)."""
+    correct, total = 0.0, 0
+    for g, (group_rewards, group_preference) in enumerate(zip(rewards, preference)):
+        for i, j in preference_pairs(group_preference):
+            if keep is None or keep(g, i, j):
+                total += 1
+                difference = group_rewards[i] - group_rewards[j]
+                correct += 1.0 if difference > 0 else 0.5 if difference == 0 else 0.0
+    return (correct / total if total else float("nan")), total
+
+
+def ranking_metrics(rewards, preference, prefix):
+    """Pairwise accuracy and the mean per-prompt Spearman and Kendall correlation of rewards with `preference`."""
+    accuracy, n_pairs = pair_accuracy(rewards, preference)
+    rhos = [spearman(r, p) for r, p in zip(rewards, preference) if len(set(p)) > 1]
+    taus = [kendall_tau(r, p) for r, p in zip(rewards, preference) if len(set(p)) > 1]
+    return {f"{prefix}pair_acc": accuracy, f"{prefix}pairs": n_pairs, f"{prefix}spearman": _mean(rhos),
+            f"{prefix}kendall": _mean(taus)}
+
+
+def _mean(values):
+    """Mean of the values that are not nan (a prompt whose rewards are all equal has no correlation)."""
+    values = [v for v in values if v == v]
+    return sum(values) / len(values) if values else float("nan")

@@ -15,10 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanollm.configurator import UserError
+from nanollm.data import last_token_index, pad_sequences
 from nanollm.model import GPT
-from nanollm.reward import last_token_index, pad_sequences, prompt_key, response_logprob_running_mean
-from nanollm.sft import prompt_ids
-from nanollm.tokenizer import NUM_RESERVED
+from nanollm.reward import prompt_key, response_logprob_running_mean
+from nanollm.tokenizer import NUM_RESERVED, prompt_ids
 
 KL_ESTIMATORS = ("k1", "k3")  # estimates of the VALUE of KL(π‖π_ref), both unbiased
 REWARD_KL_ESTIMATORS = ("k1",)  # the only one whose value, paid as a reward, has ∇KL as its policy gradient

@@ -14,9 +14,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanollm.configurator import UserError
-from nanollm.data import batch_seed
-from nanollm.sft import encode_content, list_sft_files, prompt_ids, read_records
-from nanollm.tokenizer import Tokenizer
+from nanollm.data import batch_seed, last_token_index, pad_sequences
+from nanollm.metrics import preference_pairs
+from nanollm.metrics import pair_accuracy, pearson, ranking_metrics  # noqa: F401  (old import path, for now)
+from nanollm.sft import list_sft_files, read_records
+from nanollm.tokenizer import Tokenizer, encode_content, prompt_ids
 
 FORMATS = ('scores: {"input", "outputs": [{"response", "score"}, ...]}', 'pairwise: {"prompt", "chosen", "rejected"}',
            'ranked: {"prompt", "ranking": [best, ..., worst]} (an item may be a list of tied responses)')
@@ -24,14 +26,6 @@ LOSSES = ("mse", "pairwise", "ranking")
 
 
 # ----------------------------------------------------------------------------- the model
-def last_token_index(attention_mask):
-    """(B, T) mask -> (B,) index of each row's last real token; right and left padding alike."""
-    if bool((attention_mask.sum(-1) == 0).any()):
-        raise ValueError("a row of the batch has no real token (its attention_mask is all 0)")
-    positions = torch.arange(attention_mask.size(1), device=attention_mask.device)  # (T,)
-    return (attention_mask.long() * positions).argmax(-1)  # the largest position whose mask is 1
-
-
 def response_logprob_running_mean(lm, hidden, idx, attention_mask):
     """(B, T): at position t, the mean over the response tokens at positions ≤ t of log p(token | everything before
     it) under lm's head (0 before the response starts). Response = the real tokens after the last <|assistant|>
@@ -185,9 +179,8 @@ def _prompt(value, where, field):
 def _pairs_from_preference(preference):
     """All (i, j) with preference[i] > preference[j], and how many pairs were skipped as ties."""
     k = len(preference)
-    pairs = [(i, j) for i in range(k) for j in range(k) if preference[i] > preference[j]]
     ties = sum(1 for i in range(k) for j in range(i + 1, k) if preference[i] == preference[j])
-    return pairs, ties
+    return preference_pairs(preference), ties
 
 
 def parse_record(record, where="<record>"):
@@ -285,19 +278,6 @@ def encode_groups(tokenizer, groups, block_size):
     return encoded, truncated
 
 
-def pad_sequences(sequences, pad_id, side="right"):
-    """Lists of ids -> (input_ids, attention_mask), both (B, T), padded on the right or the left."""
-    width = max(len(ids) for ids in sequences)
-    if side not in ("right", "left"):
-        raise ValueError(f"padding side must be 'right' or 'left', got {side!r}")
-    rows, masks = [], []
-    for ids in sequences:
-        padding = [pad_id] * (width - len(ids))
-        rows.append(ids + padding if side == "right" else padding + ids)
-        masks.append([1] * len(ids) + [0] * len(padding) if side == "right" else [0] * len(padding) + [1] * len(ids))
-    return torch.tensor(rows), torch.tensor(masks)
-
-
 @dataclass
 class RewardBatch:
     input_ids: torch.Tensor  # (N, T) every response forwarded once
@@ -383,77 +363,6 @@ def score_encoded(model, encoded, pad_id, batch_size, device, ctx):
         out.append(rewards[start:start + len(group)])
         start += len(group)
     return out
-
-
-def _ranks(values):
-    """Ranks 1..n with ties given their average rank (as Spearman's rho needs)."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks, start = [0.0] * len(values), 0
-    while start < len(order):
-        end = start
-        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
-            end += 1
-        for position in range(start, end + 1):
-            ranks[order[position]] = (start + end) / 2 + 1  # the average of ranks start+1 .. end+1
-        start = end + 1
-    return ranks
-
-
-def pearson(x, y):
-    """Σ(x−x̄)(y−ȳ) / √(Σ(x−x̄)² Σ(y−ȳ)²); nan if either is constant."""
-    n = len(x)
-    mean_x, mean_y = sum(x) / n, sum(y) / n
-    covariance = sum((a - mean_x) * (b - mean_y) for a, b in zip(x, y))
-    spread = math.sqrt(sum((a - mean_x) ** 2 for a in x) * sum((b - mean_y) ** 2 for b in y))
-    return covariance / spread if spread > 0 else float("nan")
-
-
-def spearman(x, y):
-    """Spearman's rho: the Pearson correlation of the (average) ranks."""
-    return pearson(_ranks(x), _ranks(y))
-
-
-def kendall_tau(x, y):
-    """Kendall's tau-b: (concordant − discordant) / √((n0 − ties_x)(n0 − ties_y)), n0 = n(n−1)/2."""
-    concordant = discordant = ties_x = ties_y = 0
-    for i in range(len(x)):
-        for j in range(i + 1, len(x)):
-            sign = (x[i] - x[j]) * (y[i] - y[j])
-            concordant += sign > 0
-            discordant += sign < 0
-            ties_x += x[i] == x[j]
-            ties_y += y[i] == y[j]
-    n0 = len(x) * (len(x) - 1) / 2
-    denominator = math.sqrt((n0 - ties_x) * (n0 - ties_y))
-    return (concordant - discordant) / denominator if denominator > 0 else float("nan")
-
-
-def pair_accuracy(rewards, preference, keep=None):
-    """Over groups: the fraction of pairs (preference_i > preference_j) with r_i > r_j; an equal reward counts 1/2.
-    Ties in preference make no pair; keep(g, i, j) may select pairs. Returns (accuracy, number of pairs)."""
-    correct, total = 0.0, 0
-    for g, (group_rewards, group_preference) in enumerate(zip(rewards, preference)):
-        for i, j in _pairs_from_preference(group_preference)[0]:
-            if keep is None or keep(g, i, j):
-                total += 1
-                difference = group_rewards[i] - group_rewards[j]
-                correct += 1.0 if difference > 0 else 0.5 if difference == 0 else 0.0
-    return (correct / total if total else float("nan")), total
-
-
-def ranking_metrics(rewards, preference, prefix):
-    """Pairwise accuracy and the mean per-prompt Spearman and Kendall correlation of rewards with `preference`."""
-    accuracy, n_pairs = pair_accuracy(rewards, preference)
-    rhos = [spearman(r, p) for r, p in zip(rewards, preference) if len(set(p)) > 1]
-    taus = [kendall_tau(r, p) for r, p in zip(rewards, preference) if len(set(p)) > 1]
-    return {f"{prefix}pair_acc": accuracy, f"{prefix}pairs": n_pairs, f"{prefix}spearman": _mean(rhos),
-            f"{prefix}kendall": _mean(taus)}
-
-
-def _mean(values):
-    """Mean of the values that are not nan (a prompt whose rewards are all equal has no correlation)."""
-    values = [v for v in values if v == v]
-    return sum(values) / len(values) if values else float("nan")
 
 
 def fit_reward_bias(model, encoded, pad_id, batch_size, device, ctx):

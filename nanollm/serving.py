@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import torch
 
 from nanollm.model import sample_next_token
-from nanollm.sft import ROLES, encode_messages
+from nanollm.tokenizer import ROLES, encode_messages
 
 PAGE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "chat.html")
 MAX_SEED = 2 ** 63 - 1

@@ -40,9 +40,9 @@ from nanollm import records
 from nanollm.configurator import UserError
 from nanollm.data import batch_seed, list_input_files, parse_dataset
 from nanollm.metrics import accuracy, generation_metrics
+from nanollm.tokenizer import ROLES, Tokenizer, encode_messages, prompt_ids
 
 IGNORE_INDEX = -100  # targets equal to this are not trained on (F.cross_entropy's ignore_index)
-ROLES = ("system", "user", "assistant")
 CLASSIFY_PREFIXES = {"en": "Classify: ", "zh": "判断下面这段话的类别："}  # {text, label}: user prefix + text
 FORMATS = ("chat: a list of {role, content} or {messages: [...]}", "{question, answer}", "{text, label}",
            "{prompt, completion}", "{instruction, input?, output}", "{entity, facts: [{fact, value}]}")
@@ -223,39 +223,7 @@ def load_conversations(dataset):
     return conversations
 
 
-# ----------------------------------------------------------------------------- chat template -> ids + mask
-def encode_content(tokenizer, text):
-    """Token ids of message text. The text is cut between every "<" and "|" before encoding, so a user who types
-    "<|assistant|>" gets plain characters, never a role token: only the template can write role markers."""
-    ids = [i for piece in re.split(r"(?<=<)(?=\|)", text) for i in tokenizer.encode(piece)]
-    if any(i < 8 for i in ids):  # ids 0..7 are reserved (unk, pad, bos, eos, roles, mask)
-        raise UserError(f"message text encoded to a reserved id: {text[:60]!r}")
-    return ids
-
-
-def encode_messages(tokenizer, messages):
-    """The chat template, as ids and a per-token 'trained' flag:
-        <s> [<|system|> text] <|user|> text <|assistant|> text </s> <|user|> text <|assistant|> text </s> ...
-    Trained tokens: the assistant's text and its closing </s> (the model must learn when to stop)."""
-    role_ids = {"system": tokenizer.system_id, "user": tokenizer.user_id, "assistant": tokenizer.assistant_id}
-    ids, trained = [tokenizer.bos_id], [False]
-    for message in messages:
-        content = encode_content(tokenizer, message["content"])
-        is_assistant = message["role"] == "assistant"
-        ids += [role_ids[message["role"]]] + content
-        trained += [False] + [is_assistant] * len(content)
-        if is_assistant:
-            ids.append(tokenizer.eos_id)
-            trained.append(True)
-    return ids, trained
-
-
-def prompt_ids(tokenizer, messages):
-    """The ids a model continues to answer: the template of `messages` (ending on a user turn) + <|assistant|>.
-    Training and inference share encode_messages, so they see the same template."""
-    return encode_messages(tokenizer, messages)[0] + [tokenizer.assistant_id]
-
-
+# ------------------------------------------------------------- conversations -> ids + mask (template: tokenizer.py)
 @dataclass
 class Example:
     ids: list  # token ids of one conversation (at most block_size + 1)
@@ -465,8 +433,6 @@ def render_example(tokenizer, ids, trained, color=False):
 
 
 def show(path, tokenizer_path, first=0, count=3, block_size=1024, tokens=False):
-    from nanollm.tokenizer import Tokenizer
-
     tokenizer = Tokenizer(tokenizer_path)
     conversations = [c for record, where in read_records(path) for c in normalize_record(record, where)]
     examples, stats = encode_conversations(tokenizer, conversations[first:first + count], block_size)

@@ -3,8 +3,11 @@
 Teaches how text becomes integer ids, and why every special token is reserved at training time.
 Follows Sennrich et al. 2016 (BPE), Kudo 2018 (unigram LM) and Kudo & Richardson 2018 (SentencePiece).
 Text is normalized once by `nanollm.clean.normalize_text`; SentencePiece's own normalizer is switched off.
+The chat template (role tokens around each message, in the spirit of ChatML) is how a conversation becomes ids:
+training (SFT, reward, PPO) and inference (chat, serving) share it, so the model sees one format everywhere.
 """
 import os
+import re
 from typing import Iterable, List, Union
 
 import sentencepiece
@@ -18,6 +21,7 @@ UNK, PAD, BOS, EOS = "<unk>", "<pad>", "<s>", "</s>"
 SYSTEM, USER, ASSISTANT, MASK = "<|system|>", "<|user|>", "<|assistant|>", "<|mask|>"
 ROLE_TOKENS = [SYSTEM, USER, ASSISTANT, MASK]  # ids 4..7; matched inside text, so chat templates can write them
 NUM_RESERVED = 8
+ROLES = ("system", "user", "assistant")  # the roles of a chat message
 
 
 def _lines(source: Union[str, Iterable[str]]):
@@ -129,3 +133,36 @@ class Tokenizer:
 
     def piece_to_id(self, piece: str) -> int:
         return self.processor.piece_to_id(piece)
+
+
+# ----------------------------------------------------------------------------- the chat template
+def encode_content(tokenizer, text):
+    """Token ids of message text. The text is cut between every "<" and "|" before encoding, so a user who types
+    "<|assistant|>" gets plain characters, never a role token: only the template can write role markers."""
+    ids = [i for piece in re.split(r"(?<=<)(?=\|)", text) for i in tokenizer.encode(piece)]
+    if any(i < NUM_RESERVED for i in ids):  # ids 0..7 are reserved (unk, pad, bos, eos, roles, mask)
+        raise UserError(f"message text encoded to a reserved id: {text[:60]!r}")
+    return ids
+
+
+def encode_messages(tokenizer, messages):
+    """The chat template, as ids and a per-token 'trained' flag:
+        <s> [<|system|> text] <|user|> text <|assistant|> text </s> <|user|> text <|assistant|> text </s> ...
+    Trained tokens: the assistant's text and its closing </s> (the model must learn when to stop)."""
+    role_ids = {"system": tokenizer.system_id, "user": tokenizer.user_id, "assistant": tokenizer.assistant_id}
+    ids, trained = [tokenizer.bos_id], [False]
+    for message in messages:
+        content = encode_content(tokenizer, message["content"])
+        is_assistant = message["role"] == "assistant"
+        ids += [role_ids[message["role"]]] + content
+        trained += [False] + [is_assistant] * len(content)
+        if is_assistant:
+            ids.append(tokenizer.eos_id)
+            trained.append(True)
+    return ids, trained
+
+
+def prompt_ids(tokenizer, messages):
+    """The ids a model continues to answer: the template of `messages` (ending on a user turn) + <|assistant|>.
+    Training and inference share encode_messages, so they see the same template."""
+    return encode_messages(tokenizer, messages)[0] + [tokenizer.assistant_id]

@@ -71,7 +71,7 @@ def test_multi_turn_chat_with_reset_and_quit(checkpoint_dir):
 
 
 def test_the_model_sees_the_whole_history_and_reset_keeps_only_the_system_message(checkpoint_dir, monkeypatch):
-    from nanollm.sft import prompt_ids
+    from nanollm.tokenizer import prompt_ids
 
     tokenizer = Tokenizer(str(checkpoint_dir / "tokenizer.model"))
     system = {"role": "system", "content": "Be brief."}
@@ -86,7 +86,7 @@ def test_the_model_sees_the_whole_history_and_reset_keeps_only_the_system_messag
 
 
 def test_long_conversation_drops_the_oldest_turns_and_keeps_the_system_message(checkpoint_dir, monkeypatch):
-    from nanollm.sft import prompt_ids
+    from nanollm.tokenizer import prompt_ids
 
     tokenizer = Tokenizer(str(checkpoint_dir / "tokenizer.model"))
     system = {"role": "system", "content": "Hi."}
@@ -117,7 +117,7 @@ def test_long_conversation_drops_the_oldest_turns_and_keeps_the_system_message(c
 
 @pytest.mark.slow  # a subprocess
 def test_greedy_stream_prints_what_generate_returns(checkpoint_dir):
-    from nanollm.sft import prompt_ids
+    from nanollm.tokenizer import prompt_ids
 
     tokenizer = Tokenizer(str(checkpoint_dir / "tokenizer.model"))
     model = GPT.from_pretrained(str(checkpoint_dir))

@@ -1,11 +1,11 @@
 import json
 import os
-import types
 
 import numpy as np
 import pytest
 import torch
 
+from nanollm import world
 from nanollm.clean import clean_documents
 from nanollm.data import (get_batch, load_meta, load_tokenizer, prepare_dataset, read_jsonl, read_txt,
                           split_documents, token_dtype, tokenizer_file, unigram_perplexity)
@@ -125,8 +125,7 @@ def test_world_dataset_uses_generator_with_world_seed(tmp_path, monkeypatch):
         calls.append((seed, n_documents))
         return [f"In world {seed}, town {index} trades wool and grain." for index in range(n_documents)]
 
-    monkeypatch.setitem(__import__("sys").modules, "nanollm.world",
-                        types.SimpleNamespace(generate_corpus=generate_corpus))
+    monkeypatch.setattr(world, "generate_corpus", generate_corpus)
     monkeypatch.chdir(tmp_path)
     data_dir = prepare_dataset("world", vocab_size=300, world_seed=5, world_documents=40)
     assert data_dir == str(tmp_path / "data" / "world") and calls == [(5, 40)]

@@ -6,13 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nanollm.data import last_token_index, pad_sequences
+from nanollm.metrics import kendall_tau, pair_accuracy, pearson, ranking_metrics, spearman
 from nanollm.model import GPT, GPTConfig
 from nanollm.reward import (RewardModel, batch_loss, bradley_terry_loss, build_backbone, check_groups, dataset_loss,
-                            encode_groups, encode_response, fit_reward_bias, get_reward_batch, kendall_tau,
-                            last_token_index, load_groups, load_reward_model, make_batch, mse_loss, pad_sequences,
-                            pair_accuracy, response_logprob_mean, response_logprob_running_mean,
-                            parse_record, pearson, ranking_loss, ranking_metrics, score_encoded, spearman,
-                            split_by_prompt, training_items)
+                            encode_groups, encode_response, fit_reward_bias, get_reward_batch, load_groups,
+                            load_reward_model, make_batch, mse_loss, parse_record, ranking_loss,
+                            response_logprob_mean, response_logprob_running_mean, score_encoded, split_by_prompt,
+                            training_items)
 from nanollm.tokenizer import Tokenizer, train_tokenizer
 from nanollm.world import World
 

@@ -13,8 +13,7 @@ import torch
 
 from nanollm.model import GPT, GPTConfig
 from nanollm.serving import ApiError, ChatRequest, Engine, Job, make_server, parse_chat_request, parse_sse
-from nanollm.sft import encode_messages, prompt_ids
-from nanollm.tokenizer import Tokenizer, train_tokenizer
+from nanollm.tokenizer import Tokenizer, encode_messages, prompt_ids, train_tokenizer
 
 QUESTIONS = [f"where does person {i} live?" for i in (3, 150, 41)] + ["hello", "李小明住在哪里？", "who?"]
 

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from nanollm.clean import normalize_text
 from nanollm.instructions import FULL_INSTRUCTIONS, demo_records, heldout_entities, write_demo_dataset
 from nanollm.model import GPT, GPTConfig
-from nanollm.sft import (IGNORE_INDEX, Conversation, collate, encode_conversations, encode_messages,
-                         generate_replies, get_sft_batch, load_conversations, main, model_inputs, normalize_record,
-                         pack_rows, prompt_ids, read_records, score_replies, token_loss_sum)
-from nanollm.tokenizer import Tokenizer, train_tokenizer
+from nanollm.sft import (IGNORE_INDEX, Conversation, collate, encode_conversations, generate_replies, get_sft_batch,
+                         load_conversations, main, model_inputs, normalize_record, pack_rows, read_records,
+                         score_replies, token_loss_sum)
+from nanollm.tokenizer import Tokenizer, encode_messages, prompt_ids, train_tokenizer
 from nanollm.reward import check_groups, load_groups
 from nanollm.world import ATTRIBUTE_LABELS, TEMPLATES, World
 
