@@ -5,18 +5,17 @@
 Type a message and press Enter; /reset forgets the conversation, /quit (or Ctrl-D) leaves.
 The prompt is the SFT chat template (nanollm/tokenizer.py: prompt_ids), so the model sees what it was trained on.
 """
-import os
 import sys
 
 import torch
 
-from nanollm.configurator import configure
+from nanollm.configurator import UserError, configure
 from nanollm.distributed import pick_device
-from nanollm.model import GPT
+from nanollm.loader import load_model
 from nanollm.sampling import check_sampling
 from nanollm.tokenizer import Tokenizer, prompt_ids
 
-out_dir = "out-sft"  # folder holding ckpt.pt and tokenizer.model
+out_dir = "out-sft"  # folder holding ckpt.pt and tokenizer.model (or a release folder, an int8 model)
 system = ""  # an optional system message at the start of every conversation
 max_new_tokens = 100
 temperature = 0.7  # 0 = greedy
@@ -28,8 +27,9 @@ configure(globals(), sys.argv[1:])  # from here on a UserError prints one line a
 check_sampling(temperature, top_k, top_p, max_new_tokens)
 
 device = pick_device(device)
-model = GPT.from_pretrained(out_dir).to(device).eval()
-tokenizer = Tokenizer(os.path.join(out_dir, "tokenizer.model"))
+model, tokenizer, _, _ = load_model(out_dir, device)
+if not isinstance(tokenizer, Tokenizer):
+    raise UserError(f"out_dir={out_dir!r}: no tokenizer.model beside the model (the chat template needs it)")
 torch.manual_seed(seed)
 
 

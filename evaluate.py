@@ -16,8 +16,9 @@ import torch
 
 from nanollm.configurator import configure
 from nanollm.distributed import pick_device
-from nanollm.evaluation import (byte_lengths_next_to, count_parameters, format_table, load_model, load_questions,
+from nanollm.evaluation import (byte_lengths_next_to, count_parameters, format_table, load_questions,
                                 perplexity_on_tokens, read_token_stream, sft_metrics)
+from nanollm.loader import load_model
 
 # ------------------------------------------------------------------------------------------ settings
 model = "out-sft"  # comma-separated models, one table column each
@@ -48,7 +49,7 @@ conversations = load_questions(questions, world_seed) if questions else []  # ba
 columns, rows = {}, ["kind", "parameters"]
 for path in paths:
     t0 = time.time()
-    net, tokenizer, kind = load_model(path, device)
+    net, tokenizer, kind, _ = load_model(path, device)
     values = {"kind": kind, "parameters": count_parameters(net)}
     if text:
         tokens = read_token_stream(text, tokenizer, split, net.config.vocab_size)

@@ -9,9 +9,8 @@ import sys
 import torch
 
 from nanollm.configurator import UserError, configure
-from nanollm.data import load_tokenizer
 from nanollm.distributed import pick_device
-from nanollm.model import GPT
+from nanollm.loader import load_model
 from nanollm.sampling import check_sampling
 
 out_dir = "out"  # folder holding ckpt.pt and tokenizer.model (or a nanoGPT meta.pkl)
@@ -28,12 +27,11 @@ check_sampling(temperature, top_k, top_p, max_new_tokens, num_samples)
 
 if not os.path.isdir(out_dir):
     raise UserError(f"out_dir={out_dir!r}: no such folder")
-tokenizer = load_tokenizer(out_dir)  # tokenizer.model, or nanoGPT's character vocabulary (meta.pkl)
-if tokenizer is None:
+device = pick_device(device)
+model, tokenizer, _, _ = load_model(out_dir, device)  # any checkpoint, release, int8 file or GPT-2 folder
+if tokenizer is None:  # tokenizer.model, or nanoGPT's character vocabulary (meta.pkl), beside the model
     raise UserError(f"out_dir={out_dir!r} has no tokenizer.model or meta.pkl: sampling needs the tokenizer the "
                     f"model was trained with (nanoGPT's GPT-2 token files come without one)")
-device = pick_device(device)
-model = GPT.from_pretrained(out_dir).to(device).eval()  # our ckpt.pt (pretraining or SFT) or a GPT-2 folder
 
 torch.manual_seed(seed)
 ids = torch.tensor([tokenizer.encode(prompt, bos=True)], device=device).repeat(num_samples, 1)

@@ -14,9 +14,9 @@ import sys
 
 import torch
 
-from nanollm.configurator import configure
+from nanollm.configurator import UserError, configure
 from nanollm.distributed import pick_device
-from nanollm.model import GPT
+from nanollm.loader import load_model
 from nanollm.serving import Engine, make_server
 from nanollm.tokenizer import Tokenizer
 
@@ -40,8 +40,9 @@ if read_timeout <= 0:
 
 torch.manual_seed(seed)
 device = pick_device(device)
-model = GPT.from_pretrained(ckpt_dir).to(device)
-tokenizer = Tokenizer(os.path.join(ckpt_dir, "tokenizer.model"))
+model, tokenizer, _, _ = load_model(ckpt_dir, device)
+if not isinstance(tokenizer, Tokenizer):
+    raise UserError(f"ckpt_dir={ckpt_dir!r}: no tokenizer.model beside the model (the chat template needs it)")
 name = model_name or os.path.basename(os.path.abspath(ckpt_dir))
 engine = Engine(model, tokenizer, name, max_batch=max_batch, default_max_tokens=default_max_tokens,
                 truncate_history=truncate_history, max_queue=max_queue)

@@ -27,13 +27,13 @@ from nanollm.checkpoint import (check_out_dir, load_checkpoint, read_metrics, re
                                 start_run)
 from nanollm.configurator import UserError, check_ranges, configure
 from nanollm.data import batch_seed
+from nanollm.loader import load_model
 from nanollm.model import GPT, GPTConfig
 from nanollm.optim import configure_optimizer
 from nanollm.ppo import (REWARD_KL_ESTIMATORS, AdaptiveKLController, Critic, FixedKLController, decode_responses,
                          encode_prompts, explained_variance, kl_estimate, leave_one_out, make_experience, mean,
                          minibatches, ppo_losses, prompts_in, reward_scores, rollout, score_rollout, select,
                          sequence_sum, shape_scores)
-from nanollm.reward import load_reward_model
 from nanollm.tokenizer import Tokenizer
 from nanollm.training import GracefulStop, GuardedStep
 from nanollm.world import World
@@ -159,7 +159,7 @@ else:
     sft_checkpoint = checkpoint
 config.update(init_from=sft_dir, reward_model=reward_dir)  # what a resumed run reloads
 tokenizer = Tokenizer(tokenizer_path)
-reward_net, reward_checkpoint = load_reward_model(os.path.join(reward_dir, "ckpt.pt"), runtime.device)
+reward_net, _, _, reward_checkpoint = load_model(os.path.join(reward_dir, "ckpt.pt"), runtime.device, kinds=("reward",))
 reward_net.requires_grad_(False)
 # held out means held out: the reward model must not have trained on a validation or test prompt
 if "trained_prompts" not in reward_checkpoint:

@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import nanollm.quantize as quantize  # noqa: E402
 from nanollm.configurator import configure  # noqa: E402
-from nanollm.evaluation import load_model, perplexity_on_tokens, read_token_stream  # noqa: E402
+from nanollm.evaluation import perplexity_on_tokens, read_token_stream  # noqa: E402
+from nanollm.loader import load_model  # noqa: E402
 from nanollm.prune import finetune, magnitude_prune, sparsity_report  # noqa: E402
 
 ckpt_dir = "out"  # the model to compress (a checkpoint folder)
@@ -45,7 +46,7 @@ if not os.path.isfile(os.path.join(ckpt_dir, "ckpt.pt")):
 if threads:
     torch.set_num_threads(threads)
 t_start = time.time()
-base, tokenizer, _ = load_model(ckpt_dir)
+base, tokenizer, _, _ = load_model(ckpt_dir)
 tokens = read_token_stream(data_dir, tokenizer, split)
 prompt = torch.tensor([tokenizer.encode(gen_prompt, bos=True)])  # (1, T)
 gen_tokens = min(gen_tokens, base.config.block_size - prompt.size(1))
@@ -73,7 +74,7 @@ with tempfile.TemporaryDirectory() as folder:
     quantized = copy.deepcopy(base)
     names = quantize.quantize_model(quantized)
     quantize.save_quantized(quantized, int8_path)
-    int8 = quantize.load_quantized(int8_path)  # what a fresh process would load
+    int8 = load_model(int8_path).model  # what a fresh process would load
     int8_size = os.path.getsize(int8_path) / 1e6
 rows["int8 ours, reference matmul"] = {"size": int8_size, "model": int8, "path": "reference"}
 rows["int8 ours, _weight_int8pack_mm"] = {"size": int8_size, "model": int8, "path": "int8pack"}

@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from nanollm.configurator import UserError
+from nanollm.configurator import MissingFileError, UserError
+from nanollm.loader import load_model
 from nanollm.metrics import tokenize_for_metrics
 from nanollm.tokenizer import prompt_ids  # the chat template, so the model sees what it was trained on
 from nanollm.world import PROMPT_SPLITS, TEMPLATES, ZH_OPERATIONS, World, question_split
@@ -336,14 +337,9 @@ def collect_feedback(checkpoint_dir, out_dir, n_prompts=800, k=8, temperatures="
     """Sample, judge, label, write out_dir/{train,heldout}.jsonl (the labels), gold.jsonl (the truth, for reading
     and evaluation) and meta.json (settings and statistics). Training prompts come from the world's train split,
     held-out ones from its validation split (world.question_split). Returns meta."""
-    from nanollm.checkpoint import load_checkpoint
-    from nanollm.model import GPT, GPTConfig
-    from nanollm.tokenizer import Tokenizer
-
-    checkpoint = load_checkpoint(os.path.join(checkpoint_dir, "ckpt.pt"), device)
-    model = GPT(GPTConfig(**dict(checkpoint["model_args"], dropout=0.0))).to(device)
-    model.load_state_dict(checkpoint["model"])
-    tokenizer = Tokenizer(os.path.join(checkpoint_dir, "tokenizer.model"))
+    model, tokenizer, _, checkpoint = load_model(checkpoint_dir, device)
+    if tokenizer is None:
+        raise MissingFileError(f"{checkpoint_dir}: no tokenizer.model beside the model")
     world = World(world_seed)
     n_heldout = round(n_prompts * heldout_fraction)  # annotate() holds out the first n_heldout prompts
     questions = feedback_prompts(world, n_heldout, seed, "validation") + \
@@ -356,7 +352,7 @@ def collect_feedback(checkpoint_dir, out_dir, n_prompts=800, k=8, temperatures="
     for name in ("train", "heldout", "gold"):
         _write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), out[name])
     overall = [r["overall"] for record in out["gold"] for r in record["replies"]]
-    meta = {"checkpoint": os.path.abspath(checkpoint_dir), "checkpoint_iter": checkpoint["iter_num"],
+    meta = {"checkpoint": os.path.abspath(checkpoint_dir), "checkpoint_iter": (checkpoint or {}).get("iter_num"),
             "n_prompts": n_prompts, "k": k, "temperatures": str(temperatures), "max_new_tokens": max_new_tokens,
             "heldout_fraction": heldout_fraction, "n_labelers": n_labelers, "noise": noise,
             "length_bias": length_bias, "data_format": data_format, "seed": seed, "world_seed": world_seed,

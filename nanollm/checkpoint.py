@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from nanollm.configurator import MissingFileError, UserError
+from nanollm.model import architecture_args
 
 TENSORBOARD_DIR = "tensorboard"  # event files of MetricsLog(tensorboard=True), under out_dir
 RUN_FILES = ("ckpt.pt", "metrics.jsonl", "samples.txt", "tokenizer.model", "meta.pkl")  # what a run writes in out_dir
@@ -75,7 +76,8 @@ def gather_rng_states(runtime):
 
 
 def save_checkpoint(path, runtime, model, optimizer, scaler, iter_num, best_val_loss, config, model_args, **extra):
-    """Every rank calls this (RNG states are gathered from all); rank 0 writes the file."""
+    """Every rank calls this (RNG states are gathered from all); rank 0 writes the file. model_args is saved
+    without its runtime fields (attn_impl, dropout): those are chosen again by whoever loads the checkpoint."""
     rng_states = gather_rng_states(runtime)
     if not runtime.is_master:
         return
@@ -86,7 +88,7 @@ def save_checkpoint(path, runtime, model, optimizer, scaler, iter_num, best_val_
         "iter_num": iter_num,
         "best_val_loss": best_val_loss,
         "config": config,
-        "model_args": model_args,
+        "model_args": architecture_args(model_args),
         "rng_states": rng_states,
         **extra,
     }, path)

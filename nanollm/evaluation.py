@@ -4,8 +4,7 @@ Teaches what perplexity measures, PPL = exp(-(1/N) Σ_t log p(x_t | x_<t)), and 
 is cut into windows: here the stream is cut into non-overlapping windows of block_size tokens, so every token is
 predicted exactly once, from the context since its window began (a sliding window gives a lower number at more cost).
 Bits per byte (the NLL over the UTF-8 bytes of the text) does not depend on the tokenizer, so it compares models
-with different vocabularies. One loader accepts every model file the course writes: checkpoint folders, release
-folders, int8 files.
+with different vocabularies. Models are opened by nanollm.loader, which accepts every model file the course writes.
 """
 import os
 
@@ -22,39 +21,6 @@ HELDOUT = "heldout"  # the questions setting that names the built-in held-out SF
 
 
 # ----------------------------------------------------------------------------- models
-def _tokenizer_next_to(path):
-    from nanollm.tokenizer import Tokenizer
-
-    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    candidate = os.path.join(folder, "tokenizer.model")
-    return Tokenizer(candidate) if os.path.isfile(candidate) else None
-
-
-def load_model(path, device="cpu"):
-    """(model, tokenizer or None, kind) from any of:
-    a release folder (config.json, nanollm/export.py) | an int8 file or a folder holding model_int8.pt
-    (nanollm/quantize.py) | a checkpoint folder or ckpt.pt (training, nanollm/prune.py) | a Hugging Face GPT-2 folder.
-    The tokenizer is the tokenizer.model in the same folder (None if there is none)."""
-    from nanollm.checkpoint import load_checkpoint
-    from nanollm.export import is_release, load_release
-    from nanollm.model import GPT
-    from nanollm.quantize import FORMAT as INT8_FORMAT, QUANTIZED_FILE, load_quantized
-
-    if not os.path.exists(path):
-        raise MissingFileError(f"model not found: {path}")
-    if os.path.isdir(path) and is_release(path):
-        model, tokenizer = load_release(path, device)
-        return model, tokenizer, "release"
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, QUANTIZED_FILE)):
-        return load_quantized(os.path.join(path, QUANTIZED_FILE), device), _tokenizer_next_to(path), "int8"
-    if os.path.isfile(path):
-        payload = load_checkpoint(path, keys=("model_args",))
-        if isinstance(payload, dict) and payload.get("format") == INT8_FORMAT:
-            return load_quantized(path, device, payload=payload), _tokenizer_next_to(path), "int8"
-    model = GPT.from_pretrained(path).to(device).eval()  # our ckpt.pt (or folder), or a GPT-2 folder
-    return model, _tokenizer_next_to(path), "checkpoint"
-
-
 def byte_lengths_next_to(path, tokenizer):
     """(V,) UTF-8 bytes per token id, for bits per byte: from the model's tokenizer, else from nanoGPT's meta.pkl
     characters in the model's folder; None when neither is there (bits per byte is then not reported)."""

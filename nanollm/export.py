@@ -8,7 +8,6 @@ nanollm/gpt2.py), and export to ONNX through torch.onnx, checked against onnxrun
 """
 import argparse
 import copy
-import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -19,6 +18,8 @@ import sys
 import torch
 
 from nanollm.configurator import MissingFileError, UserError
+from nanollm.model import architecture_args
+from nanollm.tokenizer import Tokenizer
 
 FORMAT = "nanollm-release"
 FORMAT_VERSION = 1
@@ -53,7 +54,7 @@ def write_safetensors(tensors, path):
             f.write(data)
 
 
-def _sha256(path):
+def file_sha256(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -77,9 +78,8 @@ def untied_state_dict(model):
 
 
 def export_release(model, tokenizer_path, out, source=""):
-    """Write out/config.json, out/model.safetensors and out/tokenizer.model; return out."""
-    from nanollm.tokenizer import Tokenizer
-
+    """Write out/config.json, out/model.safetensors and out/tokenizer.model; return out. config.json holds the
+    architecture only: whoever loads the release chooses attn_impl and dropout (nanollm.loader.load_model)."""
     if any(".parametrizations." in name for name in model.state_dict()):
         raise UserError("the model still holds pruning masks: call nanollm.prune.make_permanent first")
     tokenizer = Tokenizer(tokenizer_path)  # checks it is a nanollm tokenizer before anything is written
@@ -91,12 +91,9 @@ def export_release(model, tokenizer_path, out, source=""):
     weights_path = os.path.join(out, WEIGHTS_FILE)
     write_safetensors(tensors, weights_path)
     shutil.copyfile(tokenizer_path, os.path.join(out, TOKENIZER_FILE))
-    model_args = dataclasses.asdict(model.config)
-    if model_args["attn_impl"] == "triton":
-        model_args["attn_impl"] = "sdpa"  # same math; Triton needs a GPU, and a release must load anywhere
-    model_args["dropout"] = 0.0  # inference
-    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": "GPT", "model_args": model_args,
-              "weights": WEIGHTS_FILE, "weights_sha256": _sha256(weights_path), "tied_weights": tied,
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": "GPT",
+              "model_args": architecture_args(model.config), "weights": WEIGHTS_FILE,
+              "weights_sha256": file_sha256(weights_path), "tied_weights": tied,
               "tokenizer": TOKENIZER_FILE, "parameters": model.num_parameters(), "source": str(source),
               "special_tokens": {f"{name}_id": getattr(tokenizer, f"{name}_id") for name in SPECIAL_TOKENS}}
     with open(os.path.join(out, CONFIG_FILE), "w", encoding="utf-8") as f:
@@ -113,54 +110,6 @@ def is_release(path):
             return json.load(f).get("format") == FORMAT
     except (ValueError, AttributeError):
         return False
-
-
-def load_release(path, device="cpu"):
-    """(model in eval mode, Tokenizer) from a release folder. Everything in config.json is checked, and the weights
-    file's header against it, before the model is built: a small config cannot make us allocate a large model."""
-    from nanollm.configurator import MissingFileError, UserError
-    from nanollm.gpt2 import check_tensors_fit, checked_config, expected_shapes, read_safetensors
-    from nanollm.model import GPT
-    from nanollm.tokenizer import Tokenizer
-
-    config_path = os.path.join(path, CONFIG_FILE)
-    if not os.path.isfile(config_path):
-        raise MissingFileError(f"{path}: no {CONFIG_FILE} (not a release folder)")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (ValueError, RecursionError) as error:
-        raise UserError(f"{config_path}: not valid JSON ({error})") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise UserError(f"{config_path}: field 'format' is not {FORMAT!r}")
-    for field in ("model_args", "weights", "tokenizer", "tied_weights"):
-        if field not in config:
-            raise UserError(f"{config_path}: missing field {field!r}")
-    for field in ("weights", "tokenizer"):  # plain file names inside the folder
-        if not isinstance(config[field], str) or os.path.basename(config[field]) != config[field] or \
-                config[field] in ("", ".", ".."):
-            raise UserError(f"{config_path}: field {field!r} must be a file name in the folder, got "
-                             f"{str(config[field])[:60]!r}")
-    tied = config["tied_weights"]
-    if not (isinstance(tied, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items())):
-        raise UserError(f"{config_path}: field 'tied_weights' must map tensor names to tensor names")
-    model_config = checked_config(config["model_args"], f"{config_path}: model_args")
-    weights_path = os.path.join(path, config["weights"])
-    stored = read_safetensors(weights_path, device="meta")  # the checked header only: no tensor is read yet
-    shapes = expected_shapes(model_config, len(stored), weights_path)
-    for name, source in tied.items():
-        if name not in shapes or source not in shapes or shapes[name] != shapes[source] or source in tied:
-            raise UserError(f"{config_path}: tied_weights {name!r} -> {source!r} does not fit the model")
-    check_tensors_fit(weights_path, stored, {name: shape for name, shape in shapes.items() if name not in tied},
-                      f"the model in {config_path}")
-    if config.get("weights_sha256") and _sha256(weights_path) != config["weights_sha256"]:
-        raise UserError(f"{weights_path}: sha256 differs from {config_path} field 'weights_sha256' (corrupt copy?)")
-    model = GPT(model_config)
-    tensors = read_safetensors(weights_path)
-    for name, source in tied.items():
-        tensors[name] = tensors[source]  # stored once, shared in the model
-    model.load_state_dict(tensors)
-    return model.to(device).eval(), Tokenizer(os.path.join(path, config["tokenizer"]))
 
 
 # ----------------------------------------------------------------------------- ONNX
@@ -205,7 +154,7 @@ def onnx_max_difference(model, onnx_path, input_ids):
 
 
 def main(argv=None):
-    from nanollm.model import GPT
+    from nanollm.loader import load_model  # the command line sits on top of the library
 
     parser = argparse.ArgumentParser(prog="python -m nanollm.export", description="Write a release folder (+ ONNX).")
     parser.add_argument("--ckpt_dir", default="out-sft", help="folder with ckpt.pt and tokenizer.model")
@@ -217,7 +166,7 @@ def main(argv=None):
     tokenizer_path = os.path.join(args.ckpt_dir, TOKENIZER_FILE)
     if not os.path.isfile(tokenizer_path):
         raise MissingFileError(f"{args.ckpt_dir}: no {TOKENIZER_FILE} next to the checkpoint")
-    model = GPT.from_pretrained(args.ckpt_dir)
+    model = load_model(args.ckpt_dir).model
     export_release(model, tokenizer_path, args.out, source=args.ckpt_dir)
     have_onnx = importlib.util.find_spec("onnx") is not None
     if args.onnx == "yes" or (args.onnx == "auto" and have_onnx):
@@ -235,8 +184,8 @@ def main(argv=None):
               "onnxruntime)")
     for name in sorted(os.listdir(args.out)):
         print(f"  {os.path.join(args.out, name)}  {os.path.getsize(os.path.join(args.out, name)) / 1e6:.2f} MB")
-    print(f"[nanollm] load it with: from nanollm.export import load_release; model, tokenizer = "
-          f"load_release({args.out!r})")
+    print(f"[nanollm] load it with: from nanollm.loader import load_model; model, tokenizer, _, _ = "
+          f"load_model({args.out!r})")
 
 
 if __name__ == "__main__":

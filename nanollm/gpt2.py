@@ -13,15 +13,11 @@ import sys
 
 import torch
 
-from nanollm.checkpoint import load_checkpoint
 from nanollm.configurator import MissingFileError, UserError
 from nanollm.model import GPT, GPTConfig
 
-CONFIG_FILE, SAFETENSORS_FILE, PYTORCH_FILE, OUR_CHECKPOINT = (
-    "config.json", "model.safetensors", "pytorch_model.bin", "ckpt.pt")
+CONFIG_FILE, SAFETENSORS_FILE, PYTORCH_FILE = "config.json", "model.safetensors", "pytorch_model.bin"
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # Hugging Face's names for the tanh approximation
-ARCHITECTURE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "layer_norm_eps",
-                       "norm_position")
 # Per block: (our name, GPT-2's name, stored transposed by Conv1D)
 BLOCK_TENSORS = [
     ("ln_1.weight", "ln_1.weight", False), ("ln_1.bias", "ln_1.bias", False),
@@ -65,7 +61,7 @@ def config_from_gpt2(hf_config, path):
         need("n_inner", (None, 4 * n_embd), None)
         return dict(vocab_size=hf_config["vocab_size"], block_size=hf_config["n_positions"],
                     n_layer=hf_config["n_layer"], n_head=hf_config["n_head"], n_embd=n_embd, bias=True,
-                    layer_norm_eps=hf_config.get("layer_norm_epsilon", 1e-5), norm_position="pre", dropout=0.0)
+                    layer_norm_eps=hf_config.get("layer_norm_epsilon", 1e-5), norm_position="pre")
     except KeyError as missing:
         raise UserError(f"{path}: field {missing} is missing") from None
 
@@ -283,21 +279,12 @@ def save_gpt2(model: GPT, folder):
 
 
 # ------------------------------------------------------------------------------------------- loading
-def load_pretrained(path, **overrides):
-    """GPT from a Hugging Face GPT-2 folder, or from our own checkpoint (a ckpt.pt file or a folder with one).
-
-    overrides: runtime settings only (attn_impl, dropout, init); the architecture comes from the file.
-    """
-    fixed = sorted(set(overrides) & set(ARCHITECTURE_FIELDS))
-    if fixed:
-        raise UserError(f"{path}: {fixed} come from the checkpoint and cannot be overridden")
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, CONFIG_FILE)):
-        if not os.path.isfile(os.path.join(path, OUR_CHECKPOINT)):
-            raise MissingFileError(f"{path}: no {CONFIG_FILE} (Hugging Face GPT-2) and no {OUR_CHECKPOINT} (nanollm)")
-        path = os.path.join(path, OUR_CHECKPOINT)  # our own output folder
-    if not os.path.isdir(path):
-        return load_our_checkpoint(path, overrides)
+def load_gpt2(path, attn_impl="auto", dropout=0.0):
+    """GPT (eval mode) from a Hugging Face GPT-2 folder: config.json + model.safetensors or pytorch_model.bin.
+    The architecture comes from config.json; attn_impl and dropout are the caller's runtime choices."""
     config_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise MissingFileError(f"{path}: no {CONFIG_FILE} (not a Hugging Face GPT-2 folder)")
     try:
         with open(config_path, encoding="utf-8") as f:
             hf_config = json.load(f)
@@ -305,7 +292,8 @@ def load_pretrained(path, **overrides):
         raise UserError(f"{config_path}: not valid JSON ({error})") from None
     if not isinstance(hf_config, dict):
         raise UserError(f"{config_path}: expected a JSON object, got {type(hf_config).__name__}")
-    config = checked_config({**config_from_gpt2(hf_config, config_path), **overrides}, config_path)
+    config = checked_config(dict(config_from_gpt2(hf_config, config_path), attn_impl=attn_impl, dropout=dropout),
+                            config_path)
     # the weights file's header (or a .bin file's tensors) must fit the config before the model is built
     tensors, weights_path = read_weights(path, device="meta")
     shapes = gpt2_shapes(expected_shapes(config, len(tensors), weights_path), config.n_layer)
@@ -314,20 +302,4 @@ def load_pretrained(path, **overrides):
         tensors = read_safetensors(weights_path)
     model = GPT(config)
     load_gpt2_weights(model, tensors, weights_path)
-    return model.eval()
-
-
-def load_our_checkpoint(path, overrides):
-    """GPT from a nanollm checkpoint (train_pretrain.py / train_sft.py); only GPT checkpoints qualify."""
-    checkpoint = load_checkpoint(path)
-    model_type = (checkpoint.get("config") or {}).get("model_type", "gpt")
-    if model_type != "gpt":
-        raise UserError(f"{path}: a {model_type!r} checkpoint, not a GPT")
-    if not isinstance(checkpoint.get("model"), dict) or "model_args" not in checkpoint:
-        raise UserError(f"{path}: not a nanollm checkpoint (no 'model' weights or 'model_args')")
-    config = checked_config({**checkpoint["model_args"], **overrides}, f"{path}: model_args")
-    weights = checkpoint["model"]
-    check_tensors_fit(path, weights, expected_shapes(config, len(weights), path), "the GPT in its model_args")
-    model = GPT(config)
-    model.load_state_dict(weights)
     return model.eval()

@@ -6,6 +6,7 @@ pre-LN vs post-LN blocks (Xiong et al. 2020), the GPT-2 layout (Radford et al. 2
 build BERT (nanollm/bert.py) and the encoder-decoder (nanollm/encdec.py). Three attention paths compute the same
 thing: 'manual' (the math), 'sdpa' (PyTorch's fused kernel), 'triton' (our FlashAttention, kernels/attention.py).
 """
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from nanollm.configurator import UserError
 
 ATTN_IMPLS = ("manual", "sdpa", "triton")
+RUNTIME_FIELDS = ("attn_impl", "dropout")  # how a run executes, chosen per run: never saved with the weights
 INITS = ("normal", "xavier", "he")
 NORM_POSITIONS = ("pre", "post")
 _announced = set()
@@ -38,12 +40,14 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm, as in GPT-2
-    attn_impl: str = "sdpa"  # 'manual' | 'sdpa' | 'triton'
+    attn_impl: str = "sdpa"  # 'manual' | 'sdpa' | 'triton' | 'auto' (= 'sdpa'): a runtime choice, not architecture
     init: str = "normal"  # 'normal' (GPT-2) | 'xavier' | 'he'
     layer_norm_eps: float = 1e-5
     norm_position: str = "pre"  # 'pre' (GPT-2): x + f(LN(x)) | 'post' (Vaswani et al. 2017, BERT): LN(x + f(x))
 
     def __post_init__(self):
+        if self.attn_impl == "auto":
+            self.attn_impl = "sdpa"  # PyTorch's fused attention; 'triton' is ours, chosen explicitly
         if self.n_embd % self.n_head != 0:
             raise UserError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.attn_impl not in ATTN_IMPLS:
@@ -52,6 +56,12 @@ class GPTConfig:
             raise UserError(f"init={self.init!r}: expected one of {INITS}")
         if self.norm_position not in NORM_POSITIONS:
             raise UserError(f"norm_position={self.norm_position!r}: expected one of {NORM_POSITIONS}")
+
+
+def architecture_args(model_args):
+    """A config (or a dict of its arguments) without RUNTIME_FIELDS: the architecture a checkpoint saves."""
+    args = dataclasses.asdict(model_args) if dataclasses.is_dataclass(model_args) else dict(model_args)
+    return {name: value for name, value in args.items() if name not in RUNTIME_FIELDS}
 
 
 class KVCache:
@@ -342,14 +352,6 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying: one matrix embeds and un-embeds tokens
         self.reset_parameters()
-
-    @classmethod
-    def from_pretrained(cls, path, **overrides):
-        """A GPT from a local Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin)
-        or from our own checkpoint (ckpt.pt or a folder holding one); see nanollm/gpt2.py."""
-        from nanollm.gpt2 import load_pretrained
-
-        return load_pretrained(path, **overrides)
 
     # ----------------------------------------------------------------------------------------- init
     def reset_parameters(self):

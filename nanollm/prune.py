@@ -15,6 +15,8 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from nanollm.checkpoint import atomic_save
+from nanollm.loader import load_model
+from nanollm.model import architecture_args
 
 
 class Mask(nn.Module):
@@ -115,18 +117,14 @@ def finetune(model, data_dir, iters, learning_rate=3e-4, batch_size=16, block_si
 
 
 def save_pruned(model, path, source, sparsity):
-    """A checkpoint that GPT.from_pretrained (sample.py, chat.py, evaluate.py) loads like any other; no optimizer."""
-    import dataclasses
-
+    """A checkpoint that nanollm.loader (sample.py, chat.py, evaluate.py) loads like any other; no optimizer."""
     make_permanent(model)
-    atomic_save({"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
+    atomic_save({"model": model.state_dict(), "model_args": architecture_args(model.config),
                  "config": {"model_type": "gpt", "pruned_from": source, "sparsity": sparsity}, "stage": "pruned"},
                 path)
 
 
 def main(argv=None):
-    from nanollm.model import GPT
-
     parser = argparse.ArgumentParser(prog="python -m nanollm.prune", description="Magnitude-prune a GPT checkpoint.")
     parser.add_argument("--ckpt_dir", default="out", help="folder with ckpt.pt and tokenizer.model")
     parser.add_argument("--sparsity", type=float, default=0.5, help="fraction of Linear weights set to zero")
@@ -135,7 +133,7 @@ def main(argv=None):
     parser.add_argument("--data_dir", default=os.path.join("data", "world"), help="prepared data for the fine-tune")
     parser.add_argument("--out_dir", default="out-pruned", help="writes ckpt.pt and tokenizer.model here")
     args = parser.parse_args(argv)
-    model = GPT.from_pretrained(args.ckpt_dir)
+    model = load_model(args.ckpt_dir).model
     magnitude_prune(model, args.sparsity)
     if args.finetune_iters:
         losses = finetune(model, args.data_dir, args.finetune_iters, args.learning_rate)

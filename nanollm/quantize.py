@@ -7,7 +7,6 @@ int8 basics). The token embedding (tied with lm_head) and LayerNorms stay in flo
     python -m nanollm.quantize --ckpt_dir=out --out_dir=out-int8      # writes out-int8/model_int8.pt + tokenizer
 """
 import argparse
-import dataclasses
 import os
 import shutil
 
@@ -15,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanollm.checkpoint import atomic_save, load_checkpoint
+from nanollm.checkpoint import atomic_save
+from nanollm.model import architecture_args
 
 FORMAT = "nanollm-int8"  # the "format" field of a quantized model file
 FORMAT_VERSION = 1
@@ -145,49 +145,22 @@ def quantized_names(model):
 
 def save_quantized(model, path):
     """Write a quantized GPT to one file: int8 weights, float scales and the architecture (model_args).
-    Readable with torch.load(weights_only=True): tensors, numbers and strings only."""
+    Readable with torch.load(weights_only=True): tensors, numbers and strings only; nanollm.loader reads it back."""
     atomic_save({"format": FORMAT, "format_version": FORMAT_VERSION,
-                 "model_args": dataclasses.asdict(model.config),
+                 "model_args": architecture_args(model.config),
                  "quantized_modules": quantized_names(model),
                  "state_dict": model.state_dict()}, path)  # torch.save stores the tied wte/lm_head matrix once
 
 
-def load_quantized(path, map_location="cpu", payload=None):
-    """A quantized GPT from a file written by save_quantized (or from its already loaded `payload`)."""
-    from nanollm.model import GPT, GPTConfig
-
-    payload = payload if payload is not None else load_checkpoint(path, map_location, keys=("format",))
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a nanollm int8 model (field 'format' is "
-                         f"{payload.get('format') if isinstance(payload, dict) else None!r}, expected {FORMAT!r})")
-    for field in ("model_args", "quantized_modules", "state_dict"):
-        if field not in payload:
-            raise ValueError(f"{path}: missing field {field!r}")
-    model = GPT(GPTConfig(**payload["model_args"]))
-    modules = dict(model.named_modules())
-    for name in payload["quantized_modules"]:
-        linear = modules.get(name)
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"{path}: quantized_modules names {name!r}, which is not a Linear of this GPT")
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child_name,
-                QuantLinear(linear.in_features, linear.out_features, linear.bias is not None))
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as error:
-        raise ValueError(f"{path}: tensors do not fit the model in its model_args: {error}") from None
-    return model.to(map_location).eval()
-
-
 def main(argv=None):
-    from nanollm.model import GPT
+    from nanollm.loader import load_model  # the command line sits on top of the library
 
     parser = argparse.ArgumentParser(prog="python -m nanollm.quantize",
                                      description="Quantize a GPT checkpoint's Linear layers to int8 (weight-only).")
     parser.add_argument("--ckpt_dir", default="out", help="folder with ckpt.pt and tokenizer.model")
     parser.add_argument("--out_dir", default="out-int8", help=f"writes {QUANTIZED_FILE} and tokenizer.model here")
     args = parser.parse_args(argv)
-    model = GPT.from_pretrained(args.ckpt_dir)
+    model = load_model(args.ckpt_dir).model
     float_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied matrices counted once
     names = quantize_model(model)
     os.makedirs(args.out_dir, exist_ok=True)

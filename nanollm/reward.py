@@ -112,19 +112,6 @@ def build_backbone(kind, model_args):
     raise UserError(f"backbone={kind!r}: expected one of {BACKBONES}")
 
 
-def load_reward_model(path, device="cpu"):
-    """(RewardModel, checkpoint) from a train_rm.py checkpoint (weights_only load); in eval mode."""
-    from nanollm.checkpoint import load_checkpoint
-
-    checkpoint = load_checkpoint(path, device)
-    if checkpoint.get("stage") != "reward":
-        raise UserError(f"{path}: not a reward-model checkpoint (stage={checkpoint.get('stage')!r})")
-    backbone = build_backbone(checkpoint.get("backbone", "gpt"), dict(checkpoint["model_args"], dropout=0.0))
-    model = RewardModel(backbone, checkpoint.get("likelihood_weight", 0.0)).to(device)
-    model.load_state_dict(checkpoint["model"])
-    return model.eval(), checkpoint
-
-
 # ----------------------------------------------------------------------------- losses
 def mse_loss(rewards, scores):
     """mean (r − s)²: regression on the labelers' scores."""

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from nanollm.loader import load_model
 from nanollm.model import GPT, GPTConfig
 from nanollm.tokenizer import Tokenizer, train_tokenizer
 
@@ -120,7 +121,7 @@ def test_greedy_stream_prints_what_generate_returns(checkpoint_dir):
     from nanollm.tokenizer import prompt_ids
 
     tokenizer = Tokenizer(str(checkpoint_dir / "tokenizer.model"))
-    model = GPT.from_pretrained(str(checkpoint_dir))
+    model = load_model(str(checkpoint_dir)).model
     ids = prompt_ids(tokenizer, [{"role": "user", "content": "where does person 3 live?"}])
     out = model.generate(torch.tensor([ids]), 8, temperature=0, eos_id=tokenizer.eos_id)[0, len(ids):].tolist()
     expected = tokenizer.decode(out[:out.index(tokenizer.eos_id)] if tokenizer.eos_id in out else out,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nanollm.data import prepare_dataset
-from nanollm.model import GPT
+from nanollm.loader import load_model
 from script_runner import REPO, run_script
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=4", "--eval_iters=2",
@@ -58,8 +58,8 @@ def test_prune_cli_zeroes_the_globally_smallest_weights_and_finetunes_the_rest(b
     result = run_module("nanollm.prune", f"--ckpt_dir={base_dir}", "--sparsity=0.5", "--finetune_iters=3",
                         f"--data_dir={data_dir}", f"--out_dir={tmp_path}")
     assert "fine-tuned 3 steps with masks" in result.stdout
-    before = prunable_weights(GPT.from_pretrained(str(base_dir)))
-    after = prunable_weights(GPT.from_pretrained(str(tmp_path)))  # loads like any checkpoint
+    before = prunable_weights(load_model(str(base_dir)).model)
+    after = prunable_weights(load_model(str(tmp_path)).model)  # loads like any checkpoint
     assert sorted(before) == sorted(after) and len(before) == 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj
     magnitudes = torch.cat([w.abs().flatten() for w in before.values()])
     n_pruned = round(0.5 * magnitudes.numel())
@@ -75,12 +75,12 @@ def test_prune_cli_zeroes_the_globally_smallest_weights_and_finetunes_the_rest(b
 
 
 def test_quantize_cli_writes_an_int8_model_equal_to_the_dequantized_float_model(base_dir, tmp_path):
-    from nanollm.quantize import dequantize, load_quantized, quantizable_linears, quantize_per_channel
+    from nanollm.quantize import dequantize, quantizable_linears, quantize_per_channel
 
     result = run_module("nanollm.quantize", f"--ckpt_dir={base_dir}", f"--out_dir={tmp_path}")
     assert "4 Linear layers -> int8" in result.stdout
-    quantized = load_quantized(tmp_path / "model_int8.pt")
-    reference = GPT.from_pretrained(str(base_dir)).eval()
+    quantized = load_model(tmp_path / "model_int8.pt").model
+    reference = load_model(str(base_dir)).model.eval()
     for _, _, _, linear in quantizable_linears(reference):  # the float model with q · s in place of each weight
         linear.weight.data = dequantize(*quantize_per_channel(linear.weight))
     idx = torch.randint(0, reference.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))

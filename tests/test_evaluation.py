@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanollm.evaluation import format_table, load_model, load_questions, perplexity_on_tokens, read_token_stream
+from nanollm.evaluation import format_table, load_questions, perplexity_on_tokens, read_token_stream
+from nanollm.loader import load_model
 from nanollm.metrics import token_byte_lengths
 from nanollm.model import GPT, GPTConfig
 from nanollm.quantize import quantize_model, save_quantized
@@ -101,11 +102,11 @@ def test_token_streams_from_text_jsonl_bin_and_a_prepared_folder(tmp_path, check
 
 
 def test_load_model_reads_checkpoints_and_int8_files(tmp_path, checkpoint_dir):
-    model, tokenizer, kind = load_model(str(checkpoint_dir))
-    assert kind == "checkpoint" and tokenizer.vocab_size == model.config.vocab_size
+    model, tokenizer, kind, _ = load_model(str(checkpoint_dir))
+    assert kind == "pretrain" and tokenizer.vocab_size == model.config.vocab_size
     quantize_model(model)
     save_quantized(model, tmp_path / "small.pt")
-    loaded, tokenizer, kind = load_model(str(tmp_path / "small.pt"))
+    loaded, tokenizer, kind, _ = load_model(str(tmp_path / "small.pt"))
     assert kind == "int8" and tokenizer is None  # no tokenizer.model beside that file
     idx = torch.randint(0, 300, (1, 9))
     with torch.no_grad():
@@ -121,7 +122,7 @@ def test_builtin_heldout_questions_and_the_table():
 
 
 def test_evaluate_script_prints_one_table_for_two_models(tmp_path, checkpoint_dir):
-    model, tokenizer, _ = load_model(str(checkpoint_dir))
+    model, tokenizer, _, _ = load_model(str(checkpoint_dir))
     int8_dir = tmp_path / "int8"
     int8_dir.mkdir()
     quantize_model(model)
@@ -144,7 +145,7 @@ def test_evaluate_script_prints_one_table_for_two_models(tmp_path, checkpoint_di
                                     read_token_stream(str(tmp_path / "text.txt"), tokenizer))["ppl"]
     printed = float(re.search(r"^\| text ppl \| ([0-9.]+) \|", out, re.M).group(1))
     assert printed == pytest.approx(expected, abs=1e-4)
-    assert re.search(r"^\| kind \| checkpoint \| int8 \|$", out, re.M)
+    assert re.search(r"^\| kind \| pretrain \| int8 \|$", out, re.M)
     # bits per byte: the same NLL over the bytes of the decoded text (ASCII lines, so no token splits a character)
     tokens = read_token_stream(str(tmp_path / "text.txt"), tokenizer)
     scores = perplexity_on_tokens(load_model(str(checkpoint_dir))[0], tokens, byte_lengths=token_byte_lengths(tokenizer))

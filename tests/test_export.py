@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
-from nanollm.export import export_onnx, export_release, load_release, onnx_max_difference, write_safetensors
+from nanollm.export import export_onnx, export_release, onnx_max_difference, write_safetensors
 from nanollm.gpt2 import read_safetensors
+from nanollm.loader import load_model
 from nanollm.model import GPT, GPTConfig
 from nanollm.tokenizer import Tokenizer, train_tokenizer
 from conftest import require
@@ -67,8 +68,8 @@ def test_release_cli_writes_a_folder_that_a_fresh_process_loads_with_identical_l
     moved = shutil.copytree(release, tmp_path / "elsewhere")
     idx = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
     torch.save(idx, tmp_path / "idx.pt")
-    code = ("import sys, torch; from nanollm.export import load_release; "
-            "model, tokenizer = load_release(sys.argv[1]); "
+    code = ("import sys, torch; from nanollm.loader import load_model; "
+            "model, tokenizer, _, _ = load_model(sys.argv[1]); "
             "torch.save({'logits': model(torch.load(sys.argv[2]))[0], 'ids': tokenizer.encode('person 3', bos=True), "
             "'modules': sorted(m for m in sys.modules if m.startswith('nanollm'))}, sys.argv[3])")
     result = subprocess.run([sys.executable, "-c", code, str(moved), str(tmp_path / "idx.pt"), str(tmp_path / "o.pt")],
@@ -76,7 +77,7 @@ def test_release_cli_writes_a_folder_that_a_fresh_process_loads_with_identical_l
                             env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO))  # the code, not the checkpoint
     assert result.returncode == 0, result.stderr[-2000:]
     out = torch.load(tmp_path / "o.pt")
-    trained = GPT.from_pretrained(str(checkpoint_dir))  # the training checkpoint, for reference
+    trained = load_model(str(checkpoint_dir)).model  # the training checkpoint, for reference
     with torch.no_grad():
         assert torch.equal(out["logits"], trained(idx)[0])
     assert out["ids"] == Tokenizer(str(checkpoint_dir / "tokenizer.model")).encode("person 3", bos=True)
@@ -84,19 +85,19 @@ def test_release_cli_writes_a_folder_that_a_fresh_process_loads_with_identical_l
 
 
 def test_a_corrupted_weights_file_is_refused(tmp_path, checkpoint_dir):
-    release = export_release(GPT.from_pretrained(str(checkpoint_dir)), str(checkpoint_dir / "tokenizer.model"),
+    release = export_release(load_model(str(checkpoint_dir)).model, str(checkpoint_dir / "tokenizer.model"),
                              str(tmp_path / "release"))
     data = bytearray((tmp_path / "release" / "model.safetensors").read_bytes())
     data[-1] ^= 0xFF
     (tmp_path / "release" / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(ValueError, match="sha256"):
-        load_release(release)
+        load_model(release)
 
 
 def test_onnx_export_matches_pytorch_logits_in_onnxruntime(tmp_path, checkpoint_dir):
     require("onnx")  # optional packages: pip install onnx onnxscript onnxruntime (CI: a missing one fails)
     require("onnxruntime")
-    model = GPT.from_pretrained(str(checkpoint_dir))
+    model = load_model(str(checkpoint_dir)).model
     export_onnx(model, str(tmp_path / "model.onnx"), seq_len=12)
     idx = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
     assert onnx_max_difference(model, str(tmp_path / "model.onnx"), idx) < 1e-4

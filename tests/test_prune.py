@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from nanollm.loader import load_model
 from nanollm.model import GPT, GPTConfig
 from nanollm.prune import magnitude_prune, make_permanent, prunable_linears, save_pruned, sparsity_report
 
@@ -78,7 +79,7 @@ def test_pruning_again_prunes_further_and_make_permanent_keeps_zeros_names_and_l
     with torch.no_grad():
         assert torch.equal(model(idx)[0], masked_logits)
     save_pruned(model, str(tmp_path / "ckpt.pt"), "test", 0.6)
-    loaded = GPT.from_pretrained(str(tmp_path))
+    loaded = load_model(str(tmp_path)).model
     assert sparsity_report(loaded)["zeros"] == round(0.6 * N_LINEAR)
 
 

@@ -9,8 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import nanollm.quantize as quantize
+from nanollm.loader import load_model
 from nanollm.model import GPT, GPTConfig
-from nanollm.quantize import (QuantLinear, dequantize, load_quantized, quantizable_linears, quantize_model,
+from nanollm.quantize import (QuantLinear, dequantize, quantizable_linears, quantize_model,
                               quantize_per_channel, save_quantized)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,8 +105,8 @@ def test_saved_file_holds_int8_and_loads_in_a_fresh_process_with_identical_logit
 
     idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
     torch.save(idx, tmp_path / "idx.pt")
-    code = ("import sys, torch; from nanollm.quantize import load_quantized; "
-            "m = load_quantized(sys.argv[1]); idx = torch.load(sys.argv[2]); "
+    code = ("import sys, torch; from nanollm.loader import load_model; "
+            "m = load_model(sys.argv[1]).model; idx = torch.load(sys.argv[2]); "
             "torch.save(m(idx)[0], sys.argv[3])")
     result = subprocess.run([sys.executable, "-c", code, str(file), str(tmp_path / "idx.pt"),
                              str(tmp_path / "logits.pt")], cwd=REPO, capture_output=True, text=True, timeout=120,
@@ -114,13 +115,13 @@ def test_saved_file_holds_int8_and_loads_in_a_fresh_process_with_identical_logit
     with torch.no_grad():
         expected = model(idx)[0]
     assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
-    assert torch.equal(load_quantized(file)(idx)[0], expected)  # and in this process
+    assert torch.equal(load_model(file).model(idx)[0], expected)  # and in this process
 
 
 def test_load_refuses_a_file_that_is_not_an_int8_model(tmp_path):
     torch.save({"model": {}, "model_args": {}}, tmp_path / "ckpt.pt")  # a training checkpoint: no 'format' field
-    with pytest.raises(ValueError, match="not a nanollm checkpoint \\(no 'format'\\)"):
-        load_quantized(tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match="ckpt.pt: not a nanollm checkpoint \\(no 'config'\\)"):
+        load_model(tmp_path / "ckpt.pt")
     torch.save({"format": "something-else"}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a nanollm int8 model"):
-        load_quantized(tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt: not a nanollm checkpoint \\(no 'model'\\)"):
+        load_model(tmp_path / "other.pt")

@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from nanollm.data import last_token_index, pad_sequences
+from nanollm.loader import load_model
 from nanollm.metrics import kendall_tau, pair_accuracy, pearson, ranking_metrics, spearman
 from nanollm.model import GPT, GPTConfig
 from nanollm.reward import (RewardModel, batch_loss, bradley_terry_loss, build_backbone, check_groups, dataset_loss,
                             encode_groups, encode_response, fit_reward_bias, get_reward_batch, load_groups,
-                            load_reward_model, make_batch, mse_loss, parse_record, ranking_loss,
+                            make_batch, mse_loss, parse_record, ranking_loss,
                             response_logprob_mean, response_logprob_running_mean, score_encoded, split_by_prompt,
                             training_items)
 from nanollm.tokenizer import Tokenizer, train_tokenizer
@@ -106,7 +107,7 @@ def test_likelihood_weight_is_learned_saved_and_refused_on_an_encoder(tmp_path):
     assert not hasattr(tiny_reward_model(), "likelihood_weight")  # off by default: the plain head
     torch.save({"model": model.state_dict(), "model_args": dict(model.backbone.config.__dict__), "stage": "reward",
                 "likelihood_weight": 1.0, "config": {}}, tmp_path / "ckpt.pt")
-    loaded, _ = load_reward_model(str(tmp_path / "ckpt.pt"))
+    loaded = load_model(str(tmp_path / "ckpt.pt"), kinds=("reward",)).model
     assert torch.allclose(loaded(idx, torch.ones_like(idx)), model.eval()(idx, torch.ones_like(idx)), atol=1e-6)
     with pytest.raises(ValueError, match="causal trunk"):
         tiny_reward_model(backbone="bert", likelihood_weight=1.0)

@@ -1,6 +1,6 @@
 """Untrusted weights folders: the safetensors header is checked against the file (offsets tile the data exactly) and
 against the config (names, shapes, dtypes) before any model is built, so a 100-byte config.json cannot make a loader
-allocate gigabytes. Covers the three loaders: load_release, GPT.from_pretrained on a GPT-2 folder and on ckpt.pt."""
+allocate gigabytes. Covers nanollm.loader on a release folder, a GPT-2 folder and a ckpt.pt."""
 import json
 import shutil
 import struct
@@ -10,8 +10,9 @@ import torch
 
 import nanollm.gpt2
 import nanollm.model
-from nanollm.export import export_release, load_release, write_safetensors
+from nanollm.export import export_release, write_safetensors
 from nanollm.gpt2 import read_safetensors
+from nanollm.loader import load_model
 from nanollm.model import GPT, GPTConfig
 from nanollm.tokenizer import Tokenizer, train_tokenizer
 
@@ -113,7 +114,7 @@ def test_load_release_checks_the_config_and_the_header_before_building(tmp_path,
     folder = shutil.copytree(release, tmp_path / "r")
     rewrite_config(folder, **model_args)
     with pytest.raises(ValueError, match=words):
-        load_release(str(folder))
+        load_model(str(folder))
 
 
 def test_load_release_refuses_a_weights_file_with_appended_bytes(tmp_path, release):
@@ -124,8 +125,8 @@ def test_load_release_refuses_a_weights_file_with_appended_bytes(tmp_path, relea
     del config["weights_sha256"]  # the hash is optional; the header check does not depend on it
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="model.safetensors: 64 bytes after the last tensor"):
-        load_release(str(folder))
-    assert load_release(str(release))[0].config.n_layer == 2  # the untouched release still loads
+        load_model(str(folder))
+    assert load_model(str(release)).model.config.n_layer == 2  # the untouched release still loads
 
 
 def gpt2_folder(folder, n_layer, n_embd, weights):
@@ -146,14 +147,14 @@ def gpt2_folder(folder, n_layer, n_embd, weights):
 @pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
 def test_gpt2_folder_with_a_huge_config_fails_before_building(tmp_path, no_real_model, weights):
     with pytest.raises(ValueError, match=f"{weights}: holds 1[67] tensors, fewer than the config's n_layer=48"):
-        GPT.from_pretrained(gpt2_folder(tmp_path / "huge", 48, 8192, weights))
+        load_model(gpt2_folder(tmp_path / "huge", 48, 8192, weights)).model
     with pytest.raises(ValueError, match=rf"{weights}: wte.weight has shape \(50, 16\), expected \(50, 8192\)"):
-        GPT.from_pretrained(gpt2_folder(tmp_path / "wide", 1, 8192, weights))
+        load_model(gpt2_folder(tmp_path / "wide", 1, 8192, weights)).model
     with pytest.raises(ValueError, match="config.json: n_head must be a positive integer, got 0"):
         folder = gpt2_folder(tmp_path / "zero", 1, 16, weights)
         config = json.loads((tmp_path / "zero" / "config.json").read_text())
         (tmp_path / "zero" / "config.json").write_text(json.dumps(dict(config, n_head=0)))
-        GPT.from_pretrained(folder)
+        load_model(folder).model
 
 
 def test_our_checkpoint_with_huge_model_args_fails_before_building(tmp_path, no_real_model):
@@ -164,7 +165,7 @@ def test_our_checkpoint_with_huge_model_args_fails_before_building(tmp_path, no_
     weights = {name: torch.zeros(1) for name in names}
     torch.save({"model": weights, "model_args": dict(small_args, **HUGE), "config": {}}, tmp_path / "ckpt.pt")
     with pytest.raises(ValueError, match="ckpt.pt: holds 17 tensors, fewer than the config's n_layer=48"):
-        GPT.from_pretrained(str(tmp_path))
+        load_model(str(tmp_path)).model
     torch.save({"model": weights, "model_args": small_args, "config": {}}, tmp_path / "ckpt.pt")
     with pytest.raises(ValueError, match=r"ckpt.pt: wte.weight has shape \(1,\), expected \(50, 16\)"):
-        GPT.from_pretrained(str(tmp_path))
+        load_model(str(tmp_path)).model

@@ -11,6 +11,7 @@ import urllib.request
 import pytest
 import torch
 
+from nanollm.loader import load_model
 from nanollm.model import GPT, GPTConfig
 from nanollm.serving import ApiError, ChatRequest, Engine, Job, make_server, parse_chat_request, parse_sse
 from nanollm.tokenizer import Tokenizer, encode_messages, prompt_ids, train_tokenizer
@@ -45,7 +46,7 @@ def make_checkpoint(folder):
 
 
 def load(folder):
-    return GPT.from_pretrained(str(folder)).eval(), Tokenizer(str(folder / "tokenizer.model"))
+    return load_model(str(folder)).model.eval(), Tokenizer(str(folder / "tokenizer.model"))
 
 
 def greedy(model, tokenizer, messages, max_tokens):

@@ -75,12 +75,12 @@ def test_pretrain_val_bpb_equals_nll_over_text_bytes_of_the_eval_batches(run):
     """The logged val_bpb, recomputed independently from the final checkpoint: per-token NLL of the same eval
     batches, over the bytes of the decoded target text (ASCII corpus: each row decodes cleanly)."""
     from nanollm.data import get_batch, load_tokenizer
-    from nanollm.model import GPT
+    from nanollm.loader import load_model
 
     last = [r for r in read_metrics(run["out_dir"] / "metrics.jsonl") if "val_bpb" in r][-1]
     assert last["iter"] == 4
     assert f"val_bpb {last['val_bpb']:.4f}" in run["stdout"]
-    model = GPT.from_pretrained(str(run["out_dir"])).eval()
+    model = load_model(str(run["out_dir"])).model.eval()
     tokenizer = load_tokenizer(run["data_dir"])
     nll_bits, n_bytes = 0.0, 0
     for k in range(2):  # eval_iters=2 batches, seeded as estimate_loss seeds them (seed + 1, step k)

@@ -10,6 +10,7 @@ import torch
 
 from nanollm.annotators import feedback_prompts
 from nanollm.checkpoint import load_checkpoint
+from nanollm.loader import load_model
 from nanollm.model import GPT, GPTConfig
 from nanollm.reward import RewardModel
 from nanollm.tokenizer import train_tokenizer
@@ -82,8 +83,8 @@ def test_run_logs_every_metric_and_saves_a_policy_in_the_sft_format(checkpoints,
     # the policy loads like an SFT checkpoint (sample.py, chat.py) and has moved; the critic is saved beside it
     checkpoint = load_checkpoint(str(out / "ckpt.pt"))
     assert checkpoint["stage"] == "ppo" and checkpoint["iter_num"] == 2 and "critic" in checkpoint
-    policy = GPT.from_pretrained(str(out))
-    start = GPT.from_pretrained(sft)
+    policy = load_model(str(out)).model
+    start = load_model(sft).model
     assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), start.parameters()))
     assert os.path.exists(out / "tokenizer.model")
 
@@ -162,7 +163,7 @@ def test_bad_settings_fail_before_any_work(checkpoints, tmp_path):
 
 def test_a_reward_model_that_trained_on_a_test_or_validation_prompt_is_refused(checkpoints, tmp_path):
     sft, rm = checkpoints
-    model, checkpoint = GPT.from_pretrained(sft), load_checkpoint(os.path.join(rm, "ckpt.pt"))
+    model, checkpoint = load_model(sft).model, load_checkpoint(os.path.join(rm, "ckpt.pt"))
     world = World(0)
     for split in ("test", "validation"):
         leaked = feedback_prompts(world, 3, 1337, split)[2]  # one of PPO's held-out prompts (4 test, 3 validation)

@@ -7,7 +7,8 @@ import torch
 
 from nanollm.annotators import GoldAnnotator, feedback_prompts
 from nanollm.checkpoint import load_checkpoint
-from nanollm.reward import dataset_loss, encode_groups, load_groups, load_reward_model, score_encoded
+from nanollm.loader import load_model
+from nanollm.reward import dataset_loss, encode_groups, load_groups, score_encoded
 from nanollm.tokenizer import Tokenizer
 from nanollm.world import World
 from script_runner import run_script
@@ -73,7 +74,7 @@ def test_demo_run_collects_trains_logs_and_saves_a_centred_reward_model(base, tm
     assert sorted(losses(tmp_path / "out")) == list(range(6))
     assert {"train.jsonl", "heldout.jsonl", "gold.jsonl", "meta.json"} <= set(os.listdir(tmp_path / "demo"))
     # the saved model: stage, bias, and a mean reward of 0 on the SFT model's (here: the base model's) responses
-    model, checkpoint = load_reward_model(str(tmp_path / "out" / "ckpt.pt"))
+    model, _, _, checkpoint = load_model(str(tmp_path / "out" / "ckpt.pt"), kinds=("reward",))
     assert checkpoint["stage"] == "reward" and checkpoint["iter_num"] == 6 and checkpoint["loss"] == "ranking"
     assert model.reward_bias.item() == pytest.approx(checkpoint["reward_bias"])
     tokenizer = Tokenizer(str(tmp_path / "out" / "tokenizer.model"))
@@ -98,7 +99,7 @@ def test_resume_continues_exactly(base, scored_data, tmp_path, likelihood_weight
     assert sorted(a) == sorted(b) == list(range(6))
     for it in range(6):  # dropout is on: RNG states must be restored too
         assert abs(a[it] - b[it]) < 1e-6, (it, a[it], b[it])
-    model, checkpoint = load_reward_model(str(tmp_path / "split" / "ckpt.pt"))
+    model, _, _, checkpoint = load_model(str(tmp_path / "split" / "ckpt.pt"), kinds=("reward",))
     assert checkpoint["likelihood_weight"] == likelihood_weight
     assert hasattr(model, "likelihood_weight") == (likelihood_weight > 0)
     if likelihood_weight:  # learned: it moved from where it started
@@ -153,7 +154,7 @@ def test_a_bert_backbone_trains_on_one_and_two_ranks_and_loads_back(base, bert_b
     run(common + [f"--out_dir={tmp_path / 'ddp'}"], nproc=2)
     a, b = losses(tmp_path / "single"), losses(tmp_path / "ddp")
     assert sorted(a) == sorted(b) == list(range(3)) and all(abs(a[it] - b[it]) < 1e-5 for it in range(3))
-    model, checkpoint = load_reward_model(str(tmp_path / "single" / "ckpt.pt"))
+    model, _, _, checkpoint = load_model(str(tmp_path / "single" / "ckpt.pt"), kinds=("reward",))
     assert checkpoint["backbone"] == "bert" and type(model.backbone).__name__ == "BERT"
     bert_state = torch.load(os.path.join(bert_base, "ckpt.pt"), weights_only=True)["model"]
     assert torch.equal(model.backbone.mlm_dense.weight, bert_state["mlm_dense.weight"])  # frozen: unchanged
@@ -218,7 +219,7 @@ def test_always_save_checkpoint_false_ends_with_the_best_model_not_the_last(base
     best = min(r["val_loss"] for r in evals)
     assert [r["iter"] for r in evals] == [0, 2, 4, 6] and best < evals[-1]["val_loss"] - 1e-3
     assert final["val_loss"] == pytest.approx(best, abs=1e-5)  # the saved, final model is the best one
-    model, _ = load_reward_model(str(tmp_path / "out" / "ckpt.pt"))
+    model = load_model(str(tmp_path / "out" / "ckpt.pt"), kinds=("reward",)).model
     tokenizer = Tokenizer(str(tmp_path / "out" / "tokenizer.model"))
     groups = load_groups(str(reversed_file))
     encoded, _ = encode_groups(tokenizer, groups, 64)
