@@ -11,27 +11,21 @@ Resume after a crash or Ctrl-C:
 Settings below are plain variables; override them with a config file (python train_pretrain.py my_config.py)
 and/or --key=value. Library pieces live in nanollm/; the training loop is here to be read.
 """
-import filecmp
 import os
 import sys
 import time
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from nanollm import distributed as dist_utils
-from nanollm.bert import BERT, BertConfig, fill_mask, mask_tokens, mlm_accuracy
 from nanollm.checkpoint import check_out_dir, load_checkpoint, restore_training_state, save_checkpoint, start_run, unwrap
-from nanollm.configurator import UserError, check_ranges, configure
-from nanollm.data import (batch_seed, get_batch, load_meta, load_tokenizer, prepare_dataset, tokenizer_file,
-                          unigram_perplexity)
-from nanollm.encdec import EncoderDecoder, infilling_batch
-from nanollm.metrics import bits_per_byte, text_nll_and_bytes, token_byte_lengths
-from nanollm.model import GPT, GPTConfig
-from nanollm.optim import configure_optimizer, get_lr
-from nanollm.tokenizer import Tokenizer
-from nanollm.training import GracefulStop, GuardedStep
+from nanollm.configurator import configure
+from nanollm.data import batch_seed, get_batch, unigram_perplexity
+from nanollm.optim import configure_optimizer, get_lr, set_lr
+from nanollm.pretraining import (build_model, byte_lengths_for, check_settings, check_tokenizer, estimate_loss,
+                                 prepare_data, resumed_shape)
+from nanollm.training import CheckpointRule, GracefulStop, GuardedStep
 
 # ------------------------------------------------------------------------------------------ settings
 # I/O
@@ -59,7 +53,7 @@ n_head = 4
 n_embd = 128
 dropout = 0.0
 bias = True
-attn_impl = "auto"  # 'manual' | 'sdpa' | 'triton' | 'auto' (sdpa)
+attn_impl = "auto"  # 'manual' | 'sdpa' | 'triton' | 'auto' (sdpa): how attention runs, not saved with the weights
 init = "normal"  # 'normal' (GPT-2 style) | 'xavier' | 'he'
 # optimizer (AdamW) and schedule
 learning_rate = 2e-3
@@ -84,137 +78,54 @@ sample_prompt = "Talo"
 sample_tokens = 60
 # ----------------------------------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])
-if model_type not in ("gpt", "bert", "encdec"):
-    raise UserError(f"model_type={model_type!r}: expected 'gpt', 'bert' or 'encdec'")
-if init_from not in ("scratch", "resume"):
-    raise UserError(f"init_from={init_from!r}: expected 'scratch' or 'resume'")
-check_ranges(config, positive=("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval",
-                               "log_interval", "eval_iters", "n_layer", "n_head", "n_embd", "vocab_size"),
-             non_negative=("max_iters", "learning_rate", "min_lr", "warmup_iters", "weight_decay", "grad_clip"),
-             fraction=("dropout",))
-if n_embd % n_head:
-    raise UserError(f"n_embd={n_embd} must be a multiple of n_head={n_head}")
+check_settings(config)
 check_out_dir(out_dir, init_from == "resume", overwrite)  # nothing in out_dir changes before the loop starts
 
-# ---- setup: device, DDP, precision, seeds
-runtime = dist_utils.setup(device, backend)
-master = runtime.is_master
-dtype = dist_utils.resolve_dtype(dtype, runtime.device_type)
-accum_per_rank = dist_utils.micro_steps_per_rank(gradient_accumulation_steps, runtime)
-lr_decay_iters = max_iters if lr_decay_iters < 0 else lr_decay_iters
+# ---- setup: device, DDP, precision; a resumed run takes its shape from its checkpoint
+runtime = dist_utils.setup(device, backend, dtype, announce=True)
+master, ctx = runtime.is_master, runtime.autocast()
 checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), runtime.device) if init_from == "resume" else None
-if checkpoint is not None:  # the architecture comes from the checkpoint: one source of truth for the whole run
-    if checkpoint["config"].get("model_type", "gpt") != model_type:
-        raise UserError(f"{out_dir}/ckpt.pt holds a {checkpoint['config'].get('model_type', 'gpt')!r} model, "
-                        f"not model_type={model_type!r}")
-    n_layer, n_head, n_embd, block_size, bias = (checkpoint["model_args"][k] for k in
-                                                 ("n_layer", "n_head", "n_embd", "block_size", "bias"))
+if checkpoint is not None:
+    n_layer, n_head, n_embd, block_size, bias = resumed_shape(checkpoint, model_type, out_dir)
+accum_per_rank = dist_utils.micro_steps_per_rank(gradient_accumulation_steps, runtime)
 tokens_per_iter = accum_per_rank * runtime.world_size * batch_size * block_size
-if master:
-    print(f"[nanollm] device={runtime.device} dtype={dtype} world_size={runtime.world_size} "
-          f"tokens/iter={tokens_per_iter:,}")
-ctx = dist_utils.autocast(runtime.device_type, dtype)
+lr_decay_iters = max_iters if lr_decay_iters < 0 else lr_decay_iters
 
 # ---- data: clean, tokenize and cache once (rank 0), then every rank reads the .bin files
-if master:
-    data_dir = prepare_dataset(dataset, data_dir or None, vocab_size=vocab_size, tokenizer_type=tokenizer_type,
-                               seed=seed)
-dist_utils.barrier(runtime)
-data_dir = data_dir or prepare_dataset(dataset, None, vocab_size=vocab_size, tokenizer_type=tokenizer_type,
-                                       seed=seed)  # cache hit on ranks > 0
-meta = load_meta(data_dir)
-tokenizer = load_tokenizer(data_dir)  # a Tokenizer; nanoGPT's meta.pkl characters; None for bare GPT-2 token files
-tokenizer_path = tokenizer_file(data_dir)  # copied beside the model
-if model_type != "gpt" and not isinstance(tokenizer, Tokenizer):
-    raise UserError(f"model_type={model_type!r} needs nanollm's special tokens (mask, eos): {data_dir} has none")
-run_tokenizer = tokenizer_path and os.path.join(out_dir, os.path.basename(tokenizer_path))
-if checkpoint is not None and run_tokenizer and os.path.exists(run_tokenizer) and \
-        not filecmp.cmp(tokenizer_path, run_tokenizer, shallow=False):
-    raise UserError(f"init_from='resume': the data's tokenizer ({tokenizer_path}) is not the one the run in "
-                    f"{out_dir} was trained with; resume with the run's own dataset")
-# bits per byte (next-token models): the tokenizer says how many UTF-8 bytes each target token is
-byte_lengths = token_byte_lengths(tokenizer).to(runtime.device) if model_type == "gpt" and tokenizer is not None \
-    else None
-if master and model_type == "gpt" and tokenizer is None:
-    print(f"[nanollm] no bits per byte: {data_dir} has no tokenizer to count the bytes of its tokens")
+data_dir, meta, tokenizer, tokenizer_path = prepare_data(dataset, data_dir, vocab_size, tokenizer_type, seed, runtime)
+check_tokenizer(model_type, tokenizer, tokenizer_path, data_dir, out_dir, init_from == "resume")
+config.update(dtype=runtime.dtype, data_dir=data_dir, lr_decay_iters=lr_decay_iters, n_layer=n_layer,  # saved as
+              n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias)  # resolved, one source of truth
 
 # ---- model
-if attn_impl == "auto":
-    attn_impl = "sdpa"
 model_args = dict(vocab_size=meta["vocab_size"], block_size=block_size, n_layer=n_layer, n_head=n_head,
                   n_embd=n_embd, dropout=dropout, bias=bias, attn_impl=attn_impl, init=init)
 torch.manual_seed(seed)  # same initial weights on every rank
-if model_type == "bert":
-    model = BERT(BertConfig(**model_args))
-elif model_type == "encdec":
-    model = EncoderDecoder(GPTConfig(**model_args))
-else:
-    model = GPT(GPTConfig(**model_args))
-model = model.to(runtime.device)
+model = build_model(model_type, model_args).to(runtime.device)
+byte_lengths = byte_lengths_for(model, tokenizer, runtime.device)  # bits per byte: UTF-8 bytes of each token
 if master:
-    print(f"[nanollm] {type(model).__name__}, attn_impl={attn_impl}, init={init}:\n{model.parameter_report()}")
-scaler = dist_utils.grad_scaler(runtime.device_type, dtype)
+    print(f"[nanollm] {type(model).__name__}, {tokens_per_iter:,} tokens per iteration:\n{model.parameter_report()}")
+scaler = runtime.grad_scaler()
 optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), runtime.device_type, master)
 iter_num, best_val_loss = 0, float("inf")
 if checkpoint is not None:
     iter_num, best_val_loss = restore_training_state(checkpoint, model, optimizer, scaler, runtime)
-    if master:
-        print(f"[nanollm] resumed from {out_dir}/ckpt.pt at iteration {iter_num}")
 else:
     torch.manual_seed(seed + runtime.rank)  # dropout differs per rank
 checkpoint = None  # free memory
-if compile:
-    print("[nanollm] compiling the model with torch.compile")
-    model = torch.compile(model)
-if runtime.ddp:
-    model = DDP(model, device_ids=[runtime.local_rank] if runtime.device_type == "cuda" else None)
+model = runtime.wrap(torch.compile(model) if compile else model)  # DDP when several processes
 raw_model = unwrap(model)
 
 
-def objective_batch(split, batch_seed_base, step, micro_step):
-    """One micro-batch of the token stream, as keyword arguments of the model for model_type's objective:
-    gpt: next token; bert: masked tokens (15%, 80/10/10); encdec: BART text infilling."""
-    x, y = get_batch(data_dir, split, batch_size, block_size, batch_seed_base, step=step, micro_step=micro_step,
-                     device=runtime.device)
-    if model_type == "gpt":
-        return dict(idx=x, targets=y)
-    generator = torch.Generator().manual_seed(batch_seed(batch_seed_base, f"{split}/noise", step, micro_step))
-    if model_type == "bert":
-        inputs, targets = mask_tokens(x, meta["vocab_size"], generator)
-        return dict(idx=inputs, targets=targets)
-    return infilling_batch(x, generator)
-
-
-@torch.no_grad()
-def estimate_loss():
-    """Mean loss (and MLM accuracy for bert, bits per byte for gpt) over eval_iters fixed batches of each split, with
-    the unwrapped model (rank 0 only)."""
-    raw_model.eval()
-    out = {}
-    for split in ("train", "val"):
-        losses, accuracies = torch.zeros(eval_iters), torch.zeros(eval_iters)
-        nll_sum, n_bytes = 0.0, 0  # over the text tokens of the same batches
-        for k in range(eval_iters):
-            batch = objective_batch(split, seed + 1, k, 0)
-            with ctx:
-                logits, loss = raw_model(**batch)
-            losses[k] = loss.item()
-            if model_type == "bert":
-                accuracies[k] = mlm_accuracy(logits, batch["targets"])
-            if byte_lengths is not None:
-                batch_nll, batch_bytes = text_nll_and_bytes(logits, batch["targets"], byte_lengths)
-                nll_sum, n_bytes = nll_sum + batch_nll, n_bytes + batch_bytes
-        out[split] = losses.mean().item()
-        if model_type == "bert":
-            out[f"{split}_mlm_accuracy"] = accuracies.nanmean().item()
-        if byte_lengths is not None:
-            out[f"{split}_bpb"] = bits_per_byte(nll_sum, n_bytes)
-    raw_model.train()
-    return out
+def batch(split, seed_base, step, micro_step):
+    """One micro-batch of the token stream, as the model's objective wants it (a pure function of its arguments)."""
+    x, y = get_batch(data_dir, split, batch_size, block_size, seed_base, step, micro_step, runtime.device)
+    noise = torch.Generator().manual_seed(batch_seed(seed_base, f"{split}/noise", step, micro_step))
+    return raw_model.objective_batch(x, y, noise)  # gpt: next token; bert: masked tokens; encdec: infilling
 
 
 def save(iter_num):
-    save_checkpoint(os.path.join(out_dir, "ckpt.pt"), runtime, model, optimizer, scaler, iter_num, best_val_loss,
+    save_checkpoint(os.path.join(out_dir, "ckpt.pt"), runtime, model, optimizer, scaler, iter_num, should_save.best,
                     config, model_args)
 
 
@@ -222,51 +133,39 @@ def save(iter_num):
 log = start_run(out_dir, runtime, init_from == "resume", iter_num, tokenizer_path, tensorboard=tensorboard)
 progress = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True)
 stop = GracefulStop()  # Ctrl-C: finish the step, checkpoint, exit
-step = GuardedStep(optimizer, scaler, grad_clip, runtime, dtype)  # clip; skip non-finite steps
-stopped = False
+step = GuardedStep(optimizer, scaler, grad_clip, runtime)  # clip; skip non-finite steps
+should_save = CheckpointRule(always_save_checkpoint, best_val_loss)  # after an evaluation
 t_start = time.time()
 while True:
-    if stop.requested(runtime):
-        stopped = True
-        if master:
-            tqdm.write(f"[nanollm] stop requested: checkpoint at iteration {iter_num}; resume with --init_from=resume")
+    if stop.requested(runtime, iter_num):
         save(iter_num)
         break
 
-    # evaluate and checkpoint
+    # evaluate (rank 0, the plain model, fixed batches) and checkpoint
     if iter_num % eval_interval == 0 or iter_num >= max_iters or eval_only:
+        scores = estimate_loss(raw_model, lambda split, k: batch(split, seed + 1, k, 0), eval_iters, ctx,
+                               byte_lengths) if master else {}
         if master:
-            losses = estimate_loss()
-            val_ppl = torch.exp(torch.tensor(losses["val"])).item()
-            extra = {k: losses[k] for k in ("val_mlm_accuracy", "val_bpb", "train_bpb") if k in losses}
-            tqdm.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-                       f"val ppl {val_ppl:.2f}" + "".join(f", {k} {v:.4f}" for k, v in extra.items()))
-            log.write({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                       "val_ppl": val_ppl, **extra})
-            improved = losses["val"] < best_val_loss
-            last_val_loss = losses["val"]
-            best_val_loss = min(best_val_loss, losses["val"])
-        save_now = dist_utils.any_rank(master and iter_num > 0 and (improved or always_save_checkpoint), runtime)
-        if save_now and not eval_only:
+            tqdm.write(f"iter {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+            log.write({"iter": iter_num, **scores})
+        if should_save(scores.get("val_loss"), runtime) and iter_num > 0 and not eval_only:
             save(iter_num)
         dist_utils.barrier(runtime)
     if iter_num >= max_iters or eval_only:
         break
 
-    # learning rate for this iteration
-    lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr,
-                lr_schedule if decay_lr else "constant")
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    # learning rate for this iteration: warmup, then cosine (or polynomial) decay to min_lr
+    lr = set_lr(optimizer, get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr,
+                                  lr_schedule if decay_lr else "constant"))
 
     # forward/backward over micro-batches; gradients are all-reduced only on the last one
     t0 = time.time()
     loss_sum = 0.0
     for micro in range(accum_per_rank):
-        batch = objective_batch("train", seed, iter_num, runtime.rank * accum_per_rank + micro)
+        inputs = batch("train", seed, iter_num, runtime.rank * accum_per_rank + micro)
         with dist_utils.no_sync_unless(model, sync=(micro == accum_per_rank - 1)):
             with ctx:
-                _, loss = model(**batch)
+                _, loss = model(**inputs)
             scaler.scale(loss / accum_per_rank).backward()  # mean over the global batch (DDP averages ranks)
         loss_sum += loss.item()
     loss_mean = dist_utils.all_reduce_mean(loss_sum / accum_per_rank, runtime)
@@ -285,26 +184,14 @@ while True:
 progress.close()
 
 # ---- the end: numbers and a sample
-if master and not eval_only and not stopped:
-    elapsed = time.time() - t_start
-    print(f"[nanollm] trained {max_iters} iterations in {elapsed:.1f} s; "
-          f"final val loss {last_val_loss:.4f}, val ppl {torch.exp(torch.tensor(last_val_loss)).item():.2f} "
-          f"(unigram baseline ppl {unigram_perplexity(data_dir):.2f})")
+if master and not eval_only and not stop.stopped:
+    print(f"[nanollm] trained {max_iters} iterations in {time.time() - t_start:.1f} s; final val loss "
+          f"{scores['val_loss']:.4f}, val ppl {scores['val_ppl']:.2f} (unigram baseline ppl "
+          f"{unigram_perplexity(data_dir):.2f})")
     raw_model.eval()
-    prompt = torch.tensor([tokenizer.encode(sample_prompt, bos=True) if tokenizer else [0]], device=runtime.device)
-    masked_prompt = torch.cat([prompt, torch.full_like(prompt[:, :1], tokenizer.mask_id)], dim=1) \
-        if model_type != "gpt" else None
     if tokenizer is None:
         print(f"[nanollm] no sample: {data_dir} has no tokenizer (nanoGPT's GPT-2 token files); sampling needs one")
-    elif model_type == "bert":  # predict the <|mask|> after the prompt
-        out = fill_mask(raw_model, masked_prompt)
-    elif model_type == "encdec":  # the decoder rewrites the prompt, writing out its final <|mask|> span
-        out = raw_model.generate(masked_prompt, min(sample_tokens, block_size - 1), temperature=0.8, top_k=50,
-                                 eos_id=tokenizer.eos_id)
     else:
-        out = raw_model.generate(prompt, min(sample_tokens, block_size - prompt.size(1)), temperature=0.8,
-                                 top_k=50, eos_id=tokenizer.eos_id)
-    if tokenizer is not None:
-        print("[nanollm] sample:", tokenizer.decode(out[0].tolist()))
+        print("[nanollm] sample:", raw_model.sample_text(tokenizer, sample_prompt, sample_tokens))
 dist_utils.teardown(runtime)
-stop.exit_if(stopped)
+stop.exit_if()

@@ -83,6 +83,18 @@ class BERT(nn.Module):
             return logits, None
         return logits, cross_entropy_loss(logits, targets)
 
+    def objective_batch(self, x, y=None, generator=None):
+        """A block x (B, T) of the token stream as training inputs: masked tokens (15%, 80/10/10, Devlin et al.
+        2019); the targets are the original tokens at the selected positions."""
+        inputs, targets = mask_tokens(x, self.config.vocab_size, generator)
+        return dict(idx=inputs, targets=targets)
+
+    def sample_text(self, tokenizer, prompt, max_new_tokens=None, **sampling):
+        """The prompt with a <|mask|> appended and filled in, as text (BERT predicts, it does not continue)."""
+        ids = torch.tensor([tokenizer.encode(prompt, bos=True) + [tokenizer.mask_id]],
+                           device=self.lm_head.weight.device)  # (1, T + 1)
+        return tokenizer.decode(fill_mask(self, ids)[0].tolist())
+
     def pooled_output(self, hidden, attention_mask=None):
         """tanh(W·h + b) at the [CLS] position: the first real token of each row. hidden (B, T, C) -> (B, C)."""
         if self.pooler is None:

@@ -18,11 +18,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class Runtime:
+    """Where and how a run executes: device, this process's place among the DDP ranks, and the compute dtype."""
     device: str  # 'cuda:0', 'mps', 'cpu'
     device_type: str  # 'cuda' | 'mps' | 'cpu'
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    dtype: str = "float32"  # 'float32' | 'bfloat16' | 'float16': autocast's dtype (weights stay float32)
 
     @property
     def ddp(self):
@@ -31,6 +33,22 @@ class Runtime:
     @property
     def is_master(self):
         return self.rank == 0
+
+    def autocast(self):
+        """The mixed-precision context for forward passes (a no-op in float32)."""
+        return autocast(self.device_type, self.dtype)
+
+    def grad_scaler(self):
+        """A GradScaler: loss scaling for float16, a pass-through otherwise."""
+        return grad_scaler(self.device_type, self.dtype)
+
+    def wrap(self, model):
+        """The model under DDP when there are several processes (gradients averaged after backward), else itself."""
+        if not self.ddp:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[self.local_rank] if self.device_type == "cuda" else None)
 
 
 def pick_device(device="auto"):
@@ -44,21 +62,28 @@ def pick_device(device="auto"):
     return "cpu"
 
 
-def setup(device="auto", backend="auto"):
-    """Start DDP when launched by torchrun (RANK is set), else run as one process. Returns a Runtime."""
+def setup(device="auto", backend="auto", dtype="auto", announce=False):
+    """Start DDP when launched by torchrun (RANK is set), else run as one process; resolve the dtype. Returns a
+    Runtime; with announce, rank 0 prints what it chose."""
     device = pick_device(device)
-    if int(os.environ.get("RANK", -1)) == -1:
-        return Runtime(device=device, device_type=device.split(":")[0])
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    world_size = int(os.environ["WORLD_SIZE"])
     device_type = device.split(":")[0]
-    if backend == "auto":
-        backend = "nccl" if device_type == "cuda" else "gloo"  # nccl needs GPUs; gloo runs on CPUs
-    if device_type == "cuda":
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
-    return Runtime(device=device, device_type=device_type, rank=rank, local_rank=local_rank, world_size=world_size)
+    dtype = resolve_dtype(dtype, device_type)
+    if int(os.environ.get("RANK", -1)) == -1:
+        runtime = Runtime(device=device, device_type=device_type, dtype=dtype)
+    else:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+        if backend == "auto":
+            backend = "nccl" if device_type == "cuda" else "gloo"  # nccl needs GPUs; gloo runs on CPUs
+        if device_type == "cuda":
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        runtime = Runtime(device=device, device_type=device_type, rank=rank, local_rank=local_rank,
+                          world_size=world_size, dtype=dtype)
+    if announce and runtime.is_master:
+        print(f"[nanollm] device={runtime.device} dtype={dtype} world_size={runtime.world_size}")
+    return runtime
 
 
 def teardown(runtime):

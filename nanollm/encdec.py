@@ -94,6 +94,18 @@ class EncoderDecoder(nn.Module):
             return logits, None
         return logits, cross_entropy_loss(logits, targets)
 
+    def objective_batch(self, x, y=None, generator=None):
+        """A block x (B, T) of the token stream as training inputs: BART text infilling (Lewis et al. 2020)."""
+        return infilling_batch(x, generator)
+
+    def sample_text(self, tokenizer, prompt, max_new_tokens, temperature=0.8, top_k=50):
+        """The decoder rewrites the prompt with a <|mask|> appended, writing out that span, as text."""
+        src = torch.tensor([tokenizer.encode(prompt, bos=True) + [tokenizer.mask_id]],
+                           device=self.wte.weight.device)  # (1, S)
+        out = self.generate(src, min(max_new_tokens, self.config.block_size - 1), temperature=temperature,
+                            top_k=top_k, eos_id=tokenizer.eos_id)
+        return tokenizer.decode(out[0].tolist())
+
     def new_kv_cache(self, batch_size, max_len, device=None, dtype=None):
         c, weight = self.config, self.wte.weight
         return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head,

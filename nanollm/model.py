@@ -379,6 +379,19 @@ class GPT(nn.Module):
         T = seq_len or self.config.block_size
         return 6 * self.num_parameters(exclude_positions=True) + 12 * self.config.n_layer * self.config.n_embd * T
 
+    # ------------------------------------------------------------------------- the pretraining objective
+    def objective_batch(self, x, y, generator=None):
+        """A block x (B, T) of the token stream and y, the same block one token later, as training inputs:
+        next-token prediction (Radford et al. 2018)."""
+        return dict(idx=x, targets=y)
+
+    def sample_text(self, tokenizer, prompt, max_new_tokens, temperature=0.8, top_k=50):
+        """The prompt (text) continued by sampling, as text."""
+        ids = torch.tensor([tokenizer.encode(prompt, bos=True)], device=self.wte.weight.device)  # (1, T)
+        out = self.generate(ids, min(max_new_tokens, self.config.block_size - ids.size(1)), temperature=temperature,
+                            top_k=top_k, eos_id=tokenizer.eos_id)
+        return tokenizer.decode(out[0].tolist())
+
     # -------------------------------------------------------------------------------------- forward
     def forward(self, idx, targets=None, attention_mask=None, position_ids=None, kv_cache=None, segment_ids=None):
         """idx (B, T) token ids -> logits (B, T, V), and the mean cross-entropy if targets are given.

@@ -29,6 +29,13 @@ def configure_optimizer(model, weight_decay, learning_rate, betas, device_type, 
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
 
+def set_lr(optimizer, lr):
+    """Give every parameter group this iteration's learning rate; returns it."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, schedule="cosine", power=1.0):
     """Learning rate at iteration `it`."""
     if schedule not in LR_SCHEDULES:

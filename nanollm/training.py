@@ -17,9 +17,9 @@ MAX_BAD_STEPS = 3  # consecutive non-finite steps before a run gives up
 class GuardedStep:
     """Unscale, clip, check, step: a non-finite loss or gradient norm skips the step (weights untouched)."""
 
-    def __init__(self, optimizer, scaler, grad_clip, runtime, dtype):
+    def __init__(self, optimizer, scaler, grad_clip, runtime, dtype=None):
         self.optimizer, self.scaler, self.grad_clip = optimizer, scaler, grad_clip
-        self.runtime, self.fp16 = runtime, dtype == "float16"
+        self.runtime, self.fp16 = runtime, (dtype or runtime.dtype) == "float16"
         self.bad_steps = 0
 
     def __call__(self, model, loss_mean, iter_num):
@@ -48,12 +48,27 @@ class GuardedStep:
         return grad_norm
 
 
+class CheckpointRule:
+    """After an evaluation: checkpoint always, or only when the held-out loss improved. Rank 0 evaluates; every rank
+    learns its decision (all ranks take part in saving)."""
+
+    def __init__(self, always, best=float("inf")):
+        self.always, self.best = always, best
+
+    def __call__(self, val_loss, runtime):
+        """val_loss: rank 0's held-out loss (None on the other ranks). Returns True on every rank when it is time."""
+        improved = val_loss is not None and val_loss < self.best
+        self.best = min(self.best, val_loss) if val_loss is not None else self.best
+        return any_rank(runtime.is_master and (improved or self.always), runtime)
+
+
 class GracefulStop:
     """Ctrl-C or SIGTERM asks the loop to checkpoint and exit at the next step boundary; a second Ctrl-C
     stops at once."""
 
     def __init__(self):
         self.flag, self.signum = False, signal.SIGINT  # a rank that heard nothing stops as if Ctrl-C'd
+        self.stopped = False  # set once every rank has agreed to stop
         signal.signal(signal.SIGINT, self._handle)
         signal.signal(signal.SIGTERM, self._handle)
 
@@ -62,11 +77,15 @@ class GracefulStop:
             raise KeyboardInterrupt
         self.flag, self.signum = True, signum
 
-    def requested(self, runtime):
-        return any_rank(self.flag, runtime)
+    def requested(self, runtime, iter_num=None):
+        """True on every rank once any rank was asked to stop; with iter_num, rank 0 says where the run stops."""
+        self.stopped = any_rank(self.flag, runtime)
+        if self.stopped and iter_num is not None and runtime.is_master:
+            tqdm.write(f"[nanollm] stop requested: checkpoint at iteration {iter_num}; resume with --init_from=resume")
+        return self.stopped
 
-    def exit_if(self, stopped):
+    def exit_if(self, stopped=None):
         """A stopped run ends with exit code 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM), as a shell
         reports it, so that a caller can tell it from a finished run (exit code 0)."""
-        if stopped:
+        if self.stopped if stopped is None else stopped:
             raise SystemExit(128 + int(self.signum))

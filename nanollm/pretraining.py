@@ -1,0 +1,110 @@
+"""Pretraining's pieces beside its loop (train_pretrain.py): the settings check, the data every rank reads, the three
+model types and the held-out evaluation.
+
+Each model type brings its own objective (GPT: the next token, Radford et al. 2018; BERT: masked tokens, Devlin et al.
+2019; encoder-decoder: BART text infilling, Lewis et al. 2020) as `objective_batch`, and its own `sample_text`, so the
+loop is the same for all three. Bits per byte (nanochat's measure) divides the loss by the text's UTF-8 bytes instead
+of its tokens, so models with different tokenizers can be compared.
+"""
+import filecmp
+import os
+
+import torch
+
+from nanollm.bert import BERT, BertConfig, mlm_accuracy
+from nanollm.configurator import UserError, check_ranges
+from nanollm.data import load_meta, load_tokenizer, prepare_dataset, tokenizer_file
+from nanollm.distributed import barrier
+from nanollm.encdec import EncoderDecoder
+from nanollm.metrics import bits_per_byte, text_nll_and_bytes, token_byte_lengths
+from nanollm.model import GPT, GPTConfig
+from nanollm.tokenizer import Tokenizer
+
+MODEL_TYPES = {"gpt": (GPT, GPTConfig), "bert": (BERT, BertConfig), "encdec": (EncoderDecoder, GPTConfig)}
+RESUMED = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # a resumed run's shape is its checkpoint's
+
+
+def check_settings(settings):
+    """train_pretrain.py's settings, before any work: one line naming the first wrong one."""
+    if settings["model_type"] not in MODEL_TYPES:
+        raise UserError(f"model_type={settings['model_type']!r}: expected one of {tuple(MODEL_TYPES)}")
+    if settings["init_from"] not in ("scratch", "resume"):
+        raise UserError(f"init_from={settings['init_from']!r}: expected 'scratch' or 'resume'")
+    check_ranges(settings, positive=("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval",
+                                     "log_interval", "eval_iters", "n_layer", "n_head", "n_embd", "vocab_size"),
+                 non_negative=("max_iters", "learning_rate", "min_lr", "warmup_iters", "weight_decay", "grad_clip"),
+                 fraction=("dropout",))
+    if settings["n_embd"] % settings["n_head"]:
+        raise UserError(f"n_embd={settings['n_embd']} must be a multiple of n_head={settings['n_head']}")
+
+
+def resumed_shape(checkpoint, model_type, out_dir):
+    """The architecture settings of the run being resumed (one source of truth: the checkpoint's), in RESUMED order."""
+    saved_type = checkpoint["config"].get("model_type", "gpt")
+    if saved_type != model_type:
+        raise UserError(f"{out_dir}/ckpt.pt holds a {saved_type!r} model, not model_type={model_type!r}")
+    return [checkpoint["model_args"][key] for key in RESUMED]
+
+
+def prepare_data(dataset, data_dir, vocab_size, tokenizer_type, seed, runtime):
+    """Clean, tokenize and cache the data once (rank 0; the others wait, then hit the cache). Returns (data_dir, meta,
+    tokenizer, tokenizer_path): our Tokenizer, nanoGPT's meta.pkl characters, or None (bare GPT-2 token files), and
+    the file to copy beside the model."""
+    if runtime.is_master:
+        data_dir = prepare_dataset(dataset, data_dir or None, vocab_size=vocab_size, tokenizer_type=tokenizer_type,
+                                   seed=seed)
+    barrier(runtime)
+    data_dir = data_dir or prepare_dataset(dataset, None, vocab_size=vocab_size, tokenizer_type=tokenizer_type,
+                                           seed=seed)
+    return data_dir, load_meta(data_dir), load_tokenizer(data_dir), tokenizer_file(data_dir)
+
+
+def check_tokenizer(model_type, tokenizer, tokenizer_path, data_dir, out_dir, resume):
+    """BERT and the encoder-decoder need our special tokens; a resumed run must read its data with its own tokenizer."""
+    if model_type != "gpt" and not isinstance(tokenizer, Tokenizer):
+        raise UserError(f"model_type={model_type!r} needs nanollm's special tokens (mask, eos): {data_dir} has none")
+    saved = tokenizer_path and os.path.join(out_dir, os.path.basename(tokenizer_path))
+    if resume and saved and os.path.exists(saved) and not filecmp.cmp(tokenizer_path, saved, shallow=False):
+        raise UserError(f"init_from='resume': the data's tokenizer ({tokenizer_path}) is not the one the run in "
+                        f"{out_dir} was trained with; resume with the run's own dataset")
+
+
+def build_model(model_type, model_args):
+    model_class, config_class = MODEL_TYPES[model_type]
+    return model_class(config_class(**model_args))
+
+
+def byte_lengths_for(model, tokenizer, device):
+    """UTF-8 bytes of each token id, for bits per byte: next-token models whose data has a tokenizer only."""
+    if not isinstance(model, GPT) or tokenizer is None:
+        return None
+    return token_byte_lengths(tokenizer).to(device)
+
+
+@torch.no_grad()
+def estimate_loss(model, batch_of, eval_iters, ctx, byte_lengths=None):
+    """Held-out numbers of the plain model (rank 0) over eval_iters fixed batches of each split, batch_of(split, k):
+    train_loss, val_loss, val_ppl = e^val_loss; bits per byte (byte_lengths given); masked-token accuracy (BERT)."""
+    model.eval()
+    scores = {}
+    for split in ("train", "val"):
+        losses, accuracies = torch.zeros(eval_iters), torch.zeros(eval_iters)
+        nll_sum, n_bytes = 0.0, 0  # over the text tokens of the same batches
+        for k in range(eval_iters):
+            batch = batch_of(split, k)
+            with ctx:
+                logits, loss = model(**batch)
+            losses[k] = loss.item()
+            if isinstance(model, BERT):
+                accuracies[k] = mlm_accuracy(logits, batch["targets"])
+            if byte_lengths is not None:
+                batch_nll, batch_bytes = text_nll_and_bytes(logits, batch["targets"], byte_lengths)
+                nll_sum, n_bytes = nll_sum + batch_nll, n_bytes + batch_bytes
+        scores[f"{split}_loss"] = losses.mean().item()
+        if isinstance(model, BERT):
+            scores[f"{split}_mlm_accuracy"] = accuracies.nanmean().item()
+        if byte_lengths is not None:
+            scores[f"{split}_bpb"] = bits_per_byte(nll_sum, n_bytes)
+    scores["val_ppl"] = torch.exp(torch.tensor(scores["val_loss"])).item()  # perplexity = e^(mean NLL per token)
+    model.train()
+    return scores
