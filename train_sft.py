@@ -16,20 +16,18 @@ import sys
 import time
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from nanollm import distributed as dist_utils
 from nanollm.checkpoint import (check_out_dir, load_checkpoint, read_metrics, restore_training_state, save_checkpoint,
                                 start_run, unwrap)
-from nanollm.configurator import UserError, check_ranges, configure
-from nanollm.instructions import write_demo_dataset
+from nanollm.configurator import UserError, configure
 from nanollm.model import GPT, GPTConfig
-from nanollm.optim import configure_optimizer, get_lr
-from nanollm.sft import (encode_conversations, evaluate, get_sft_batch, load_conversations, model_inputs, pack_rows,
-                         token_loss_sum)
+from nanollm.optim import configure_optimizer, get_lr, set_lr
+from nanollm.sft import (check_settings, encode_conversations, evaluate, get_sft_batch, load_sft_data, model_inputs,
+                         pack_rows, spread, starting_point, token_loss_sum)
 from nanollm.tokenizer import Tokenizer
-from nanollm.training import GracefulStop, GuardedStep
+from nanollm.training import CheckpointRule, GracefulStop, GuardedStep
 
 # ------------------------------------------------------------------------------------------ settings
 # I/O
@@ -53,7 +51,7 @@ batch_size = 32  # rows per micro-step per rank
 block_size = 0  # longest example in tokens; 0 = the base model's block_size (longer examples are truncated)
 # model
 dropout = 0.0  # replaces the base model's dropout
-attn_impl = "auto"  # 'manual' | 'sdpa' | 'triton' | 'auto' (sdpa)
+attn_impl = "auto"  # 'manual' | 'sdpa' | 'triton' | 'auto' (sdpa): how attention runs, not saved with the weights
 # optimizer (AdamW) and schedule: a smaller learning rate than pretraining, so knowledge is not overwritten
 learning_rate = 5e-4
 max_iters = 200
@@ -77,84 +75,48 @@ compile = False  # torch.compile the model
 seed = 1337
 # ----------------------------------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])
-check_ranges(config, positive=("batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval"),
-             non_negative=("max_iters", "block_size", "learning_rate", "min_lr", "warmup_iters", "weight_decay",
-                           "grad_clip", "eval_examples", "max_new_tokens"), fraction=("dropout", "val_fraction"))
+check_settings(config)
 check_out_dir(out_dir, init_from == "resume", overwrite)  # nothing in out_dir changes before the loop starts
 
-# ---- setup: device, DDP, precision, seeds
-runtime = dist_utils.setup(device, backend)
-master = runtime.is_master
-dtype = dist_utils.resolve_dtype(dtype, runtime.device_type)
+# ---- setup: device, DDP, precision; the starting model (a pretraining out_dir, or ours when resuming)
+runtime = dist_utils.setup(device, backend, dtype, announce=True)
+master, ctx = runtime.is_master, runtime.autocast()
 accum_per_rank = dist_utils.micro_steps_per_rank(gradient_accumulation_steps, runtime)
 lr_decay_iters = max_iters if lr_decay_iters < 0 else lr_decay_iters
-if master:
-    print(f"[nanollm] device={runtime.device} dtype={dtype} world_size={runtime.world_size}")
-ctx = dist_utils.autocast(runtime.device_type, dtype)
-
-# ---- the starting model: a pretraining checkpoint, or our own SFT checkpoint when resuming
-if init_from == "resume":
-    checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), runtime.device)
-    tokenizer_path = os.path.join(out_dir, "tokenizer.model")
-elif init_from.startswith("gpt2"):
-    raise UserError(f"init_from={init_from!r}: GPT.from_pretrained loads GPT-2 weights, but SFT also needs GPT-2's "
-                     f"tokenizer, which nanollm does not have; start from a pretraining out_dir such as 'out'")
-else:
-    checkpoint = load_checkpoint(os.path.join(init_from, "ckpt.pt"), runtime.device)
-    tokenizer_path = os.path.join(init_from, "tokenizer.model")
+start_dir, tokenizer_path = starting_point(init_from, out_dir)
+checkpoint = load_checkpoint(os.path.join(start_dir, "ckpt.pt"), runtime.device)
 tokenizer = Tokenizer(tokenizer_path)
-if attn_impl == "auto":
-    attn_impl = "sdpa"
 model_args = dict(checkpoint["model_args"], dropout=dropout, attn_impl=attn_impl)
 block_size = block_size or model_args["block_size"]
 if block_size > model_args["block_size"]:
     raise UserError(f"block_size={block_size} exceeds the base model's block_size={model_args['block_size']}")
+config.update(dtype=runtime.dtype, lr_decay_iters=lr_decay_iters, block_size=block_size)  # saved as resolved
 
 # ---- data: every record normalized to the chat template, checked in full before training starts
-if dataset == "demo":
-    demo_dir = data_dir or os.path.join("data", "sft_demo")
-    if master:
-        write_demo_dataset(demo_dir, world_seed=world_seed)
-    dist_utils.barrier(runtime)
-    dataset = os.path.join(demo_dir, "train")
-    eval_dataset = eval_dataset or os.path.join(demo_dir, "heldout")
-train_conversations = load_conversations(dataset)
-if eval_dataset:
-    heldout_conversations = load_conversations(eval_dataset)
-else:  # a seeded random val_fraction of a custom dataset
-    order = torch.randperm(len(train_conversations), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = max(1, round(len(order) * val_fraction))
-    heldout_conversations = [train_conversations[i] for i in sorted(order[:n_val])]
-    train_conversations = [train_conversations[i] for i in sorted(order[n_val:])]
+train_conversations, heldout_conversations = load_sft_data(dataset, eval_dataset, data_dir, world_seed, val_fraction,
+                                                           seed, runtime)
 train_examples, train_stats = encode_conversations(tokenizer, train_conversations, block_size)
 heldout_examples, eval_stats = encode_conversations(tokenizer, heldout_conversations, block_size)
 rows = pack_rows(train_examples, block_size, packing, seed)
-n_generated = min(eval_examples, len(heldout_conversations))  # evenly spread over the held-out set (all its tasks)
-generation_set = [heldout_conversations[i * len(heldout_conversations) // n_generated] for i in range(n_generated)]
+generation_set = spread(heldout_conversations, eval_examples)  # greedy replies scored before and after
 if master:
     print(f"[nanollm] train: {train_stats}\n[nanollm] held-out: {eval_stats}")
     print(f"[nanollm] {'packing' if packing else 'padding'}: {len(rows)} rows from {len(train_examples)} examples")
 
 # ---- model
 model = GPT(GPTConfig(**model_args)).to(runtime.device)
-scaler = dist_utils.grad_scaler(runtime.device_type, dtype)
+scaler = runtime.grad_scaler()
 optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), runtime.device_type, master)
 iter_num, best_val_loss = 0, float("inf")
 if init_from == "resume":
     iter_num, best_val_loss = restore_training_state(checkpoint, model, optimizer, scaler, runtime)
-    if master:
-        print(f"[nanollm] resumed from {out_dir}/ckpt.pt at iteration {iter_num}")
 else:
     model.load_state_dict(checkpoint["model"])
     torch.manual_seed(seed + runtime.rank)  # dropout differs per rank
-    if master:
-        print(f"[nanollm] starting from {init_from}/ckpt.pt ({model.num_parameters() / 1e6:.2f} M parameters)")
+if master:
+    print(f"[nanollm] from {start_dir}/ckpt.pt at iteration {iter_num} ({model.num_parameters() / 1e6:.2f} M)")
 checkpoint = None  # free memory
-if compile:
-    print("[nanollm] compiling the model with torch.compile")
-    model = torch.compile(model)
-if runtime.ddp:
-    model = DDP(model, device_ids=[runtime.local_rank] if runtime.device_type == "cuda" else None)
+model = runtime.wrap(torch.compile(model) if compile else model)  # DDP when several processes
 raw_model = unwrap(model)
 
 
@@ -167,7 +129,7 @@ def run_evaluation(with_generation):
 
 
 def save(iter_num):
-    save_checkpoint(os.path.join(out_dir, "ckpt.pt"), runtime, model, optimizer, scaler, iter_num, best_val_loss,
+    save_checkpoint(os.path.join(out_dir, "ckpt.pt"), runtime, model, optimizer, scaler, iter_num, should_save.best,
                     config, model_args, stage="sft")
 
 
@@ -182,36 +144,30 @@ if master and (iter_num == 0 or eval_only):
 # ---- the training loop
 progress = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True)
 stop = GracefulStop()  # Ctrl-C: finish the step, checkpoint, exit
-step = GuardedStep(optimizer, scaler, grad_clip, runtime, dtype)  # clip; skip non-finite steps
-stopped = False
+step = GuardedStep(optimizer, scaler, grad_clip, runtime)  # clip; skip non-finite steps
+should_save = CheckpointRule(always_save_checkpoint, best_val_loss)  # after an evaluation
 t_start = time.time()
 while not eval_only:
-    if stop.requested(runtime):
-        stopped = True
-        if master:
-            tqdm.write(f"[nanollm] stop requested: checkpoint at iteration {iter_num}; resume with --init_from=resume")
+    if stop.requested(runtime, iter_num):
         save(iter_num)
         break
 
     # held-out loss and checkpoint (the first evaluation was the "before" one)
     if iter_num > 0 and (iter_num % eval_interval == 0 or iter_num >= max_iters):
+        scores = run_evaluation(with_generation=False)[0] if master else {}
         if master:
-            scores, _ = run_evaluation(with_generation=False)
             tqdm.write(f"iter {iter_num}: held-out assistant loss {scores['val_loss']:.4f}, "
                        f"ppl {scores['val_ppl']:.2f}")
             log.write({"iter": iter_num, **scores})
-            improved = scores["val_loss"] < best_val_loss
-            best_val_loss = min(best_val_loss, scores["val_loss"])
-        if dist_utils.any_rank(master and (improved or always_save_checkpoint), runtime):
+        if should_save(scores.get("val_loss"), runtime):
             save(iter_num)
         dist_utils.barrier(runtime)
     if iter_num >= max_iters:
         break
 
-    # learning rate for this iteration
-    lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr, lr_schedule if decay_lr else "constant")
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    # learning rate for this iteration: warmup, then cosine (or polynomial) decay to min_lr
+    lr = set_lr(optimizer, get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr,
+                                  lr_schedule if decay_lr else "constant"))
 
     # this rank's micro-batches; the loss is a mean over every target token of the global batch
     t0 = time.time()
@@ -243,7 +199,7 @@ while not eval_only:
 progress.close()
 
 # ---- the end: held-out metrics before and after, and a few replies
-if master and not eval_only and not stopped:
+if master and not eval_only and not stop.stopped:
     elapsed = time.time() - t_start
     after, samples = run_evaluation(with_generation=eval_examples > 0)
     log.write({"iter": iter_num, "phase": "after", **after})
@@ -257,4 +213,4 @@ if master and not eval_only and not stopped:
         print(f"  Q: {conversation.messages[-2]['content']}\n  A: {reply}\n  (reference: "
               f"{conversation.messages[-1]['content']})")
 dist_utils.teardown(runtime)
-stop.exit_if(stopped)
+stop.exit_if()

@@ -37,8 +37,10 @@ import torch
 import torch.nn.functional as F
 
 from nanollm import records
-from nanollm.configurator import UserError
+from nanollm.configurator import UserError, check_ranges
 from nanollm.data import batch_seed, list_input_files, parse_dataset
+from nanollm.distributed import barrier
+from nanollm.instructions import write_demo_dataset
 from nanollm.metrics import accuracy, generation_metrics
 from nanollm.tokenizer import ROLES, Tokenizer, encode_messages, prompt_ids
 
@@ -446,6 +448,46 @@ def show(path, tokenizer_path, first=0, count=3, block_size=1024, tokens=False):
                 print(f"{position:5d} {token:6d} {'TRAIN' if is_trained else '  -  '} {tokenizer.id_to_piece(token)!r}")
         else:
             print(render_example(tokenizer, example.ids, example.trained, color))
+
+
+# ----------------------------------------------------------------------------- train_sft.py's set-up
+def check_settings(settings):
+    """train_sft.py's settings, before any work: one line naming the first wrong one."""
+    check_ranges(settings, positive=("batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval"),
+                 non_negative=("max_iters", "block_size", "learning_rate", "min_lr", "warmup_iters", "weight_decay",
+                               "grad_clip", "eval_examples", "max_new_tokens"), fraction=("dropout", "val_fraction"))
+    if settings["init_from"].startswith("gpt2"):
+        raise UserError(f"init_from={settings['init_from']!r}: GPT-2 weights load, but SFT also needs GPT-2's "
+                        f"tokenizer, which nanollm does not have; start from a pretraining out_dir such as 'out'")
+
+
+def starting_point(init_from, out_dir):
+    """(checkpoint folder, tokenizer path) of the model SFT starts from: init_from, or out_dir when resuming."""
+    folder = out_dir if init_from == "resume" else init_from
+    return folder, os.path.join(folder, "tokenizer.model")
+
+
+def load_sft_data(dataset, eval_dataset, data_dir, world_seed, val_fraction, seed, runtime):
+    """(training conversations, held-out conversations). 'demo' is written from the world once (rank 0); a custom
+    dataset without eval_dataset gives a seeded random val_fraction of its records to the held-out set."""
+    if dataset == "demo":
+        demo_dir = data_dir or os.path.join("data", "sft_demo")
+        if runtime.is_master:
+            write_demo_dataset(demo_dir, world_seed=world_seed)
+        barrier(runtime)
+        dataset, eval_dataset = os.path.join(demo_dir, "train"), eval_dataset or os.path.join(demo_dir, "heldout")
+    train = load_conversations(dataset)
+    if eval_dataset:
+        return train, load_conversations(eval_dataset)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, round(len(order) * val_fraction))
+    return [train[i] for i in sorted(order[n_val:])], [train[i] for i in sorted(order[:n_val])]
+
+
+def spread(items, count):
+    """`count` items evenly spread over the list (every task of a held-out set is generated)."""
+    count = min(count, len(items))
+    return [items[i * len(items) // count] for i in range(count)]
 
 
 def main(argv=None):
