@@ -6,17 +6,19 @@ scores; Bradley–Terry −log σ(r_chosen − r_rejected − margin) (Bradley &
 et al. 2023); InstructGPT's ranking loss over all K-choose-2 pairs of a prompt, one forward pass per response.
 Data: {"input", "outputs": [{"response", "score"}]}, {"prompt", "chosen", "rejected"}, {"prompt", "ranking": [...]}.
 """
+import filecmp
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanollm.configurator import UserError
+from nanollm.checkpoint import load_checkpoint
+from nanollm.configurator import UserError, check_ranges
 from nanollm.data import batch_seed, last_token_index, pad_sequences
-from nanollm.metrics import preference_pairs
-from nanollm.metrics import pair_accuracy, pearson, ranking_metrics  # noqa: F401  (old import path, for now)
+from nanollm.metrics import pair_accuracy, pearson, preference_pairs, ranking_metrics
 from nanollm.sft import list_sft_files, read_records
 from nanollm.tokenizer import Tokenizer, encode_content, prompt_ids
 
@@ -376,3 +378,132 @@ def dataset_loss(rewards, groups, loss, margin=0.0):
     if loss == "pairwise":
         return bradley_terry_loss(flat[better], flat[worse], margin).item()
     return ranking_loss(flat, better, worse, torch.tensor(group_index)).item()
+
+
+# ----------------------------------------------------------------------------- train_rm.py's set-up
+def check_settings(settings):
+    """train_rm.py's settings, before any work: one line naming the first wrong one."""
+    check_ranges(settings, positive=("batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval"),
+                 non_negative=("max_iters", "block_size", "learning_rate", "min_lr", "warmup_iters", "weight_decay",
+                               "grad_clip"), fraction=("dropout", "val_fraction"))
+    if settings["loss"] not in LOSSES:
+        raise UserError(f"loss={settings['loss']!r}: expected one of {LOSSES}")
+
+
+@dataclass
+class RewardStart:
+    """Where train_rm.py starts: the SFT model's folder and tokenizer, the trunk ('gpt' = the SFT GPT, or a BERT)
+    and its weights, and the run's own checkpoint when resuming."""
+    source_dir: str  # the SFT out_dir (replies for the demo data come from it)
+    tokenizer_path: str
+    backbone: str  # 'gpt' | 'bert'
+    trunk: dict  # the checkpoint whose weights and model_args make the trunk
+    resumed: dict = None  # our own checkpoint, when resuming
+    likelihood_weight: float = 0.0
+
+
+def reward_start(init_from, out_dir, backbone, likelihood_weight, device):
+    """Load and check what train_rm.py starts from: an SFT out_dir (trunk 'sft') or a BERT trunk on the same tokens,
+    or the run in out_dir when resuming (its shape, whatever the settings say)."""
+    if init_from == "resume":
+        checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), device)
+        return RewardStart(checkpoint["config"]["init_from"], os.path.join(out_dir, "tokenizer.model"),
+                           checkpoint.get("backbone", "gpt"), checkpoint, checkpoint,
+                           checkpoint.get("likelihood_weight", 0.0))
+    checkpoint = load_checkpoint(os.path.join(init_from, "ckpt.pt"), device)
+    if checkpoint.get("stage") == "reward":
+        raise UserError(f"init_from={init_from!r} holds a reward model; start from an SFT out_dir or use 'resume'")
+    tokenizer_path = os.path.join(init_from, "tokenizer.model")
+    if backbone == "sft":
+        return RewardStart(init_from, tokenizer_path, "gpt", checkpoint, likelihood_weight=likelihood_weight)
+    trunk = load_checkpoint(os.path.join(backbone, "ckpt.pt"), device)
+    if trunk["config"].get("model_type") != "bert":
+        raise UserError(f"backbone={backbone!r}: expected 'sft' or a train_pretrain.py --model_type=bert out_dir, "
+                        f"found model_type={trunk['config'].get('model_type', 'gpt')!r}")
+    if not filecmp.cmp(os.path.join(backbone, "tokenizer.model"), tokenizer_path, shallow=False):
+        raise UserError(f"backbone={backbone!r}: its tokenizer.model differs from {tokenizer_path}; pretrain the BERT "
+                        f"on the same prepared data (--data_dir) as the SFT model's base")
+    return RewardStart(init_from, tokenizer_path, "bert", trunk, likelihood_weight=likelihood_weight)
+
+
+def load_reward_data(dataset, eval_dataset, val_fraction, loss):
+    """(training groups, held-out groups), checked for the loss; without eval_dataset the last val_fraction of the
+    dataset's prompts (file order, so the split never changes) is held out, all responses of a prompt together."""
+    train_groups = load_groups(dataset)
+    if eval_dataset:
+        eval_groups = load_groups(eval_dataset)
+    else:
+        train_groups, eval_groups = split_by_prompt(train_groups, val_fraction)
+    check_groups(train_groups, loss, "training data")
+    check_groups(eval_groups, loss, "held-out data")
+    return train_groups, eval_groups
+
+
+def encode_training_groups(tokenizer, groups, block_size):
+    """encode_groups, refusing a block_size that would cut most prompt + response pairs (they lose their beginning)."""
+    encoded, truncated = encode_groups(tokenizer, groups, block_size)
+    n_responses = sum(len(g.responses) for g in groups)
+    if truncated * 2 > n_responses:
+        raise UserError(f"block_size={block_size}: {truncated} of {n_responses} training prompt + response pairs do "
+                        f"not fit; raise it (0 = the base model's)")
+    return encoded, truncated
+
+
+class HeldOutScores:
+    """A reward model's held-out numbers: loss, agreement with the labels (pairwise accuracy, rank correlations) and,
+    where a judge knows the prompts (the world's gold annotator), with the truth, split into fact pairs (replies that
+    differ in factual accuracy) and form pairs; and the length bias: corr(reward, length) against the same for the
+    labels and for the truth. judge: an object with question(prompt) and judge(prompt, reply).overall/.accuracy."""
+
+    def __init__(self, groups, tokenizer, judge=None):
+        self.groups = groups
+        self.judged = [g for g, group in enumerate(groups) if judge is not None and judge.question(group.prompt) is not None]
+        self.judgements = [[judge.judge(groups[g].prompt, r) for r in groups[g].responses] for g in self.judged]
+        self.gold = [[judgement.overall for judgement in group] for group in self.judgements]
+        self.lengths = [[len(encode_content(tokenizer, r)) for r in group.responses] for group in groups]
+        flat_lengths = [n for group in self.lengths for n in group]
+        self.reference = {"val_label_length_corr": pearson([p for g in groups for p in g.preference], flat_lengths)}
+        if self.judged and len(self.judged) == len(groups):
+            self.reference["val_gold_length_corr"] = pearson([s for group in self.gold for s in group], flat_lengths)
+
+    def __call__(self, rewards, loss, margin=0.0):
+        """rewards: per group, per response (score_encoded's output) -> the held-out scores."""
+        flat = torch.tensor([r for group in rewards for r in group])
+        scores = {"val_loss": dataset_loss(rewards, self.groups, loss, margin),
+                  **ranking_metrics(rewards, [g.preference for g in self.groups], "val_")}
+        if self.judged:
+            judged_rewards = [rewards[g] for g in self.judged]
+            scores.update(ranking_metrics(judged_rewards, self.gold, "val_gold_"))
+            same_facts = lambda g, i, j: self.judgements[g][i].accuracy == self.judgements[g][j].accuracy  # noqa
+            scores["val_gold_fact_pair_acc"] = pair_accuracy(judged_rewards, self.gold,
+                                                             lambda g, i, j: not same_facts(g, i, j))[0]
+            scores["val_gold_form_pair_acc"] = pair_accuracy(judged_rewards, self.gold, same_facts)[0]
+        scores.update(reward_mean=flat.mean().item(), reward_std=flat.std().item(),
+                      val_length_corr=pearson(flat.tolist(), [n for group in self.lengths for n in group]),
+                      **self.reference)
+        return scores
+
+    @staticmethod
+    def describe(scores):
+        text = f"val loss {scores['val_loss']:.4f}, pair acc vs labelers {scores['val_pair_acc']:.1%}"
+        if "val_gold_pair_acc" in scores:
+            text += (f", vs gold {scores['val_gold_pair_acc']:.1%} (facts {scores['val_gold_fact_pair_acc']:.1%}, "
+                     f"form {scores['val_gold_form_pair_acc']:.1%}; kendall {scores['val_gold_kendall']:+.3f})")
+        text += (f"; corr with length: reward {scores['val_length_corr']:+.3f}, "
+                 f"labels {scores['val_label_length_corr']:+.3f}")
+        return text + (f", gold {scores['val_gold_length_corr']:+.3f}" if "val_gold_length_corr" in scores else "")
+
+    def length_table(self, rewards):
+        """The bias made visible: held-out responses in length quarters, with their mean reward, label and gold."""
+        gold_of = dict(zip(self.judged, self.gold))
+        rows = sorted((self.lengths[g][i], rewards[g][i], group.preference[i], gold_of[g][i] if g in gold_of else None)
+                      for g, group in enumerate(self.groups) for i in range(len(group.responses)))
+        mean = lambda values: sum(values) / len(values) if values else float("nan")  # noqa: E731
+        lines = ["| response length (tokens) | responses | mean reward | mean label | mean gold |",
+                 "|---|---|---|---|---|"]
+        for quarter in range(4):
+            part = rows[quarter * len(rows) // 4:(quarter + 1) * len(rows) // 4]
+            golds = [row[3] for row in part if row[3] is not None]
+            lines.append(f"| {part[0][0]}-{part[-1][0]} | {len(part)} | {mean([r[1] for r in part]):+.3f} | "
+                         f"{mean([r[2] for r in part]):.3f} | {mean(golds):.3f} |")
+        return "\n".join(lines)
