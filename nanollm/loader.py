@@ -26,7 +26,7 @@ from nanollm.data import load_tokenizer
 from nanollm.encdec import EncoderDecoder
 from nanollm.gpt2 import (CONFIG_FILE, check_tensors_fit, checked_config, expected_shapes, load_gpt2,
                           read_safetensors)
-from nanollm.model import GPT, GPTConfig, RUNTIME_FIELDS, architecture_args
+from nanollm.model import GPT, GPTConfig, architecture_args
 from nanollm.tokenizer import Tokenizer
 
 CHECKPOINT_FILE = "ckpt.pt"
