@@ -10,12 +10,11 @@ LEVELS = [
     {"configurator", "records", "clean", "world"},  # plain Python: settings, files, text, the simulated world
     {"tokenizer", "metrics", "distributed", "training", "optim", "sampling", "instructions"},
     {"data", "model"},  # token files -> batches; transformer blocks and the GPT
-    {"bert", "encdec", "gpt2", "checkpoint", "pretraining"},  # the other architectures, file formats, checkpoint I/O
+    {"bert", "encdec", "gpt2", "checkpoint", "export", "quantize", "pretraining"},  # other architectures, file formats
     {"sft"},
     {"reward"},
+    {"loader"},  # opens every kind of model file the stages before it write (PPO's policy is a GPT)
     {"ppo"},
-    {"export", "quantize"},  # release and int8 files (written here, read by the loader)
-    {"loader"},  # opens every kind of model file
     {"evaluation", "serving", "annotators", "prune", "report"},  # tools built on the loader
 ]
 LEVEL = {module: level for level, modules in enumerate(LEVELS) for module in modules}
