@@ -16,16 +16,14 @@ import sys
 import time
 
 import torch
-from tqdm import tqdm
-
 from nanollm import distributed as dist_utils
-from nanollm.checkpoint import check_out_dir, load_checkpoint, restore_training_state, save_checkpoint, start_run, unwrap
+from nanollm.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, start_run, unwrap
 from nanollm.configurator import configure
 from nanollm.data import batch_seed, get_batch, unigram_perplexity
-from nanollm.optim import configure_optimizer, get_lr, set_lr
+from nanollm.optim import Schedule, configure_optimizer
 from nanollm.pretraining import (build_model, byte_lengths_for, check_settings, check_tokenizer, estimate_loss,
                                  prepare_data, resumed_shape)
-from nanollm.training import CheckpointRule, GracefulStop, GuardedStep
+from nanollm.training import CheckpointRule, GracefulStop, GuardedStep, evaluation_due, setup_run
 
 # ------------------------------------------------------------------------------------------ settings
 # I/O
@@ -56,46 +54,41 @@ bias = True
 attn_impl = "auto"  # 'manual' | 'sdpa' | 'triton' | 'auto' (sdpa): how attention runs, not saved with the weights
 init = "normal"  # 'normal' (GPT-2 style) | 'xavier' | 'he'
 # optimizer (AdamW) and schedule
-learning_rate = 2e-3
-max_iters = 600
-weight_decay = 0.1
+learning_rate = 2e-3  # the peak, after warmup: a small model takes large steps
+max_iters = 600  # optimizer steps of tokens_per_iter tokens each
+weight_decay = 0.1  # AdamW's decoupled decay of the 2-D weights (Loshchilov & Hutter 2019)
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # clip the global gradient norm to this; 0 disables
 decay_lr = True  # False keeps learning_rate constant after warmup
 lr_schedule = "cosine"  # 'cosine' | 'poly'
-warmup_iters = 30
+warmup_iters = 30  # linear warmup while AdamW's moment estimates are still poor
 lr_decay_iters = -1  # -1 = max_iters
-min_lr = 2e-4
+min_lr = 2e-4  # the end of the decay: learning_rate / 10
 # system
 device = "auto"  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 dtype = "auto"  # 'auto' (bfloat16 on a GPU that has it, else float32) | 'float32' | 'bfloat16' | 'float16'
 backend = "auto"  # DDP backend: 'auto' (nccl on CUDA, gloo on CPU) | 'nccl' | 'gloo'
 compile = False  # torch.compile the model
-seed = 1337
+seed = 1337  # initial weights, batches and dropout
 # the sample printed at the end
 sample_prompt = "Talo"
 sample_tokens = 60
 # ----------------------------------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])
-check_settings(config)
-check_out_dir(out_dir, init_from == "resume", overwrite)  # nothing in out_dir changes before the loop starts
-
-# ---- setup: device, DDP, precision; a resumed run takes its shape from its checkpoint
-runtime = dist_utils.setup(device, backend, dtype, announce=True)
+runtime = setup_run(config, check_settings)  # settings and out_dir checked before any work; device, DDP, precision
 master, ctx = runtime.is_master, runtime.autocast()
 checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), runtime.device) if init_from == "resume" else None
 if checkpoint is not None:
     n_layer, n_head, n_embd, block_size, bias = resumed_shape(checkpoint, model_type, out_dir)
 accum_per_rank = dist_utils.micro_steps_per_rank(gradient_accumulation_steps, runtime)
 tokens_per_iter = accum_per_rank * runtime.world_size * batch_size * block_size
-lr_decay_iters = max_iters if lr_decay_iters < 0 else lr_decay_iters
 
 # ---- data: clean, tokenize and cache once (rank 0), then every rank reads the .bin files
 data_dir, meta, tokenizer, tokenizer_path = prepare_data(dataset, data_dir, vocab_size, tokenizer_type, seed, runtime)
 check_tokenizer(model_type, tokenizer, tokenizer_path, data_dir, out_dir, init_from == "resume")
-config.update(dtype=runtime.dtype, data_dir=data_dir, lr_decay_iters=lr_decay_iters, n_layer=n_layer,  # saved as
-              n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias)  # resolved, one source of truth
+config.update(dtype=runtime.dtype, data_dir=data_dir, n_layer=n_layer, n_head=n_head, n_embd=n_embd,  # saved as
+              block_size=block_size, bias=bias)  # resolved: one source of truth
 
 # ---- model
 model_args = dict(vocab_size=meta["vocab_size"], block_size=block_size, n_layer=n_layer, n_head=n_head,
@@ -107,6 +100,8 @@ if master:
     print(f"[nanollm] {type(model).__name__}, {tokens_per_iter:,} tokens per iteration:\n{model.parameter_report()}")
 scaler = runtime.grad_scaler()
 optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), runtime.device_type, master)
+schedule = Schedule(learning_rate, warmup_iters, lr_decay_iters, max_iters, min_lr, lr_schedule if decay_lr else
+                    "constant")  # warmup, then cosine (or polynomial) decay to min_lr
 iter_num, best_val_loss = 0, float("inf")
 if checkpoint is not None:
     iter_num, best_val_loss = restore_training_state(checkpoint, model, optimizer, scaler, runtime)
@@ -130,65 +125,52 @@ def save(iter_num):
 
 
 # ---- the training loop: out_dir is written from here on
-log = start_run(out_dir, runtime, init_from == "resume", iter_num, tokenizer_path, tensorboard=tensorboard)
-progress = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True)
+log = start_run(out_dir, runtime, init_from == "resume", iter_num, tokenizer_path, tensorboard, max_iters, log_interval)
 stop = GracefulStop()  # Ctrl-C: finish the step, checkpoint, exit
 step = GuardedStep(optimizer, scaler, grad_clip, runtime)  # clip; skip non-finite steps
 should_save = CheckpointRule(always_save_checkpoint, best_val_loss)  # after an evaluation
 t_start = time.time()
-while True:
-    if stop.requested(runtime, iter_num):
-        save(iter_num)
-        break
-
+while not stop.requested(runtime, iter_num):
     # evaluate (rank 0, the plain model, fixed batches) and checkpoint
-    if iter_num % eval_interval == 0 or iter_num >= max_iters or eval_only:
+    if evaluation_due(iter_num, eval_interval, max_iters, eval_only):
         scores = estimate_loss(raw_model, lambda split, k: batch(split, seed + 1, k, 0), eval_iters, ctx,
                                byte_lengths) if master else {}
-        if master:
-            tqdm.write(f"iter {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-            log.write({"iter": iter_num, **scores})
+        log.say(f"iter {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        log.write({"iter": iter_num, **scores})
         if should_save(scores.get("val_loss"), runtime) and iter_num > 0 and not eval_only:
             save(iter_num)
         dist_utils.barrier(runtime)
     if iter_num >= max_iters or eval_only:
         break
 
-    # learning rate for this iteration: warmup, then cosine (or polynomial) decay to min_lr
-    lr = set_lr(optimizer, get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr,
-                                  lr_schedule if decay_lr else "constant"))
+    t0 = time.time()
+    lr = schedule.set(optimizer, iter_num)  # this iteration's learning rate
 
     # forward/backward over micro-batches; gradients are all-reduced only on the last one
-    t0 = time.time()
-    loss_sum = 0.0
+    loss_sum = torch.zeros((), device=runtime.device)  # summed on the device: one read-back per step, not per micro
     for micro in range(accum_per_rank):
         inputs = batch("train", seed, iter_num, runtime.rank * accum_per_rank + micro)
         with dist_utils.no_sync_unless(model, sync=(micro == accum_per_rank - 1)):
             with ctx:
                 _, loss = model(**inputs)
             scaler.scale(loss / accum_per_rank).backward()  # mean over the global batch (DDP averages ranks)
-        loss_sum += loss.item()
-    loss_mean = dist_utils.all_reduce_mean(loss_sum / accum_per_rank, runtime)
+        loss_sum += loss.detach()
+    loss_mean = dist_utils.all_reduce_mean(loss_sum.item() / accum_per_rank, runtime)
 
     grad_norm = step(model, loss_mean, iter_num)  # unscale, clip to grad_clip, optimizer step (or skip)
 
-    # log
     dt = time.time() - t0
-    if master:
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.2e}")
-        if iter_num % log_interval == 0:
-            log.write({"iter": iter_num, "loss": loss_mean, "lr": lr, "grad_norm": grad_norm,
-                       "dt_ms": dt * 1000, "tokens_per_sec": tokens_per_iter / dt})
+    log.step(iter_num, {"loss": loss_mean, "lr": lr, "grad_norm": grad_norm, "dt_ms": dt * 1000,
+                        "tokens_per_sec": tokens_per_iter / dt})  # the progress bar; metrics.jsonl
     iter_num += 1
-progress.close()
-
-# ---- the end: numbers and a sample
-if master and not eval_only and not stop.stopped:
+log.close()
+if stop.stopped:  # Ctrl-C: the checkpoint a resumed run starts from
+    save(iter_num)
+elif master and not eval_only:  # the end: numbers and a sample
+    raw_model.eval()
     print(f"[nanollm] trained {max_iters} iterations in {time.time() - t_start:.1f} s; final val loss "
           f"{scores['val_loss']:.4f}, val ppl {scores['val_ppl']:.2f} (unigram baseline ppl "
           f"{unigram_perplexity(data_dir):.2f})")
-    raw_model.eval()
     if tokenizer is None:
         print(f"[nanollm] no sample: {data_dir} has no tokenizer (nanoGPT's GPT-2 token files); sampling needs one")
     else:

@@ -16,18 +16,15 @@ import sys
 import time
 
 import torch
-from tqdm import tqdm
-
 from nanollm import distributed as dist_utils
-from nanollm.checkpoint import (check_out_dir, load_checkpoint, read_metrics, restore_training_state, save_checkpoint,
-                                start_run, unwrap)
-from nanollm.configurator import UserError, configure
+from nanollm.checkpoint import load_checkpoint, read_metrics, restore_training_state, save_checkpoint, start_run, unwrap
+from nanollm.configurator import configure
 from nanollm.model import GPT, GPTConfig
-from nanollm.optim import configure_optimizer, get_lr, set_lr
-from nanollm.sft import (check_settings, encode_conversations, evaluate, get_sft_batch, load_sft_data, model_inputs,
-                         pack_rows, spread, starting_point, token_loss_sum)
+from nanollm.optim import Schedule, configure_optimizer
+from nanollm.sft import (check_settings, encode_conversations, evaluate, fit_block_size, get_sft_batch, load_sft_data,
+                         model_inputs, pack_rows, spread, starting_point, token_loss_sum)
 from nanollm.tokenizer import Tokenizer
-from nanollm.training import CheckpointRule, GracefulStop, GuardedStep
+from nanollm.training import CheckpointRule, GracefulStop, GuardedStep, evaluation_due, setup_run
 
 # ------------------------------------------------------------------------------------------ settings
 # I/O
@@ -52,18 +49,18 @@ block_size = 0  # longest example in tokens; 0 = the base model's block_size (lo
 # model
 dropout = 0.0  # replaces the base model's dropout
 attn_impl = "auto"  # 'manual' | 'sdpa' | 'triton' | 'auto' (sdpa): how attention runs, not saved with the weights
-# optimizer (AdamW) and schedule: a smaller learning rate than pretraining, so knowledge is not overwritten
-learning_rate = 5e-4
-max_iters = 200
-weight_decay = 0.0
+# optimizer (AdamW) and schedule
+learning_rate = 5e-4  # a quarter of pretraining's: learn the format without overwriting what the model knows
+max_iters = 200  # a short fine-tune: the demo set is small
+weight_decay = 0.0  # no pull of the pretrained weights towards 0
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # clip the global gradient norm to this; 0 disables
 decay_lr = True  # False keeps learning_rate constant after warmup
 lr_schedule = "cosine"  # 'cosine' | 'poly'
-warmup_iters = 20
+warmup_iters = 20  # warmup again: the optimizer's moments start from zero
 lr_decay_iters = -1  # -1 = max_iters
-min_lr = 5e-5
+min_lr = 5e-5  # learning_rate / 10
 # evaluation (before and after training): greedy replies to the held-out questions
 eval_examples = 240  # held-out conversations generated and scored (0 = none; the loss still uses all)
 max_new_tokens = 32  # longest generated reply
@@ -72,25 +69,20 @@ device = "auto"  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 dtype = "auto"  # 'auto' (bfloat16 on a GPU that has it, else float32) | 'float32' | 'bfloat16' | 'float16'
 backend = "auto"  # DDP backend: 'auto' (nccl on CUDA, gloo on CPU) | 'nccl' | 'gloo'
 compile = False  # torch.compile the model
-seed = 1337
+seed = 1337  # batches, the held-out split of a custom dataset, dropout
 # ----------------------------------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])
-check_settings(config)
-check_out_dir(out_dir, init_from == "resume", overwrite)  # nothing in out_dir changes before the loop starts
-
-# ---- setup: device, DDP, precision; the starting model (a pretraining out_dir, or ours when resuming)
-runtime = dist_utils.setup(device, backend, dtype, announce=True)
+runtime = setup_run(config, check_settings)  # settings and out_dir checked before any work; device, DDP, precision
 master, ctx = runtime.is_master, runtime.autocast()
 accum_per_rank = dist_utils.micro_steps_per_rank(gradient_accumulation_steps, runtime)
-lr_decay_iters = max_iters if lr_decay_iters < 0 else lr_decay_iters
+
+# ---- the starting model: a pretraining out_dir, or ours when resuming
 start_dir, tokenizer_path = starting_point(init_from, out_dir)
 checkpoint = load_checkpoint(os.path.join(start_dir, "ckpt.pt"), runtime.device)
 tokenizer = Tokenizer(tokenizer_path)
 model_args = dict(checkpoint["model_args"], dropout=dropout, attn_impl=attn_impl)
-block_size = block_size or model_args["block_size"]
-if block_size > model_args["block_size"]:
-    raise UserError(f"block_size={block_size} exceeds the base model's block_size={model_args['block_size']}")
-config.update(dtype=runtime.dtype, lr_decay_iters=lr_decay_iters, block_size=block_size)  # saved as resolved
+block_size = fit_block_size(block_size, model_args)  # 0 = the base model's
+config.update(dtype=runtime.dtype, block_size=block_size)  # saved as resolved
 
 # ---- data: every record normalized to the chat template, checked in full before training starts
 train_conversations, heldout_conversations = load_sft_data(dataset, eval_dataset, data_dir, world_seed, val_fraction,
@@ -107,6 +99,8 @@ if master:
 model = GPT(GPTConfig(**model_args)).to(runtime.device)
 scaler = runtime.grad_scaler()
 optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), runtime.device_type, master)
+schedule = Schedule(learning_rate, warmup_iters, lr_decay_iters, max_iters, min_lr, lr_schedule if decay_lr else
+                    "constant")  # warmup, then cosine (or polynomial) decay to min_lr
 iter_num, best_val_loss = 0, float("inf")
 if init_from == "resume":
     iter_num, best_val_loss = restore_training_state(checkpoint, model, optimizer, scaler, runtime)
@@ -134,40 +128,31 @@ def save(iter_num):
 
 
 # ---- before training: the base model on the held-out set (skipped on resume: it is in metrics.jsonl)
-log = start_run(out_dir, runtime, init_from == "resume", iter_num, tokenizer_path,
-                tensorboard=tensorboard)  # out_dir is written from here on
+log = start_run(out_dir, runtime, init_from == "resume", iter_num, tokenizer_path, tensorboard, max_iters,
+                log_interval)  # out_dir is written from here on
 if master and (iter_num == 0 or eval_only):
     before, _ = run_evaluation(with_generation=eval_examples > 0)
     log.write({"iter": iter_num, "phase": "before", **before})
     print("[nanollm] before SFT: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
 
 # ---- the training loop
-progress = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True)
 stop = GracefulStop()  # Ctrl-C: finish the step, checkpoint, exit
 step = GuardedStep(optimizer, scaler, grad_clip, runtime)  # clip; skip non-finite steps
 should_save = CheckpointRule(always_save_checkpoint, best_val_loss)  # after an evaluation
 t_start = time.time()
-while not eval_only:
-    if stop.requested(runtime, iter_num):
-        save(iter_num)
-        break
-
+while not eval_only and not stop.requested(runtime, iter_num):
     # held-out loss and checkpoint (the first evaluation was the "before" one)
-    if iter_num > 0 and (iter_num % eval_interval == 0 or iter_num >= max_iters):
+    if iter_num > 0 and evaluation_due(iter_num, eval_interval, max_iters):
         scores = run_evaluation(with_generation=False)[0] if master else {}
-        if master:
-            tqdm.write(f"iter {iter_num}: held-out assistant loss {scores['val_loss']:.4f}, "
-                       f"ppl {scores['val_ppl']:.2f}")
-            log.write({"iter": iter_num, **scores})
+        log.say(f"iter {iter_num}: held-out assistant tokens: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        log.write({"iter": iter_num, **scores})
         if should_save(scores.get("val_loss"), runtime):
             save(iter_num)
         dist_utils.barrier(runtime)
     if iter_num >= max_iters:
         break
 
-    # learning rate for this iteration: warmup, then cosine (or polynomial) decay to min_lr
-    lr = set_lr(optimizer, get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr,
-                                  lr_schedule if decay_lr else "constant"))
+    lr = schedule.set(optimizer, iter_num)  # this iteration's learning rate
 
     # this rank's micro-batches; the loss is a mean over every target token of the global batch
     t0 = time.time()
@@ -187,19 +172,14 @@ while not eval_only:
 
     grad_norm = step(model, loss_mean, iter_num)  # unscale, clip to grad_clip, optimizer step (or skip)
 
-    # log
     dt = time.time() - t0
-    if master:
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.2e}")
-        if iter_num % log_interval == 0:
-            log.write({"iter": iter_num, "loss": loss_mean, "lr": lr, "grad_norm": grad_norm, "dt_ms": dt * 1000,
-                       "targets": int(n_targets), "tokens_per_sec": int(n_targets) / dt})
+    log.step(iter_num, {"loss": loss_mean, "lr": lr, "grad_norm": grad_norm, "dt_ms": dt * 1000,
+                        "targets": int(n_targets), "tokens_per_sec": int(n_targets) / dt})  # progress bar, metrics
     iter_num += 1
-progress.close()
-
-# ---- the end: held-out metrics before and after, and a few replies
-if master and not eval_only and not stop.stopped:
+log.close()
+if stop.stopped:  # Ctrl-C: the checkpoint a resumed run starts from
+    save(iter_num)
+elif master and not eval_only:  # the end: held-out metrics before and after, and a few replies
     elapsed = time.time() - t_start
     after, samples = run_evaluation(with_generation=eval_examples > 0)
     log.write({"iter": iter_num, "phase": "after", **after})

@@ -12,14 +12,17 @@ import json
 import os
 import random
 import re
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 
 import torch
 
 from nanollm.configurator import MissingFileError, UserError
+from nanollm.distributed import barrier
 from nanollm.loader import load_model
 from nanollm.metrics import tokenize_for_metrics
+from nanollm.records import read_json
 from nanollm.tokenizer import prompt_ids  # the chat template, so the model sees what it was trained on
 from nanollm.world import PROMPT_SPLITS, TEMPLATES, ZH_OPERATIONS, World, question_split
 
@@ -248,6 +251,19 @@ def feedback_prompts(world, n_prompts, seed=0, split=None):
     return questions[:n_prompts]
 
 
+def ppo_prompt_sets(world, seed, test, validation, train):
+    """PPO's three disjoint prompt sets: ({'eval_': test questions (reported), 'val_': validation questions (for
+    choosing settings)}, training questions). Asking a set for more questions than it holds names the setting."""
+    sets = {}
+    for setting, split, n in (("eval_prompts", "test", test), ("validation_prompts", "validation", validation),
+                              ("train_prompts", "train", train)):
+        try:
+            sets[split] = feedback_prompts(world, n, seed, split)
+        except UserError as error:
+            raise UserError(f"{setting}={n}: {error}") from None
+    return {"eval_": sets["test"], "val_": sets["validation"]}, sets["train"]
+
+
 def parse_temperatures(text):
     """'0.8,1.2' (or '(0.8, 1.2)', as a command line may turn it) -> (0.8, 1.2); each must be > 0."""
     try:
@@ -361,6 +377,32 @@ def collect_feedback(checkpoint_dir, out_dir, n_prompts=800, k=8, temperatures="
     with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as handle:
         json.dump(meta, handle, indent=1)
     return meta
+
+
+def demo_feedback(source_dir, demo_dir, runtime, n_prompts, k, temperatures, max_new_tokens, heldout_fraction,
+                  n_labelers, noise, length_bias, seed, world_seed, reuse=False):
+    """train_rm.py's demo data: the SFT model in source_dir answers world questions, simulated labelers score the
+    replies. Collected once (rank 0) and reused while these settings stay the same (always, with reuse: a resumed run
+    trains on the data it started with). Returns (training file, held-out file)."""
+    temperatures = ",".join(str(t) for t in parse_temperatures(temperatures))
+    wanted = dict(checkpoint=os.path.abspath(source_dir), n_prompts=n_prompts, k=k, temperatures=temperatures,
+                  max_new_tokens=max_new_tokens, heldout_fraction=heldout_fraction, n_labelers=n_labelers, noise=noise,
+                  length_bias=length_bias, seed=seed, world_seed=world_seed,
+                  prompt_splits="validation,train")  # held-out prompts from the validation set, training from train
+    meta_path = os.path.join(demo_dir, "meta.json")
+    meta = read_json(meta_path) if os.path.exists(meta_path) else {}
+    if runtime.is_master and not (meta and (reuse or all(meta.get(key) == v for key, v in wanted.items()))):
+        t0 = time.time()
+        collect_feedback(source_dir, demo_dir, n_prompts, k, temperatures, max_new_tokens, heldout_fraction,
+                         n_labelers, noise, length_bias, "scores", seed, world_seed, runtime.device)
+        print(f"[nanollm] collected {n_prompts} x {k} replies from {source_dir} in {time.time() - t0:.1f} s "
+              f"-> {demo_dir}")
+    barrier(runtime)
+    meta = read_json(meta_path)
+    if runtime.is_master:
+        print(f"[nanollm] labelers agree with the gold annotator on {meta['labeler_gold_agreement']:.1%} of "
+              f"{meta['gold_pairs']} pairs; corr(rating - gold, length) = {meta['rating_excess_length_corr']:+.3f}")
+    return os.path.join(demo_dir, "train.jsonl"), os.path.join(demo_dir, "heldout.jsonl")
 
 
 def main(argv=None):

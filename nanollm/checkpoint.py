@@ -13,6 +13,7 @@ import shutil
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from nanollm.configurator import MissingFileError, UserError
 from nanollm.model import architecture_args
@@ -132,15 +133,16 @@ def check_out_dir(out_dir, resume, overwrite=False):
                         f"--init_from=resume, choose another out_dir, or replace it with --overwrite=True")
 
 
-def start_run(out_dir, runtime, resume, iter_num, tokenizer_path=None, tensorboard=False):
+def start_run(out_dir, runtime, resume, iter_num, tokenizer_path=None, tensorboard=False, max_iters=0,
+              log_interval=1):
     """The run's first write to out_dir, once every check has passed and the models are built: a fresh run
     replaces whatever run was there (ckpt.pt, metrics.jsonl, samples.txt, tensorboard/) and copies its tokenizer; a
     resumed one keeps its log up to the checkpoint. Removes temporary files of a save that was killed. Returns the
-    MetricsLog (rank 0; tensorboard=True mirrors it as TensorBoard scalars) or None."""
+    run's RunLog (it writes on rank 0 only; tensorboard=True mirrors it as TensorBoard scalars)."""
     if tensorboard:
         tensorboard_writer_class()  # a missing package is a one-line error before anything is written
     if not runtime.is_master:
-        return None
+        return RunLog(None, max_iters=max_iters, initial=iter_num)
     os.makedirs(out_dir, exist_ok=True)
     for leftover in glob.glob(os.path.join(glob.escape(out_dir), "ckpt.pt.tmp.*")):
         os.remove(leftover)
@@ -154,8 +156,8 @@ def start_run(out_dir, runtime, resume, iter_num, tokenizer_path=None, tensorboa
         if target and not in_place:
             shutil.copyfile(tokenizer_path, target)
         shutil.rmtree(os.path.join(out_dir, TENSORBOARD_DIR), ignore_errors=True)  # the old run's event files
-    return MetricsLog(os.path.join(out_dir, "metrics.jsonl"), start_iter=iter_num if resume else 0,
-                      tensorboard=tensorboard)
+    return RunLog(os.path.join(out_dir, "metrics.jsonl"), start_iter=iter_num if resume else 0, tensorboard=tensorboard,
+                  max_iters=max_iters, initial=iter_num, log_interval=log_interval)
 
 
 def tensorboard_writer_class():
@@ -212,6 +214,38 @@ class MetricsLog:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+class RunLog(MetricsLog):
+    """A training run's log: metrics.jsonl (and TensorBoard) plus the progress bar. On ranks other than 0 (path None)
+    it writes nothing and shows nothing, so a script calls it on every rank."""
+
+    def __init__(self, path, start_iter=0, tensorboard=False, max_iters=0, initial=0, log_interval=1):
+        if path is not None:
+            super().__init__(path, start_iter, tensorboard)
+        self.path, self.log_interval = path, log_interval
+        self.progress = tqdm(total=max_iters, initial=initial, disable=path is None, dynamic_ncols=True)
+
+    def write(self, record):
+        if self.path is not None:
+            super().write(record)
+
+    def say(self, text):
+        """A line on the console, above the progress bar (rank 0)."""
+        if self.path is not None:
+            tqdm.write(text)
+
+    def step(self, iter_num, record, shown=("loss", "lr")):
+        """One training iteration done: the progress bar moves and shows `shown`; every log_interval iterations the
+        record (with its iteration) goes to metrics.jsonl."""
+        self.progress.update(1)
+        self.progress.set_postfix({key: f"{record[key]:.4g}" for key in shown})
+        if iter_num % self.log_interval == 0:
+            self.write({"iter": iter_num, **record})
+
+    def close(self):
+        """The loop is over: the progress bar goes; the log stays open for the run's final records."""
+        self.progress.close()
 
 
 def read_metrics(path):

@@ -19,18 +19,17 @@ import torch
 import torch.nn as nn
 
 from nanollm import export, quantize
-from nanollm.bert import BERT, BertConfig
+from nanollm.bert import BertConfig
 from nanollm.checkpoint import load_checkpoint
 from nanollm.configurator import MissingFileError, UserError
 from nanollm.data import load_tokenizer
-from nanollm.encdec import EncoderDecoder
 from nanollm.gpt2 import (CONFIG_FILE, check_tensors_fit, checked_config, expected_shapes, load_gpt2,
                           read_safetensors)
 from nanollm.model import GPT, GPTConfig, architecture_args
+from nanollm.pretraining import MODEL_TYPES  # gpt | bert | encdec: model class and config class
 from nanollm.tokenizer import Tokenizer
 
 CHECKPOINT_FILE = "ckpt.pt"
-MODEL_TYPES = {"gpt": (GPT, GPTConfig), "bert": (BERT, BertConfig), "encdec": (EncoderDecoder, GPTConfig)}
 KINDS = ("pretrain", "sft", "ppo", "reward", "pruned", "release", "int8", "gpt2")
 
 

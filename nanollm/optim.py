@@ -29,11 +29,22 @@ def configure_optimizer(model, weight_decay, learning_rate, betas, device_type, 
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
 
-def set_lr(optimizer, lr):
-    """Give every parameter group this iteration's learning rate; returns it."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr
+class Schedule:
+    """The learning rate of every iteration: linear warmup, then cosine (or polynomial) decay from learning_rate to
+    min_lr at lr_decay_iters (-1: max_iters), min_lr after; kind 'constant' keeps learning_rate after warmup."""
+
+    def __init__(self, learning_rate, warmup_iters, lr_decay_iters, max_iters, min_lr, kind="cosine"):
+        if kind not in LR_SCHEDULES:
+            raise UserError(f"lr_schedule={kind!r}: expected one of {LR_SCHEDULES}")
+        self.learning_rate, self.warmup_iters, self.min_lr, self.kind = learning_rate, warmup_iters, min_lr, kind
+        self.decay_iters = max_iters if lr_decay_iters < 0 else lr_decay_iters
+
+    def set(self, optimizer, iteration):
+        """Give every parameter group this iteration's learning rate; returns it."""
+        lr = get_lr(iteration, self.learning_rate, self.warmup_iters, self.decay_iters, self.min_lr, self.kind)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
 
 
 def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, schedule="cosine", power=1.0):

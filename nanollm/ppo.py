@@ -7,18 +7,22 @@ InstructGPT (Ouyang et al. 2022). KL estimators k1/k3: Schulman 2020, "Approxima
 in the reward (its score-function gradient is ∇KL), k3 goes in the loss (as GRPO does: Shao et al. 2024).
 """
 import contextlib
+import filecmp
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanollm.configurator import UserError
-from nanollm.data import last_token_index, pad_sequences
-from nanollm.model import GPT
+from nanollm.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, unwrap
+from nanollm.configurator import UserError, check_ranges
+from nanollm.data import batch_seed, last_token_index, pad_sequences
+from nanollm.loader import load_model
+from nanollm.model import GPT, GPTConfig, architecture_args
 from nanollm.reward import prompt_key, response_logprob_running_mean
-from nanollm.tokenizer import NUM_RESERVED, prompt_ids
+from nanollm.tokenizer import NUM_RESERVED, Tokenizer, prompt_ids
 
 KL_ESTIMATORS = ("k1", "k3")  # estimates of the VALUE of KL(π‖π_ref), both unbiased
 REWARD_KL_ESTIMATORS = ("k1",)  # the only one whose value, paid as a reward, has ∇KL as its policy gradient
@@ -252,11 +256,13 @@ def kl_estimate(logprobs, ref_logprobs, estimator="k1"):
     raise ValueError(f"kl_estimator={estimator!r}: expected one of {KL_ESTIMATORS}")
 
 
-def shape_scores(scores, ended, missing_eos_penalty=0.0, score_clip=0.0):
+def shape_scores(scores, ended, missing_eos_penalty=0.0, score_clip=0.0, others_mean_of=0):
     """Reward-model scores (B,) -> what the policy is paid: minus missing_eos_penalty for a response that never
-    ended, then clipped to [−score_clip, score_clip] (0 = no clipping)."""
+    ended, then clipped to [−score_clip, score_clip] (0 = no clipping); others_mean_of=k > 1: each minus the mean of
+    the other k − 1 responses to its prompt (leave_one_out)."""
     scores = scores - missing_eos_penalty * (~ended).to(scores.dtype)
-    return scores.clamp(-score_clip, score_clip) if score_clip > 0 else scores
+    scores = scores.clamp(-score_clip, score_clip) if score_clip > 0 else scores
+    return leave_one_out(scores, others_mean_of) if others_mean_of > 1 else scores
 
 
 def leave_one_out(scores, group_size):
@@ -284,6 +290,11 @@ def compute_rewards(scores, kl, response_mask, beta):
     last = last_token_index(response_mask)  # (B,)
     rows = torch.arange(rewards.size(0), device=rewards.device)
     return rewards.index_put((rows, last), rewards[rows, last] + scores)
+
+
+def kl_controller(init_kl_coef, target_kl=0.0, horizon=1000):
+    """β: adaptive towards target_kl when it is > 0 (Ziegler et al. 2019), else fixed."""
+    return AdaptiveKLController(init_kl_coef, target_kl, horizon) if target_kl > 0 else FixedKLController(init_kl_coef)
 
 
 class AdaptiveKLController:
@@ -385,6 +396,13 @@ def minibatches(batch_size, minibatch_size, generator=None):
     return [order[start:start + minibatch_size] for start in range(0, batch_size, minibatch_size)]
 
 
+def epochs_of_minibatches(batch_size, minibatch_size, epochs, seed):
+    """The rows of every minibatch of every epoch, in order: epochs passes over one batch, each freshly shuffled."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        yield from minibatches(batch_size, minibatch_size, generator)
+
+
 def select(experience, rows, prompt_length):
     """(minibatch dict, its Rollout) for some rows of an experience dict; the width is kept, so the minibatch's
     forwards compute exactly what the scoring pass computed for those rows."""
@@ -454,3 +472,228 @@ def sequence_sum(values, mask):
 def mean(values):
     """The mean of a list of numbers (nan if empty)."""
     return sum(values) / len(values) if values else math.nan
+
+
+def pick_prompts(n_available, n_prompts, samples_per_prompt, seed, iteration, rank, device="cpu"):
+    """This rank's prompts of one iteration and the generator it samples their responses with: one seeded shuffle of
+    all prompts per iteration, each rank its own slice, each prompt samples_per_prompt times in a row. A pure function
+    of its arguments, so resume is exact."""
+    picker = torch.Generator().manual_seed(batch_seed(seed, "ppo-prompts", iteration, 0))
+    picked = torch.randperm(n_available, generator=picker)[rank * n_prompts:][:n_prompts]
+    sampler = torch.Generator(device=device).manual_seed(batch_seed(seed, "ppo-samples", iteration, rank))
+    return picked.repeat_interleave(samples_per_prompt).tolist(), sampler
+
+
+def batch_record(rollout, scored, experience, raw_scores, scores, beta):
+    """A rollout batch's numbers for the log (means over this rank's batch)."""
+    mask = rollout.response_mask
+    return {"score": raw_scores.mean().item(),
+            "objective": (scores - beta * sequence_sum(experience["kl"], mask)).mean().item(),  # score − β·KL
+            "entropy": (scored["entropy"] * mask).sum().item() / mask.sum().item(),
+            "explained_variance": explained_variance(experience["values"], experience["returns"], mask),
+            "response_length": mask.sum(-1).float().mean().item(), "eos_rate": rollout.ended.float().mean().item()}
+
+
+# ----------------------------------------------------------------------------- train_ppo.py's set-up and evaluation
+def check_settings(settings):
+    """train_ppo.py's settings, before any work: one line naming the first wrong one."""
+    s, world_size = settings, int(os.environ.get("WORLD_SIZE", 1))  # the number of processes torchrun starts
+    check_ranges(s, positive=("batch_size", "minibatch_size", "ppo_epochs", "eval_interval", "log_interval",
+                              "max_new_tokens", "eval_batch_size", "eval_samples", "train_prompts", "eval_prompts",
+                              "validation_prompts", "samples_per_prompt"),
+                 non_negative=("max_iters", "learning_rate", "critic_learning_rate", "weight_decay", "grad_clip",
+                               "init_kl_coef"))
+    if s["kl_estimator"] not in REWARD_KL_ESTIMATORS:
+        raise UserError(f"kl_estimator={s['kl_estimator']!r}: the reward's KL must be one of {REWARD_KL_ESTIMATORS}" +
+                        (" (k3's value is unbiased, its policy gradient is not; k3 belongs in a loss: k3_kl_loss)"
+                         if s["kl_estimator"] == "k3" else ""))
+    if s["temperature"] <= 0:
+        raise UserError(f"temperature={s['temperature']}: PPO samples, so it must be > 0")
+    if s["batch_size"] % s["samples_per_prompt"]:
+        raise UserError(f"batch_size={s['batch_size']} must be a multiple of samples_per_prompt="
+                        f"{s['samples_per_prompt']}")
+    if s["score_baseline"] == "leave_one_out":
+        raise UserError("score_baseline='leave_one_out' is now 'others_mean': it centres scores on the prompt's other "
+                        "responses while the critic stays, which is not RLOO")
+    if s["score_baseline"] not in ("none", "others_mean") or (s["score_baseline"] != "none" and
+                                                               s["samples_per_prompt"] < 2):
+        raise UserError(f"score_baseline={s['score_baseline']!r}: expected 'none', or 'others_mean' with "
+                        f"samples_per_prompt >= 2 (got {s['samples_per_prompt']})")
+    if s["minibatch_size"] > s["batch_size"]:
+        raise UserError(f"minibatch_size={s['minibatch_size']} must be between 1 and batch_size={s['batch_size']}")
+    if s["batch_size"] // s["samples_per_prompt"] * world_size > s["train_prompts"]:
+        raise UserError(f"batch_size={s['batch_size']} / samples_per_prompt={s['samples_per_prompt']} x {world_size} "
+                        f"rank(s) prompts per iteration exceed train_prompts={s['train_prompts']}")
+
+
+def check_held_out(held_out, reward_dir, reward_checkpoint):
+    """Held out means held out: the reward model must not have trained on any test ('eval_') or validation ('val_')
+    prompt."""
+    if "trained_prompts" not in reward_checkpoint:
+        raise UserError(f"{reward_dir}/ckpt.pt does not record the prompts the reward model trained on, so the held-out "
+                        f"prompts cannot be checked; retrain it with train_rm.py")
+    seen = prompts_in(held_out["eval_"] + held_out["val_"], reward_checkpoint["trained_prompts"])
+    if seen:
+        raise UserError(f"{reward_dir}: the reward model trained on {len(seen)} of the {len(held_out['eval_'])} test + "
+                        f"{len(held_out['val_'])} validation prompts (e.g. {seen[0]!r}), so they are not held out; "
+                        f"train it on the world's train questions (train_rm.py's demo does) or drop these prompts from "
+                        f"its data")
+
+
+class HeldOutEvaluation:
+    """A policy on fixed held-out prompt sets ({metrics prefix: questions}; 'eval_' = test prompts, the reported
+    result; 'val_' = validation prompts, for choosing settings): `samples` responses per prompt, pure sampling with a
+    fixed seed, so every evaluation (and the SFT model's) sees the same random numbers. Reports the reward model's
+    score, the judge's gold score (evaluation only, never in a loss) with its standard error over prompts, KL to the
+    reference, length, eos rate, and the paired gold gain over the reference: the mean and std/√n of per-prompt
+    differences on the same seeded samples (common random numbers)."""
+
+    def __init__(self, sets, tokenizer, max_prompt_tokens, samples, reference, reward_model, judge, max_new_tokens,
+                 temperature, batch_size, seed, ctx):
+        self.sets = sets
+        self.encoded = {prefix: encode_prompts(tokenizer, questions, max_prompt_tokens) * samples  # each k times
+                        for prefix, questions in sets.items()}
+        self.tokenizer, self.samples, self.reference, self.reward_model, self.judge = \
+            tokenizer, samples, reference, reward_model, judge
+        self.max_new_tokens, self.temperature, self.batch_size, self.seed, self.ctx = \
+            max_new_tokens, temperature, batch_size, seed, ctx
+        self.baseline = {}  # prefix -> the reference's per-prompt gold (the paired gain's baseline)
+
+    @torch.no_grad()
+    def evaluate(self, model, prefix):
+        """(scores, samples as (question, reply, score, gold), (prompts,) mean gold per prompt)."""
+        questions, encoded = self.sets[prefix], self.encoded[prefix]
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(self.seed)
+        scores, golds, kls, lengths, ended, samples = [], [], [], [], [], []
+        for start in range(0, len(encoded), self.batch_size):
+            generated = rollout(model, encoded[start:start + self.batch_size], self.max_new_tokens, self.temperature,
+                                self.tokenizer.eos_id, self.tokenizer.pad_id, generator)
+            scored = score_rollout(model, self.reference, None, generated, self.temperature, self.ctx)
+            kl = kl_estimate(scored["logprobs"], scored["ref_logprobs"], "k1")
+            replies = decode_responses(self.tokenizer, generated)
+            batch_scores = reward_scores(self.reward_model, generated, self.ctx).tolist()
+            asked = [questions[i % len(questions)] for i in range(start, start + len(replies))]
+            batch_golds = [self.judge.judge(question, reply).overall for question, reply in zip(asked, replies)]
+            scores, golds = scores + batch_scores, golds + batch_golds
+            kls += sequence_sum(kl, generated.response_mask).tolist()
+            lengths += generated.response_mask.sum(-1).tolist()
+            ended += generated.ended.float().tolist()
+            samples += list(zip(asked, replies, batch_scores, batch_golds))
+        per_prompt = torch.tensor(golds).view(self.samples, len(questions)).mean(0)  # (prompts,) mean gold
+        return {f"{prefix}score": mean(scores), f"{prefix}gold": mean(golds),
+                f"{prefix}gold_se": (per_prompt.std() / len(questions) ** 0.5).item(),  # standard error over prompts
+                f"{prefix}kl": mean(kls), f"{prefix}response_length": mean(lengths),
+                f"{prefix}eos_rate": mean(ended)}, samples, per_prompt
+
+    @staticmethod
+    def describe(scores):
+        return (f"test reward-model score {scores['eval_score']:+.3f}, gold {scores['eval_gold']:.3f} (gain "
+                f"{scores['eval_gold_gain']:+.3f} ± {scores['eval_gold_gain_se']:.3f}), KL {scores['eval_kl']:.3f}, "
+                f"length {scores['eval_response_length']:.1f}, eos rate {scores['eval_eos_rate']:.2f}; validation "
+                f"gold gain {scores['val_gold_gain']:+.3f} ± {scores['val_gold_gain_se']:.3f}")
+
+    def __call__(self, model, is_reference=False):
+        """Every set's scores and gains, and the first set's samples. is_reference: the model is the reference itself
+        (iteration 0), so its golds are the baseline."""
+        results, first_samples = {}, None
+        for prefix in self.sets:
+            scores, samples, per_prompt = self.evaluate(model, prefix)
+            if prefix not in self.baseline:
+                self.baseline[prefix] = per_prompt if is_reference else self.evaluate(self.reference, prefix)[2]
+            difference = per_prompt - self.baseline[prefix]  # (prompts,)
+            results.update(scores, **{f"{prefix}gold_gain": difference.mean().item(),
+                                      f"{prefix}gold_gain_se": (difference.std() / len(difference) ** 0.5).item()})
+            first_samples = samples if first_samples is None else first_samples
+        return results, first_samples
+
+
+def append_samples(path, iter_num, samples, count=6):
+    """A few held-out replies with their scores, appended to samples.txt at each evaluation."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"=== iteration {iter_num}: held-out prompts ===\n")
+        for question, reply, score, gold_score in samples[:count]:
+            f.write(f"Q: {question}\nA: {reply}\n   reward model {score:+.3f}, gold {gold_score:.2f}\n")
+
+
+@dataclass
+class PPOStart:
+    """What train_ppo.py starts from: the SFT model (the policy's start and the frozen reference), the reward model
+    (frozen; the critic's start), their shapes, the tokenizer, and the run's own checkpoint when resuming."""
+    sft_dir: str
+    reward_dir: str
+    tokenizer_path: str
+    tokenizer: Tokenizer
+    checkpoint: dict  # the checkpoint the policy starts from (the SFT model's, or ours when resuming)
+    policy: nn.Module  # the SFT weights (a resumed run loads its own with the optimizer state)
+    reference: nn.Module  # the SFT model, frozen: the KL is measured against it
+    critic: nn.Module  # the reward model's trunk and head, trained as the value function
+    reward_model: nn.Module  # frozen
+    model_args: dict
+    critic_args: dict
+
+
+def ppo_start(init_from, out_dir, reward_model, held_out, attn_impl, device):
+    """Load and check everything PPO starts from (checkpoints to the CPU: RNG states must stay CPU tensors; the models
+    on `device`): the reward model must be causal (it initializes the critic), read the policy's tokens, and never
+    have trained on a held-out prompt."""
+    resume = init_from == "resume"
+    checkpoint = load_checkpoint(os.path.join(out_dir if resume else init_from, "ckpt.pt"), "cpu")
+    if resume:
+        sft_dir, reward_dir = checkpoint["config"]["init_from"], checkpoint["config"]["reward_model"]
+        sft, tokenizer_path = load_checkpoint(os.path.join(sft_dir, "ckpt.pt"), "cpu"), out_dir
+    elif checkpoint.get("stage") == "reward":
+        raise UserError(f"init_from={init_from!r} holds a reward model; start from an SFT out_dir or use 'resume'")
+    else:
+        sft_dir, reward_dir, sft, tokenizer_path = init_from, reward_model, checkpoint, init_from
+    tokenizer_path = os.path.join(tokenizer_path, "tokenizer.model")
+    reward_net, _, _, reward_checkpoint = load_model(os.path.join(reward_dir, "ckpt.pt"), kinds=("reward",))
+    check_held_out(held_out, reward_dir, reward_checkpoint)
+    if reward_checkpoint.get("backbone", "gpt") != "gpt":
+        raise UserError(f"{reward_dir}: a {reward_checkpoint['backbone']!r} reward model cannot initialize the critic, "
+                        f"which must be causal (one value per prefix); train the reward model with backbone='sft'")
+    if not filecmp.cmp(tokenizer_path, os.path.join(reward_dir, "tokenizer.model"), shallow=False):
+        raise UserError(f"{reward_dir}/tokenizer.model differs from {tokenizer_path}: the reward model must read the "
+                        f"policy's tokens")
+    model_args = dict(checkpoint["model_args"], dropout=0.0, attn_impl=attn_impl)  # dropout 0: ratio = 1 at first
+    critic_args = dict(reward_checkpoint["model_args"], dropout=0.0, attn_impl=attn_impl)
+    if critic_args["vocab_size"] != model_args["vocab_size"]:
+        raise UserError(f"reward model vocab_size={critic_args['vocab_size']} != policy vocab_size="
+                        f"{model_args['vocab_size']}")
+    policy, reference = GPT(GPTConfig(**model_args)), GPT(GPTConfig(**model_args))
+    policy.load_state_dict(sft["model"])
+    reference.load_state_dict(sft["model"])
+    critic = Critic.from_reward_model(reward_net, GPTConfig(**critic_args))
+    return PPOStart(sft_dir, reward_dir, tokenizer_path, Tokenizer(tokenizer_path), checkpoint, policy.to(device),
+                    reference.requires_grad_(False).eval().to(device), critic.to(device),
+                    reward_net.requires_grad_(False).to(device), model_args, critic_args)
+
+
+def save_ppo(path, runtime, policy, critic, optimizer, critic_optimizer, scaler, critic_scaler, controller, iter_num,
+             config, model_args, critic_args):
+    """A PPO checkpoint: the policy in the SFT format (chat.py, evaluate.py read it as such) plus the critic, both
+    optimizers and scalers and β, so that resume is exact."""
+    save_checkpoint(path, runtime, policy, optimizer, scaler, iter_num, None, config, model_args, stage="ppo",
+                    critic=unwrap(critic).state_dict(), critic_args=architecture_args(critic_args),
+                    critic_optimizer=critic_optimizer.state_dict(), critic_scaler=critic_scaler.state_dict(),
+                    beta=controller.beta)
+
+
+def restore_ppo(checkpoint, runtime, policy, critic, optimizer, critic_optimizer, scaler, critic_scaler, controller):
+    """Resume what save_ppo wrote; returns the iteration to continue from."""
+    iter_num, _ = restore_training_state(checkpoint, policy, optimizer, scaler, runtime)
+    critic.load_state_dict(checkpoint["critic"])
+    critic_optimizer.load_state_dict(checkpoint["critic_optimizer"])
+    critic_scaler.load_state_dict(checkpoint["critic_scaler"])
+    controller.beta = checkpoint["beta"]
+    return iter_num
+
+
+def before_after_table(records, keys=("eval_score", "eval_gold", "eval_gold_gain", "eval_kl", "eval_response_length",
+                                      "eval_eos_rate", "val_gold", "val_gold_gain")):
+    """The first and last held-out evaluations of a run (metrics.jsonl's 'eval' lines), as a markdown table."""
+    evals = [record for record in records if record.get("phase") == "eval"]
+    before, after = evals[0], evals[-1]
+    rows = [f"| {key} | {before[key]:.4f} | {after[key]:.4f} |" for key in keys]
+    return "\n".join([f"| held-out (eval_: test, val_: validation) | iteration {before['iter']} | iteration "
+                      f"{after['iter']} |", "|---|---|---|"] + rows)

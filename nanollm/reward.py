@@ -396,6 +396,7 @@ class RewardStart:
     and its weights, and the run's own checkpoint when resuming."""
     source_dir: str  # the SFT out_dir (replies for the demo data come from it)
     tokenizer_path: str
+    tokenizer: Tokenizer
     backbone: str  # 'gpt' | 'bert'
     trunk: dict  # the checkpoint whose weights and model_args make the trunk
     resumed: dict = None  # our own checkpoint, when resuming
@@ -407,7 +408,8 @@ def reward_start(init_from, out_dir, backbone, likelihood_weight, device):
     or the run in out_dir when resuming (its shape, whatever the settings say)."""
     if init_from == "resume":
         checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), device)
-        return RewardStart(checkpoint["config"]["init_from"], os.path.join(out_dir, "tokenizer.model"),
+        tokenizer_path = os.path.join(out_dir, "tokenizer.model")
+        return RewardStart(checkpoint["config"]["init_from"], tokenizer_path, Tokenizer(tokenizer_path),
                            checkpoint.get("backbone", "gpt"), checkpoint, checkpoint,
                            checkpoint.get("likelihood_weight", 0.0))
     checkpoint = load_checkpoint(os.path.join(init_from, "ckpt.pt"), device)
@@ -415,7 +417,8 @@ def reward_start(init_from, out_dir, backbone, likelihood_weight, device):
         raise UserError(f"init_from={init_from!r} holds a reward model; start from an SFT out_dir or use 'resume'")
     tokenizer_path = os.path.join(init_from, "tokenizer.model")
     if backbone == "sft":
-        return RewardStart(init_from, tokenizer_path, "gpt", checkpoint, likelihood_weight=likelihood_weight)
+        return RewardStart(init_from, tokenizer_path, Tokenizer(tokenizer_path), "gpt", checkpoint,
+                           likelihood_weight=likelihood_weight)
     trunk = load_checkpoint(os.path.join(backbone, "ckpt.pt"), device)
     if trunk["config"].get("model_type") != "bert":
         raise UserError(f"backbone={backbone!r}: expected 'sft' or a train_pretrain.py --model_type=bert out_dir, "
@@ -423,7 +426,8 @@ def reward_start(init_from, out_dir, backbone, likelihood_weight, device):
     if not filecmp.cmp(os.path.join(backbone, "tokenizer.model"), tokenizer_path, shallow=False):
         raise UserError(f"backbone={backbone!r}: its tokenizer.model differs from {tokenizer_path}; pretrain the BERT "
                         f"on the same prepared data (--data_dir) as the SFT model's base")
-    return RewardStart(init_from, tokenizer_path, "bert", trunk, likelihood_weight=likelihood_weight)
+    return RewardStart(init_from, tokenizer_path, Tokenizer(tokenizer_path), "bert", trunk,
+                       likelihood_weight=likelihood_weight)
 
 
 def load_reward_data(dataset, eval_dataset, val_fraction, loss):
@@ -465,6 +469,11 @@ class HeldOutScores:
         self.reference = {"val_label_length_corr": pearson([p for g in groups for p in g.preference], flat_lengths)}
         if self.judged and len(self.judged) == len(groups):
             self.reference["val_gold_length_corr"] = pearson([s for group in self.gold for s in group], flat_lengths)
+
+    def evaluate(self, model, encoded, pad_id, batch_size, device, ctx, loss, margin=0.0):
+        """Score every held-out response with the model (dropout off): (scores, rewards per group)."""
+        rewards = score_encoded(model, encoded, pad_id, batch_size, device, ctx)
+        return self(rewards, loss, margin), rewards
 
     def __call__(self, rewards, loss, margin=0.0):
         """rewards: per group, per response (score_encoded's output) -> the held-out scores."""

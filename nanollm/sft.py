@@ -461,6 +461,13 @@ def check_settings(settings):
                         f"tokenizer, which nanollm does not have; start from a pretraining out_dir such as 'out'")
 
 
+def fit_block_size(block_size, model_args):
+    """The examples' block size: 0 = the model's; never longer than the model's positions."""
+    if block_size > model_args["block_size"]:
+        raise UserError(f"block_size={block_size} exceeds the base model's block_size={model_args['block_size']}")
+    return block_size or model_args["block_size"]
+
+
 def starting_point(init_from, out_dir):
     """(checkpoint folder, tokenizer path) of the model SFT starts from: init_from, or out_dir when resuming."""
     folder = out_dir if init_from == "resume" else init_from

@@ -9,7 +9,8 @@ import signal
 import torch
 from tqdm import tqdm
 
-from nanollm.distributed import any_rank
+from nanollm.checkpoint import check_out_dir
+from nanollm.distributed import any_rank, setup
 
 MAX_BAD_STEPS = 3  # consecutive non-finite steps before a run gives up
 
@@ -21,6 +22,11 @@ class GuardedStep:
         self.optimizer, self.scaler, self.grad_clip = optimizer, scaler, grad_clip
         self.runtime, self.fp16 = runtime, (dtype or runtime.dtype) == "float16"
         self.bad_steps = 0
+
+    def minimize(self, model, loss, iter_num):
+        """Backward of one loss (scaled for fp16), then the guarded step; returns the gradient norm."""
+        self.scaler.scale(loss).backward()
+        return self(model, loss.item(), iter_num)
 
     def __call__(self, model, loss_mean, iter_num):
         """Call after the backward passes of one iteration; returns the (pre-clip) global gradient norm."""
@@ -48,18 +54,43 @@ class GuardedStep:
         return grad_norm
 
 
+def setup_run(settings, check_settings):
+    """A script's start, before any work: its settings checked (check_settings) and its out_dir (nothing in it changes
+    before the loop starts; a fresh run does not replace a run unless overwrite), then the device, DDP and precision.
+    Returns the Runtime."""
+    check_settings(settings)
+    check_out_dir(settings["out_dir"], settings["init_from"] == "resume", settings["overwrite"])
+    return setup(settings["device"], settings["backend"], settings["dtype"], announce=True)
+
+
+def evaluation_due(iter_num, eval_interval, max_iters, eval_only=False):
+    """Evaluate (and checkpoint) every eval_interval iterations, at the end, and in an evaluation-only run."""
+    return iter_num % eval_interval == 0 or iter_num >= max_iters or eval_only
+
+
 class CheckpointRule:
     """After an evaluation: checkpoint always, or only when the held-out loss improved. Rank 0 evaluates; every rank
-    learns its decision (all ranks take part in saving)."""
+    learns its decision (all ranks take part in saving). With keep (a model) and always=False, rank 0 also keeps a CPU
+    copy of the best weights, for a run that must end with its best model rather than its last (restore_best)."""
 
-    def __init__(self, always, best=float("inf")):
-        self.always, self.best = always, best
+    def __init__(self, always, best=float("inf"), keep=None):
+        self.always, self.best, self.keep = always, best, keep
+        self.best_weights, self.best_iter = None, None
 
-    def __call__(self, val_loss, runtime):
+    def __call__(self, val_loss, runtime, iter_num=None):
         """val_loss: rank 0's held-out loss (None on the other ranks). Returns True on every rank when it is time."""
         improved = val_loss is not None and val_loss < self.best
         self.best = min(self.best, val_loss) if val_loss is not None else self.best
+        if improved and self.keep is not None and not self.always:
+            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.keep.state_dict().items()}
+            self.best_iter = iter_num
         return any_rank(runtime.is_master and (improved or self.always), runtime)
+
+    def restore_best(self):
+        """Load the kept best weights into the model (rank 0); returns their iteration, or None if none were kept."""
+        if self.best_weights is not None:
+            self.keep.load_state_dict(self.best_weights)
+        return self.best_iter
 
 
 class GracefulStop:

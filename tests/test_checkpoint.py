@@ -91,4 +91,6 @@ def test_start_run_replaces_the_old_run_as_a_whole_and_removes_killed_saves(tmp_
     assert sorted(os.listdir(run)) == ["metrics.jsonl", "notes.txt", "tokenizer.model"]
     assert (run / "tokenizer.model").read_bytes() == b"new tokenizer" and (run / "metrics.jsonl").read_bytes() == b""
     assert log.path == str(run / "metrics.jsonl")
-    assert start_run(str(run), Runtime("cpu", "cpu", rank=1, world_size=2), False, 0) is None  # rank 0 writes
+    other_rank = start_run(str(run), Runtime("cpu", "cpu", rank=1, world_size=2), False, 0)  # rank 0 writes
+    other_rank.write({"iter": 1, "loss": 2.0})
+    assert other_rank.path is None and (run / "metrics.jsonl").read_bytes() == b""

@@ -8,9 +8,9 @@ NANOLLM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Lower levels first; a module may import its own level or any lower one, never a higher one.
 LEVELS = [
     {"configurator", "records", "clean", "world"},  # plain Python: settings, files, text, the simulated world
-    {"tokenizer", "metrics", "distributed", "training", "optim", "sampling", "instructions"},
+    {"tokenizer", "metrics", "distributed", "optim", "sampling", "instructions"},
     {"data", "model"},  # token files -> batches; transformer blocks and the GPT
-    {"bert", "encdec", "gpt2", "checkpoint", "export", "quantize", "pretraining"},  # other architectures, file formats
+    {"bert", "encdec", "gpt2", "checkpoint", "training", "export", "quantize", "pretraining"},  # other architectures, file formats
     {"sft"},
     {"reward"},
     {"loader"},  # opens every kind of model file the stages before it write (PPO's policy is a GPT)
