@@ -1,9 +1,9 @@
 """Evaluate one or more GPTs in one table: perplexity on a text set and the SFT metrics on a question set.
 
     python evaluate.py                                          # out-sft/ on data/world (val) + the held-out SFT set
-    python evaluate.py --model=out,out-sft                      # base vs fine-tuned, side by side
-    python evaluate.py --model=out,out-int8,out-pruned,release --questions=""   # compressed models, perplexity only
-    python evaluate.py --model=out --text=my_texts.txt --questions=my_eval.jsonl
+    python evaluate.py --out_dir=out,out-sft                    # base vs fine-tuned, side by side
+    python evaluate.py --out_dir=out,out-int8,out-pruned,release --questions="" # compressed models, perplexity only
+    python evaluate.py --out_dir=out --text=my_texts.txt --questions=my_eval.jsonl
 A model is a checkpoint folder (ckpt.pt), a release folder (python -m nanollm.export), an int8 file or folder
 (python -m nanollm.quantize) or a pruned checkpoint (python -m nanollm.prune). The text set is a prepared folder (its
 `split`), a .bin token file, or .txt / .jsonl ({"text"}) files; the question set is 'heldout' (built in) or SFT files.
@@ -14,14 +14,14 @@ import time
 
 import torch
 
-from nanollm.configurator import configure
+from nanollm.configurator import configure, reject_renamed
 from nanollm.distributed import pick_device
 from nanollm.evaluation import (byte_lengths_next_to, count_parameters, format_table, load_questions,
                                 perplexity_on_tokens, read_token_stream, sft_metrics)
 from nanollm.loader import load_model
 
 # ------------------------------------------------------------------------------------------ settings
-model = "out-sft"  # comma-separated models, one table column each
+out_dir = "out-sft"  # the model(s) to evaluate, comma-separated: one table column each
 text = os.path.join("data", "world")  # perplexity set ('' = none): prepared folder, .bin, .txt/.jsonl files/folders
 split = "val"  # which split of a prepared folder
 max_tokens = 0  # score at most this many tokens of the text set (0 = all)
@@ -34,13 +34,14 @@ world_seed = 0  # the world of the built-in held-out set (the pretraining world)
 device = "auto"  # 'auto' | 'cpu' | 'cuda' | 'mps'
 seed = 1337
 # ----------------------------------------------------------------------------------------------------
+reject_renamed(sys.argv[1:], {"model": "out_dir"})
 config = configure(globals(), sys.argv[1:])
 
 device = pick_device(device)
 torch.manual_seed(seed)
-paths = [path.strip() for path in model.split(",") if path.strip()]
+paths = [path.strip() for path in out_dir.split(",") if path.strip()]
 if not paths:
-    raise ValueError("model is empty: name at least one checkpoint, release folder or int8 file")
+    raise ValueError("out_dir is empty: name at least one checkpoint, release folder or int8 file")
 for path in paths:  # every model must exist before the first one is evaluated
     if not os.path.exists(path):
         raise FileNotFoundError(f"model not found: {path} (train_pretrain.py writes out/, train_sft.py out-sft/)")

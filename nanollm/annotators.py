@@ -4,14 +4,14 @@ Teaches RLHF's feedback step (Stiennon et al. 2020; Ouyang et al. 2022, Instruct
 have them judged, write what the judges preferred. The gold annotator scores a reply against the synthetic world's
 facts on four readable 1-5 rules; the labelers see that judgement through noise and a length bias (longer answers
 look better to people and to reward models: Singhal et al. 2023), so the reward model is a proxy that can be checked.
-    python -m nanollm.annotators collect --checkpoint=out-sft --out=data/rm_demo
+    python -m nanollm.annotators collect --out_dir=out-sft --data_dir=data/rm_demo
     python -m nanollm.annotators judge "How old is Videl Guvar?" "Videl Guvar is 40 years old."
 """
-import argparse
 import json
 import os
 import random
 import re
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -406,32 +406,41 @@ def demo_feedback(source_dir, demo_dir, runtime, n_prompts, k, temperatures, max
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m nanollm.annotators", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    collect = commands.add_parser("collect", help="sample K replies per prompt, judge them, write preference data")
-    collect.add_argument("--checkpoint", default="out-sft", help="an out_dir with ckpt.pt and tokenizer.model")
-    collect.add_argument("--out", default=os.path.join("data", "rm_demo"))
-    collect.add_argument("--n_prompts", type=int, default=800)
-    collect.add_argument("--k", type=int, default=8, help="replies sampled per prompt")
-    collect.add_argument("--temperatures", default="0.7,1.0,1.3,1.6", help="one, or several for reply 1, 2, ...: '0.8,1.2'")
-    collect.add_argument("--max_new_tokens", type=int, default=32)
-    collect.add_argument("--heldout_fraction", type=float, default=0.2)
-    collect.add_argument("--n_labelers", type=int, default=3)
-    collect.add_argument("--noise", type=float, default=0.2)
-    collect.add_argument("--length_bias", type=float, default=0.1, help="points per 10 words; 0 = none")
-    collect.add_argument("--format", default="scores", choices=("scores", "pairwise", "ranked"))
-    collect.add_argument("--seed", type=int, default=0)
-    collect.add_argument("--device", default="cpu")
-    judge = commands.add_parser("judge", help="print the gold judgement of one reply")
-    judge.add_argument("question")
-    judge.add_argument("reply")
-    args = parser.parse_args(argv)
-    if args.command == "judge":
-        print(GoldAnnotator(World(0)).judge(args.question, args.reply))
+    from nanollm.configurator import configure_command
+
+    argv = sys.argv[1:] if argv is None else argv
+    settings = dict(  # sample K replies per prompt, judge them, write preference data (train_rm.py's demo names)
+        out_dir="out-sft",  # the model that replies: a folder with ckpt.pt and tokenizer.model
+        data_dir=os.path.join("data", "rm_demo"),  # writes train.jsonl, heldout.jsonl, gold.jsonl, meta.json here
+        n_prompts=800,  # distinct world questions
+        k=8,  # replies sampled per question
+        temperatures="0.7,1.0,1.3,1.6",  # one, or several for reply 1, 2, ...: '0.8,1.2'
+        max_new_tokens=32,
+        heldout_fraction=0.2,  # of the prompts, held out for evaluation
+        labelers=3,  # simulated labelers; each prompt is rated by one of them
+        labeler_noise=0.2,  # std of their rating noise (points on the 1-5 scale)
+        length_bias=0.1,  # their extra points per 10 words of reply (0 = unbiased)
+        data_format="scores",  # scores | pairwise | ranked
+        seed=0,
+        device="cpu",
+    )
+    words = configure_command("python -m nanollm.annotators collect|judge", settings if argv[:1] == ["collect"] else {},
+                              argv, renamed={"checkpoint": "out_dir", "out": "data_dir", "n_labelers": "labelers",
+                                             "noise": "labeler_noise", "format": "data_format"})
+    if words[:1] == ["judge"]:  # print the gold judgement of one reply
+        if len(words) != 3:
+            raise UserError(f"judge takes a question and a reply, each in quotes; got {len(words) - 1} words")
+        print(GoldAnnotator(World(0)).judge(words[1], words[2]))
         return
-    meta = collect_feedback(args.checkpoint, args.out, args.n_prompts, args.k, args.temperatures, args.max_new_tokens,
-                            args.heldout_fraction, args.n_labelers, args.noise, args.length_bias, args.format,
-                            args.seed, device=args.device)
+    if words != ["collect"]:
+        raise UserError(f"command line: expected 'collect [--key=value ...]' or 'judge \"QUESTION\" \"REPLY\"', "
+                        f"got {' '.join(words) or 'nothing'}")
+    if settings["data_format"] not in ("scores", "pairwise", "ranked"):
+        raise UserError(f"data_format={settings['data_format']!r}: expected 'scores', 'pairwise' or 'ranked'")
+    meta = collect_feedback(settings["out_dir"], settings["data_dir"], settings["n_prompts"], settings["k"],
+                            settings["temperatures"], settings["max_new_tokens"], settings["heldout_fraction"],
+                            settings["labelers"], settings["labeler_noise"], settings["length_bias"],
+                            settings["data_format"], settings["seed"], device=settings["device"])
     print(json.dumps(meta, indent=1))
 
 

@@ -141,6 +141,30 @@ def configure(namespace, argv):
     return {k: namespace[k] for k in keys}
 
 
+def reject_renamed(argv, renamed):
+    """A setting's old name ({old: new}) on the command line is a one-line error that names the new one."""
+    sys.excepthook = _report_user_error
+    for arg in argv:
+        key = arg[2:].partition("=")[0].replace("-", "_") if arg.startswith("--") else None
+        if key in renamed:
+            raise UserError(f"command line: --{key} is now --{renamed[key]}")
+
+
+def configure_command(prog, settings, argv, renamed=None):
+    """The command line of a `python -m nanollm.<tool>`, in the scripts' style: words (a subcommand, a file, a text)
+    and --key=value overrides of `settings` (a dict of defaults, updated in place) checked by configure(); --help
+    prints the settings with their defaults. Returns the words, in order."""
+    if "--help" in argv or "-h" in argv:
+        print(f"usage: {prog} [--key=value ...]; the settings and their defaults:")
+        for key in config_keys(settings):
+            print(f"  --{key}={settings[key]}")
+        raise SystemExit(0)
+    reject_renamed(argv, renamed or {})
+    words = [arg for arg in argv if not arg.startswith("--") and not arg.endswith(".py")]
+    configure(settings, [arg for arg in argv if arg not in words])
+    return words
+
+
 def script_settings(path):
     """A script's settings read without running it: the module-level assignments of literal values above its
     `configure(...)` call. Lets a driver (pipeline.py) check every stage's arguments before it starts any stage."""

@@ -4,9 +4,8 @@ ONNX graph of its forward pass.
 Teaches what a model needs outside the training loop (architecture + weights + tokenizer, no optimizer or RNG state),
 the safetensors layout (written by hand here: 8-byte header length, JSON header, raw bytes; read back by
 nanollm/gpt2.py), and export to ONNX through torch.onnx, checked against onnxruntime when it is installed.
-    python -m nanollm.export --ckpt_dir=out-sft --out=release/       # + release/model.onnx if `onnx` is installed
+    python -m nanollm.export --out_dir=out-sft --release_dir=release   # + release/model.onnx if `onnx` is installed
 """
-import argparse
 import copy
 import hashlib
 import importlib.util
@@ -154,38 +153,45 @@ def onnx_max_difference(model, onnx_path, input_ids):
 
 
 def main(argv=None):
+    from nanollm.configurator import configure_command
     from nanollm.loader import load_model  # the command line sits on top of the library
 
-    parser = argparse.ArgumentParser(prog="python -m nanollm.export", description="Write a release folder (+ ONNX).")
-    parser.add_argument("--ckpt_dir", default="out-sft", help="folder with ckpt.pt and tokenizer.model")
-    parser.add_argument("--out", default="release", help="the release folder to write")
-    parser.add_argument("--onnx", default="auto", choices=("auto", "yes", "no"),
-                        help="auto: export model.onnx when the `onnx` package is installed")
-    parser.add_argument("--onnx_seq_len", type=int, default=0, help="fixed ONNX input length; 0 = block_size")
-    args = parser.parse_args(argv)
-    tokenizer_path = os.path.join(args.ckpt_dir, TOKENIZER_FILE)
+    settings = dict(
+        out_dir="out-sft",  # the model to release: a folder with ckpt.pt and tokenizer.model
+        release_dir="release",  # the release folder to write
+        onnx="auto",  # auto: write model.onnx when the `onnx` package is installed | yes | no
+        onnx_seq_len=0,  # fixed ONNX input length; 0 = block_size
+    )
+    words = configure_command("python -m nanollm.export", settings, sys.argv[1:] if argv is None else argv,
+                              renamed={"ckpt_dir": "out_dir", "out": "release_dir"})
+    if words:
+        raise UserError(f"command line: unexpected argument '{words[0]}' (use --key=value)")
+    if settings["onnx"] not in ("auto", "yes", "no"):
+        raise UserError(f"onnx={settings['onnx']!r}: expected 'auto', 'yes' or 'no'")
+    out_dir, release_dir, onnx_seq_len = settings["out_dir"], settings["release_dir"], settings["onnx_seq_len"]
+    tokenizer_path = os.path.join(out_dir, TOKENIZER_FILE)
     if not os.path.isfile(tokenizer_path):
-        raise MissingFileError(f"{args.ckpt_dir}: no {TOKENIZER_FILE} next to the checkpoint")
-    model = load_model(args.ckpt_dir).model
-    export_release(model, tokenizer_path, args.out, source=args.ckpt_dir)
+        raise MissingFileError(f"out_dir={out_dir!r}: no {TOKENIZER_FILE} next to the checkpoint")
+    model = load_model(out_dir).model
+    export_release(model, tokenizer_path, release_dir, source=out_dir)
     have_onnx = importlib.util.find_spec("onnx") is not None
-    if args.onnx == "yes" or (args.onnx == "auto" and have_onnx):
-        onnx_path = os.path.join(args.out, ONNX_FILE)
-        export_onnx(model, onnx_path, args.onnx_seq_len or None)
+    if settings["onnx"] == "yes" or (settings["onnx"] == "auto" and have_onnx):
+        onnx_path = os.path.join(release_dir, ONNX_FILE)
+        export_onnx(model, onnx_path, onnx_seq_len or None)
         if importlib.util.find_spec("onnxruntime") is not None:
-            seq_len = args.onnx_seq_len or model.config.block_size
+            seq_len = onnx_seq_len or model.config.block_size
             input_ids = torch.randint(model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
             print(f"[nanollm] ONNX vs PyTorch: max |logits difference| = "
                   f"{onnx_max_difference(model, onnx_path, input_ids):.2e} (onnxruntime)")
         else:
             print("[nanollm] onnxruntime not installed: the ONNX graph was not run")
-    elif args.onnx == "auto":
+    elif settings["onnx"] == "auto":
         print("[nanollm] ONNX skipped: the optional package `onnx` is not installed (pip install onnx onnxscript "
               "onnxruntime)")
-    for name in sorted(os.listdir(args.out)):
-        print(f"  {os.path.join(args.out, name)}  {os.path.getsize(os.path.join(args.out, name)) / 1e6:.2f} MB")
+    for name in sorted(os.listdir(release_dir)):
+        print(f"  {os.path.join(release_dir, name)}  {os.path.getsize(os.path.join(release_dir, name)) / 1e6:.2f} MB")
     print(f"[nanollm] load it with: from nanollm.loader import load_model; model, tokenizer, _, _ = "
-          f"load_model({args.out!r})")
+          f"load_model({release_dir!r})")
 
 
 if __name__ == "__main__":

@@ -4,11 +4,11 @@ Teaches: the smallest |w| over all Linear layers together are set to zero (one g
 small weights lose more; Han et al. 2015, "Learning both Weights and Connections"), a mask applied as a
 parametrization (the model always sees weight · mask, so an optimizer step cannot revive a pruned weight), a short
 fine-tune to recover (Zhu & Gupta 2017), and making the zeros permanent. Embeddings and LayerNorms are not pruned.
-    python -m nanollm.prune --ckpt_dir=out --sparsity=0.5 --finetune_iters=50 --out_dir=out-pruned
+    python -m nanollm.prune --out_dir=out --sparsity=0.5 --finetune_iters=50 --pruned_dir=out-pruned
 """
-import argparse
 import os
 import shutil
+import sys
 
 import torch
 import torch.nn as nn
@@ -125,26 +125,34 @@ def save_pruned(model, path, source, sparsity):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m nanollm.prune", description="Magnitude-prune a GPT checkpoint.")
-    parser.add_argument("--ckpt_dir", default="out", help="folder with ckpt.pt and tokenizer.model")
-    parser.add_argument("--sparsity", type=float, default=0.5, help="fraction of Linear weights set to zero")
-    parser.add_argument("--finetune_iters", type=int, default=0, help="fine-tune steps after pruning (masks kept)")
-    parser.add_argument("--learning_rate", type=float, default=3e-4)
-    parser.add_argument("--data_dir", default=os.path.join("data", "world"), help="prepared data for the fine-tune")
-    parser.add_argument("--out_dir", default="out-pruned", help="writes ckpt.pt and tokenizer.model here")
-    args = parser.parse_args(argv)
-    model = load_model(args.ckpt_dir).model
-    magnitude_prune(model, args.sparsity)
-    if args.finetune_iters:
-        losses = finetune(model, args.data_dir, args.finetune_iters, args.learning_rate)
-        print(f"[nanollm] fine-tuned {args.finetune_iters} steps with masks: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    from nanollm.configurator import UserError, configure_command
+
+    settings = dict(
+        out_dir="out",  # the model to prune: a folder with ckpt.pt and tokenizer.model
+        sparsity=0.5,  # fraction of the Linear weights set to zero
+        finetune_iters=0,  # fine-tune steps after pruning (the masks are kept)
+        learning_rate=3e-4,  # of the fine-tune
+        data_dir=os.path.join("data", "world"),  # prepared data for the fine-tune
+        pruned_dir="out-pruned",  # writes ckpt.pt and tokenizer.model here
+    )
+    words = configure_command("python -m nanollm.prune", settings, sys.argv[1:] if argv is None else argv,
+                              renamed={"ckpt_dir": "out_dir"})
+    if words:
+        raise UserError(f"command line: unexpected argument '{words[0]}' (use --key=value)")
+    out_dir, pruned_dir, sparsity = settings["out_dir"], settings["pruned_dir"], settings["sparsity"]
+    model = load_model(out_dir).model
+    magnitude_prune(model, sparsity)
+    if settings["finetune_iters"]:
+        losses = finetune(model, settings["data_dir"], settings["finetune_iters"], settings["learning_rate"])
+        print(f"[nanollm] fine-tuned {settings['finetune_iters']} steps with masks: "
+              f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     print(format_sparsity(sparsity_report(model)))
-    os.makedirs(args.out_dir, exist_ok=True)
-    save_pruned(model, os.path.join(args.out_dir, "ckpt.pt"), args.ckpt_dir, args.sparsity)
-    tokenizer = os.path.join(args.ckpt_dir, "tokenizer.model")
+    os.makedirs(pruned_dir, exist_ok=True)
+    save_pruned(model, os.path.join(pruned_dir, "ckpt.pt"), out_dir, sparsity)
+    tokenizer = os.path.join(out_dir, "tokenizer.model")
     if os.path.isfile(tokenizer):
-        shutil.copyfile(tokenizer, os.path.join(args.out_dir, "tokenizer.model"))
-    print(f"[nanollm] wrote {args.out_dir}/ckpt.pt; compare: python evaluate.py --model={args.ckpt_dir},{args.out_dir}")
+        shutil.copyfile(tokenizer, os.path.join(pruned_dir, "tokenizer.model"))
+    print(f"[nanollm] wrote {pruned_dir}/ckpt.pt; compare: python evaluate.py --out_dir={out_dir},{pruned_dir}")
 
 
 if __name__ == "__main__":

@@ -4,11 +4,11 @@ Teaches symmetric per-output-channel quantization (one scale per row: scale = ma
 and a matmul that dequantizes on the fly, so weights live in memory and on disk as int8 while activations stay float
 (weight-only schemes as in LLM.int8(), Dettmers et al. 2022, without its outlier path; Jacob et al. 2018 for the
 int8 basics). The token embedding (tied with lm_head) and LayerNorms stay in float.
-    python -m nanollm.quantize --ckpt_dir=out --out_dir=out-int8      # writes out-int8/model_int8.pt + tokenizer
+    python -m nanollm.quantize --out_dir=out --int8_dir=out-int8      # writes out-int8/model_int8.pt + tokenizer
 """
-import argparse
 import os
 import shutil
+import sys
 
 import torch
 import torch.nn as nn
@@ -153,22 +153,27 @@ def save_quantized(model, path):
 
 
 def main(argv=None):
+    from nanollm.configurator import UserError, configure_command
     from nanollm.loader import load_model  # the command line sits on top of the library
 
-    parser = argparse.ArgumentParser(prog="python -m nanollm.quantize",
-                                     description="Quantize a GPT checkpoint's Linear layers to int8 (weight-only).")
-    parser.add_argument("--ckpt_dir", default="out", help="folder with ckpt.pt and tokenizer.model")
-    parser.add_argument("--out_dir", default="out-int8", help=f"writes {QUANTIZED_FILE} and tokenizer.model here")
-    args = parser.parse_args(argv)
-    model = load_model(args.ckpt_dir).model
+    settings = dict(
+        out_dir="out",  # the model to quantize: a folder with ckpt.pt and tokenizer.model
+        int8_dir="out-int8",  # writes model_int8.pt and tokenizer.model here
+    )
+    words = configure_command("python -m nanollm.quantize", settings, sys.argv[1:] if argv is None else argv,
+                              renamed={"ckpt_dir": "out_dir"})
+    if words:
+        raise UserError(f"command line: unexpected argument '{words[0]}' (use --key=value)")
+    out_dir, int8_dir = settings["out_dir"], settings["int8_dir"]
+    model = load_model(out_dir).model
     float_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied matrices counted once
     names = quantize_model(model)
-    os.makedirs(args.out_dir, exist_ok=True)
-    path = os.path.join(args.out_dir, QUANTIZED_FILE)
+    os.makedirs(int8_dir, exist_ok=True)
+    path = os.path.join(int8_dir, QUANTIZED_FILE)
     save_quantized(model, path)
-    tokenizer = os.path.join(args.ckpt_dir, "tokenizer.model")
+    tokenizer = os.path.join(out_dir, "tokenizer.model")
     if os.path.isfile(tokenizer):
-        shutil.copyfile(tokenizer, os.path.join(args.out_dir, "tokenizer.model"))
+        shutil.copyfile(tokenizer, os.path.join(int8_dir, "tokenizer.model"))
     print(f"[nanollm] {len(names)} Linear layers -> int8; {path}: {os.path.getsize(path) / 1e6:.2f} MB "
           f"(float32 weights: {float_bytes / 1e6:.2f} MB)")
 

@@ -4,12 +4,12 @@ It shows what each stage reached on held-out data, and the lesson of RLHF in one
 penalty the gold score (the truth the policy never sees) rises; without one (β = 0) the reward-model score keeps
 rising while the gold score peaks and falls and the KL runs away: reward hacking (Gao et al. 2023, "Scaling Laws
 for Reward Model Overoptimization"; the KL penalty of Ziegler et al. 2019 and InstructGPT, Ouyang et al. 2022).
-Rebuild from existing runs: python -m nanollm.report out-pipeline   (or --ppo=out-ppo --ppo_beta0=out-ppo-b0 ...)
+Rebuild from existing runs: python -m nanollm.report --pipeline_dir=out-pipeline   (or --ppo=out-ppo ...)
 """
-import argparse
 import json
 import math
 import os
+import sys
 
 STAGE_DIRS = {"pretrain": "pretrain", "sft": "sft", "rm": "rm", "ppo": "ppo", "ppo_beta0": "ppo-beta0"}  # in a
 # pipeline_dir: the out_dir of each stage
@@ -277,19 +277,25 @@ def build_report(stage_dirs, report_dir, notes=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m nanollm.report",
-                                     description="Rebuild the pipeline report (report.md + ppo_curves.png).")
-    parser.add_argument("pipeline_dir", nargs="?", help="a pipeline.py folder (its stages in pretrain/, sft/, ...)")
-    for stage in STAGE_DIRS:
-        parser.add_argument(f"--{stage}", help=f"the {stage} out_dir (overrides the one in pipeline_dir)")
-    parser.add_argument("--out", help="where report.md and the plot go (default: pipeline_dir, else 'report')")
-    args = parser.parse_args(argv)
-    stage_dirs = {stage: os.path.join(args.pipeline_dir, folder) for stage, folder in STAGE_DIRS.items()} \
-        if args.pipeline_dir else {}
-    stage_dirs.update({stage: getattr(args, stage) for stage in STAGE_DIRS if getattr(args, stage)})
+    from nanollm.configurator import UserError, configure_command
+
+    settings = dict(
+        pipeline_dir="",  # a pipeline.py folder: its stages in pretrain/, sft/, rm/, ppo/, ppo-beta0/
+        **{stage: "" for stage in STAGE_DIRS},  # one stage's out_dir (overrides the one in pipeline_dir)
+        report_dir="",  # where report.md and the plot go ('' = pipeline_dir, else 'report')
+    )
+    words = configure_command("python -m nanollm.report", settings, sys.argv[1:] if argv is None else argv,
+                              renamed={"out": "report_dir"})
+    if words:
+        raise UserError(f"command line: unexpected argument '{words[0]}' (a pipeline folder: "
+                        f"--pipeline_dir={words[0]})")
+    pipeline_dir = settings["pipeline_dir"]
+    stage_dirs = {stage: os.path.join(pipeline_dir, folder) for stage, folder in STAGE_DIRS.items()} \
+        if pipeline_dir else {}
+    stage_dirs.update({stage: settings[stage] for stage in STAGE_DIRS if settings[stage]})
     if not stage_dirs:
-        parser.error("give a pipeline_dir or at least one stage folder (e.g. --ppo=out-ppo --ppo_beta0=out-ppo-b0)")
-    report_dir = args.out or args.pipeline_dir or "report"
+        raise UserError("give --pipeline_dir or at least one stage folder (e.g. --ppo=out-ppo --ppo_beta0=out-ppo-b0)")
+    report_dir = settings["report_dir"] or pipeline_dir or "report"
     print(build_report(stage_dirs, report_dir))
     print(f"[report] wrote {os.path.join(report_dir, 'report.md')}")
 

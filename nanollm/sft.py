@@ -25,7 +25,6 @@ text: text holding a CJK character gets the Chinese wording.
                                                          person, …: see _chinese_fact_turns)
   any format         + "system": "..."                   a system message first
 """
-import argparse
 import json
 import os
 import re
@@ -498,17 +497,21 @@ def spread(items, count):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m nanollm.sft", description="Show SFT examples and their loss mask.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    viewer = commands.add_parser("show", help="print examples with the trained tokens highlighted")
-    viewer.add_argument("file", help="a .json or .jsonl SFT file")
-    viewer.add_argument("--tokenizer", default=os.path.join("out", "tokenizer.model"))
-    viewer.add_argument("--first", type=int, default=0, help="index of the first conversation shown")
-    viewer.add_argument("--count", type=int, default=3, help="how many conversations to show")
-    viewer.add_argument("--block_size", type=int, default=1024, help="truncate as training would")
-    viewer.add_argument("--tokens", action="store_true", help="one token per line: position, id, TRAIN, piece")
-    args = parser.parse_args(argv)
-    show(args.file, args.tokenizer, args.first, args.count, args.block_size, args.tokens)
+    from nanollm.configurator import configure_command
+
+    settings = dict(
+        tokenizer=os.path.join("out", "tokenizer.model"),
+        first=0,  # index of the first conversation shown
+        count=3,  # how many conversations to show
+        block_size=1024,  # truncate as training would
+        tokens=False,  # True: one token per line: position, id, TRAIN, piece
+    )
+    words = configure_command("python -m nanollm.sft show FILE", settings, sys.argv[1:] if argv is None else argv)
+    if len(words) != 2 or words[0] != "show":
+        raise UserError(f"command line: expected 'show FILE [--key=value ...]' (FILE: a .json or .jsonl SFT file), "
+                        f"got {' '.join(words) or 'nothing'}")
+    show(words[1], settings["tokenizer"], settings["first"], settings["count"], settings["block_size"],
+         settings["tokens"])
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from nanollm.configurator import script_settings
 from nanollm.data import prepare_dataset
 from nanollm.loader import load_model
 from script_runner import REPO, run_script
@@ -55,8 +56,8 @@ def prunable_weights(model):
 
 
 def test_prune_cli_zeroes_the_globally_smallest_weights_and_finetunes_the_rest(base_dir, data_dir, tmp_path):
-    result = run_module("nanollm.prune", f"--ckpt_dir={base_dir}", "--sparsity=0.5", "--finetune_iters=3",
-                        f"--data_dir={data_dir}", f"--out_dir={tmp_path}")
+    result = run_module("nanollm.prune", f"--out_dir={base_dir}", "--sparsity=0.5", "--finetune_iters=3",
+                        f"--data_dir={data_dir}", f"--pruned_dir={tmp_path}")
     assert "fine-tuned 3 steps with masks" in result.stdout
     before = prunable_weights(load_model(str(base_dir)).model)
     after = prunable_weights(load_model(str(tmp_path)).model)  # loads like any checkpoint
@@ -77,7 +78,7 @@ def test_prune_cli_zeroes_the_globally_smallest_weights_and_finetunes_the_rest(b
 def test_quantize_cli_writes_an_int8_model_equal_to_the_dequantized_float_model(base_dir, tmp_path):
     from nanollm.quantize import dequantize, quantizable_linears, quantize_per_channel
 
-    result = run_module("nanollm.quantize", f"--ckpt_dir={base_dir}", f"--out_dir={tmp_path}")
+    result = run_module("nanollm.quantize", f"--out_dir={base_dir}", f"--int8_dir={tmp_path}")
     assert "4 Linear layers -> int8" in result.stdout
     quantized = load_model(tmp_path / "model_int8.pt").model
     reference = load_model(str(base_dir)).model.eval()
@@ -90,8 +91,8 @@ def test_quantize_cli_writes_an_int8_model_equal_to_the_dequantized_float_model(
 
 
 def test_annotators_collect_cli_writes_preference_files_with_the_asked_shape(base_dir, tmp_path):
-    result = run_module("nanollm.annotators", "collect", f"--checkpoint={base_dir}", f"--out={tmp_path}",
-                        "--n_prompts=5", "--k=3", "--max_new_tokens=4", "--n_labelers=2", "--heldout_fraction=0.4",
+    result = run_module("nanollm.annotators", "collect", f"--out_dir={base_dir}", f"--data_dir={tmp_path}",
+                        "--n_prompts=5", "--k=3", "--max_new_tokens=4", "--labelers=2", "--heldout_fraction=0.4",
                         "--temperatures=1.0")
     meta = json.loads(result.stdout[result.stdout.index("{"):])  # the CLI prints meta.json
     assert meta == json.loads((tmp_path / "meta.json").read_text())
@@ -109,8 +110,8 @@ def test_annotators_collect_cli_writes_preference_files_with_the_asked_shape(bas
 
 def test_evaluate_script_scores_a_release_folder_like_its_checkpoint(base_dir, data_dir, tmp_path):
     release = tmp_path / "release"
-    run_module("nanollm.export", f"--ckpt_dir={base_dir}", f"--out={release}", "--onnx=no")
-    result = run_script("evaluate.py", [f"--model={base_dir},{release}", f"--text={data_dir}", "--questions=",
+    run_module("nanollm.export", f"--out_dir={base_dir}", f"--release_dir={release}", "--onnx=no")
+    result = run_script("evaluate.py", [f"--out_dir={base_dir},{release}", f"--text={data_dir}", "--questions=",
                                         "--max_tokens=200", "--device=cpu"])
     cells = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in result.stdout.splitlines()
              if line.startswith("|")]  # the markdown table: | row | model 1 | model 2 |
@@ -120,3 +121,41 @@ def test_evaluate_script_scores_a_release_folder_like_its_checkpoint(base_dir, d
         assert checkpoint_value == release_value, (name, result.stdout)
     assert rows["text tokens"][0] == "200"
     assert 1.0 < float(rows["text ppl"][0]) < 400  # an untrained model scores about vocab_size; this one learned a bit
+
+
+@pytest.mark.parametrize("command, message", [
+    (["-m", "nanollm.export", "--ckpt_dir=out-sft"], "command line: --ckpt_dir is now --out_dir"),
+    (["-m", "nanollm.export", "--out=release"], "command line: --out is now --release_dir"),
+    (["-m", "nanollm.export", "--onnx=maybe"], "onnx='maybe': expected 'auto', 'yes' or 'no'"),
+    (["-m", "nanollm.quantize", "--ckpt_dir=out"], "command line: --ckpt_dir is now --out_dir"),
+    (["-m", "nanollm.prune", "--sparsity=half"], "command line: 'sparsity' must be float (default 0.5), got str 'half'"),
+    (["-m", "nanollm.prune", "--pruned_dr=x"], "command line: unknown setting 'pruned_dr' (did you mean pruned_dir?)"),
+    (["-m", "nanollm.annotators", "collect", "--checkpoint=out-sft"], "command line: --checkpoint is now --out_dir"),
+    (["-m", "nanollm.annotators", "collect", "--n_labelers=2"], "command line: --n_labelers is now --labelers"),
+    (["-m", "nanollm.annotators", "collect", "--noise=0.1"], "command line: --noise is now --labeler_noise"),
+    (["-m", "nanollm.annotators", "judge", "Who?", "--k=3"], "command line: unknown setting 'k'"),
+    (["-m", "nanollm.annotators", "judge", "Who?"], "judge takes a question and a reply, each in quotes; got 1 words"),
+    (["-m", "nanollm.sft", "show"], "command line: expected 'show FILE [--key=value ...]' (FILE: a .json or .jsonl "
+                                    "SFT file), got show"),
+    (["-m", "nanollm.report", "out-pipeline"], "command line: unexpected argument 'out-pipeline' (a pipeline folder: "
+                                               "--pipeline_dir=out-pipeline)"),
+    (["-m", "nanollm.report", "--out=x"], "command line: --out is now --report_dir"),
+    (["serve.py", "--ckpt_dir=out-sft"], "command line: --ckpt_dir is now --out_dir"),
+    (["evaluate.py", "--model=out,out-sft"], "command line: --model is now --out_dir"),
+])
+def test_every_tool_reads_key_value_settings_and_a_renamed_one_names_its_new_name(command, message):
+    result = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 2  # the configurator's exit code for a user's mistake
+    assert result.stderr.splitlines() == [f"error: {message}"]  # one line, no traceback, no usage block
+
+
+def test_annotators_collect_names_its_labelers_as_train_rm_does():
+    result = subprocess.run([sys.executable, "-m", "nanollm.annotators", "collect", "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    defaults = dict(line.strip()[2:].split("=", 1) for line in result.stdout.splitlines() if line.startswith("  --"))
+    train_rm = script_settings(os.path.join(REPO, "train_rm.py"))
+    for name in ("labelers", "labeler_noise", "length_bias"):  # the same setting, the same name, the same default
+        assert defaults[name] == str(train_rm[name]), name
+    assert defaults["out_dir"] == "out-sft" and "checkpoint" not in defaults and "n_labelers" not in defaults

@@ -132,7 +132,7 @@ def test_evaluate_script_prints_one_table_for_two_models(tmp_path, checkpoint_di
     questions = [{"question": f"Where does person {i} live?", "answer": f"Person {i} lives in town {i % 7}."}
                  for i in range(5)] + [{"text": "I like it", "label": "positive"}]
     (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions), encoding="utf-8")
-    result = subprocess.run([sys.executable, os.path.join(REPO, "evaluate.py"), f"--model={checkpoint_dir},{int8_dir}",
+    result = subprocess.run([sys.executable, os.path.join(REPO, "evaluate.py"), f"--out_dir={checkpoint_dir},{int8_dir}",
                              f"--text={tmp_path / 'text.txt'}", f"--questions={tmp_path / 'q.jsonl'}",
                              "--max_new_tokens=4", "--device=cpu"], cwd=REPO, capture_output=True, text=True,
                             timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))

@@ -55,8 +55,8 @@ def test_safetensors_written_by_hand_reads_back_and_follows_the_layout(tmp_path)
 
 def test_release_cli_writes_a_folder_that_a_fresh_process_loads_with_identical_logits(tmp_path, checkpoint_dir):
     release = tmp_path / "release"
-    result = subprocess.run([sys.executable, "-m", "nanollm.export", f"--ckpt_dir={checkpoint_dir}",
-                             f"--out={release}", "--onnx=no"], cwd=REPO, capture_output=True, text=True, timeout=120,
+    result = subprocess.run([sys.executable, "-m", "nanollm.export", f"--out_dir={checkpoint_dir}",
+                             f"--release_dir={release}", "--onnx=no"], cwd=REPO, capture_output=True, text=True, timeout=120,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(os.listdir(release)) == ["config.json", "model.safetensors", "tokenizer.model"]

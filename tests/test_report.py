@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from nanollm.configurator import UserError
 from nanollm.report import MARKER, PLOT_NAME, best_gold, build_report, main, ppo_evals, read_run, run_label
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -160,15 +161,15 @@ def test_without_matplotlib_the_report_says_the_plot_was_skipped(stages, tmp_pat
 
 
 def test_cli_rebuilds_from_a_pipeline_dir_or_from_separate_runs(stages, tmp_path, capsys):
-    main([str(stages)])
+    main([f"--pipeline_dir={stages}"])
     assert os.path.exists(stages / "report.md") and os.path.exists(stages / PLOT_NAME)
     assert "| **total** | **235.5** |" in open(stages / "report.md").read()
-    main([f"--ppo={stages / 'ppo'}", f"--ppo_beta0={stages / 'ppo-beta0'}", f"--out={tmp_path / 'readme'}"])
+    main([f"--ppo={stages / 'ppo'}", f"--ppo_beta0={stages / 'ppo-beta0'}", f"--report_dir={tmp_path / 'readme'}"])
     markdown = open(tmp_path / "readme" / "report.md").read()
     assert "best gold (iteration 5)" in markdown and "_missing: no metrics.jsonl in `(not given)`" in markdown
     with open(tmp_path / "readme" / PLOT_NAME, "rb") as f:
         assert f.read(8) == PNG_MAGIC
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="give --pipeline_dir"):
         main([])  # nothing to report on
 
 

@@ -372,14 +372,14 @@ def test_demo_set_mixes_every_format_and_holds_out_entities(tmp_path):
 def test_the_mask_viewer_highlights_only_assistant_tokens(tmp_path, tokenizer, capsys):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"question": "How old is Tom?", "answer": "Tom is 34."}) + "\n")
-    main(["show", str(path), "--tokenizer", tokenizer.model_path])
+    main(["show", str(path), f"--tokenizer={tokenizer.model_path}"])
     out = capsys.readouterr().out
     assert "<s><|user|>How old is Tom?<|assistant|>«Tom is 34.</s>»" in out
     assert "1 conversations" in out
 
 
 def test_the_mask_viewer_shows_every_seed_conversation(tokenizer, capsys):
-    main(["show", str(SEED_EXAMPLES / "sft.jsonl"), "--tokenizer", tokenizer.model_path, "--count", "12"])
+    main(["show", str(SEED_EXAMPLES / "sft.jsonl"), f"--tokenizer={tokenizer.model_path}", "--count=12"])
     out = capsys.readouterr().out
     assert "12 conversations; showing 12" in out
     for _, messages in SEED_CONVERSATIONS:
