@@ -1,7 +1,7 @@
 """Benchmark: what int8 quantization and magnitude pruning save and cost, all measured in one run on this machine.
 
     python bench/bench_compress.py                  # out/ (made by python train_pretrain.py) on data/world's val split
-    python bench/bench_compress.py --ckpt_dir=out-sft --sparsities=0,0.5,0.9 --finetune_iters=0
+    python bench/bench_compress.py --out_dir=out-sft --sparsities=0,0.5,0.9 --finetune_iters=0
 Table 1: fp32 vs our int8 (both matmul paths) vs PyTorch's dynamic int8: size on disk, perplexity, greedy CPU
 generation speed (batch 1, KV cache; interleaved rounds, the best round reported) and how many greedy tokens match
 fp32's. Table 2: global magnitude pruning, sparsity vs perplexity, before and after a short fine-tune with the masks.
@@ -19,12 +19,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import nanollm.quantize as quantize  # noqa: E402
-from nanollm.configurator import configure  # noqa: E402
+from nanollm.configurator import configure, reject_renamed  # noqa: E402
 from nanollm.evaluation import perplexity_on_tokens, read_token_stream  # noqa: E402
 from nanollm.loader import load_model  # noqa: E402
 from nanollm.prune import finetune, magnitude_prune, sparsity_report  # noqa: E402
 
-ckpt_dir = "out"  # the model to compress (a checkpoint folder)
+out_dir = "out"  # the model to compress (a checkpoint folder)
 data_dir = os.path.join("data", "world")  # prepared data: perplexity on `split`, fine-tune on train
 split = "val"
 eval_tokens = 0  # perplexity over at most this many tokens (0 = the whole split)
@@ -38,19 +38,20 @@ finetune_iters = 20  # fine-tune steps after pruning, masks kept (0 = no fine-tu
 finetune_lr = 1e-4
 finetune_batch = 16
 seed = 1337
+reject_renamed(sys.argv[1:], {"ckpt_dir": "out_dir"})
 configure(globals(), sys.argv[1:])
 
-if not os.path.isfile(os.path.join(ckpt_dir, "ckpt.pt")):
-    raise FileNotFoundError(f"{ckpt_dir}/ckpt.pt not found: create it with `python train_pretrain.py` (about 3 minutes "
-                            f"on a 2-core CPU), or pass --ckpt_dir=<a folder holding ckpt.pt>")
+if not os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
+    raise FileNotFoundError(f"{out_dir}/ckpt.pt not found: create it with `python train_pretrain.py` (about 3 minutes "
+                            f"on a 2-core CPU), or pass --out_dir=<a folder holding ckpt.pt>")
 if threads:
     torch.set_num_threads(threads)
 t_start = time.time()
-base, tokenizer, _, _ = load_model(ckpt_dir)
+base, tokenizer, _, _ = load_model(out_dir)
 tokens = read_token_stream(data_dir, tokenizer, split)
 prompt = torch.tensor([tokenizer.encode(gen_prompt, bos=True)])  # (1, T)
 gen_tokens = min(gen_tokens, base.config.block_size - prompt.size(1))
-print(f"model {ckpt_dir}: {base.num_parameters() / 1e6:.2f} M parameters; perplexity on {data_dir} {split} "
+print(f"model {out_dir}: {base.num_parameters() / 1e6:.2f} M parameters; perplexity on {data_dir} {split} "
       f"({eval_tokens or tokens.numel() - 1:,} tokens); torch {torch.__version__}, "
       f"{torch.get_num_threads()} thread(s), {os.cpu_count()} CPUs")
 
@@ -133,7 +134,7 @@ print(f"\nTable 2: global magnitude pruning of the Linear weights ({data_dir} {s
 header = "| sparsity of Linear weights | of all weights | val perplexity |"
 print(header + (" after fine-tune |" if finetune_iters else ""))
 print("|---|---|---|" + ("---|" if finetune_iters else ""))
-for sparsity in [float(value) for value in sparsities.split(",")]:
+for sparsity in [float(value) for value in sparsities.strip("()[] ").split(",")]:  # 0,0.5 arrives as "(0, 0.5)"
     pruned = copy.deepcopy(base)
     magnitude_prune(pruned, sparsity)
     report = sparsity_report(pruned)
