@@ -5,7 +5,8 @@
     python pipeline.py --pipeline_dir=run2 --ppo_args="--max_iters=100 --target_kl=0.5"
     python pipeline.py                 # again: finished stages are skipped, an interrupted one resumes
 Each stage is the stage's own script run as a subprocess (read those for the loops); its output goes to the
-console and to pipeline_dir/<stage>.log. Rebuild the report from existing runs: python -m nanollm.report out-pipeline
+console and to pipeline_dir/<stage>.log. Rebuild the report from existing runs:
+    python -m nanollm.report --pipeline_dir=out-pipeline
 Settings below are plain variables; override them with a config file and/or --key=value.
 """
 import json
