@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from nanollm.configurator import configure, reject_renamed
+from nanollm.configurator import MissingFileError, UserError, configure, reject_renamed
 from nanollm.distributed import pick_device
 from nanollm.evaluation import (byte_lengths_next_to, count_parameters, format_table, load_questions,
                                 perplexity_on_tokens, read_token_stream, sft_metrics)
@@ -41,10 +41,10 @@ device = pick_device(device)
 torch.manual_seed(seed)
 paths = [path.strip() for path in out_dir.split(",") if path.strip()]
 if not paths:
-    raise ValueError("out_dir is empty: name at least one checkpoint, release folder or int8 file")
+    raise UserError("out_dir is empty: name at least one checkpoint, release folder or int8 file")
 for path in paths:  # every model must exist before the first one is evaluated
     if not os.path.exists(path):
-        raise FileNotFoundError(f"model not found: {path} (train_pretrain.py writes out/, train_sft.py out-sft/)")
+        raise MissingFileError(f"model not found: {path} (train_pretrain.py writes out/, train_sft.py out-sft/)")
 conversations = load_questions(questions, world_seed) if questions else []  # bad files fail before any model loads
 
 columns, rows = {}, ["kind", "parameters"]

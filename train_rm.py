@@ -8,7 +8,7 @@ N processes with DDP (one per GPU; gloo on CPU):
     torchrun --standalone --nproc_per_node=4 train_rm.py
 Resume after a crash or Ctrl-C:
     python train_rm.py --init_from=resume
-Collect preference data by hand: python -m nanollm.annotators collect --checkpoint=out-sft --out=data/rm_demo
+Collect preference data by hand: python -m nanollm.annotators collect --out_dir=out-sft --data_dir=data/rm_demo
 Settings below are plain variables; override them with a config file and/or --key=value.
 """
 import os
