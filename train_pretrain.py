@@ -97,7 +97,8 @@ torch.manual_seed(seed)  # same initial weights on every rank
 model = build_model(model_type, model_args).to(runtime.device)
 byte_lengths = byte_lengths_for(model, tokenizer, runtime.device)  # bits per byte: UTF-8 bytes of each token
 if master:
-    print(f"[nanollm] {type(model).__name__}, {tokens_per_iter:,} tokens per iteration:\n{model.parameter_report()}")
+    print(f"[nanollm] {type(model).__name__}, attn_impl={model.config.attn_impl}, {tokens_per_iter:,} tokens per "
+          f"iteration:\n{model.parameter_report()}")
 scaler = runtime.grad_scaler()
 optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), runtime.device_type, master)
 schedule = Schedule(learning_rate, warmup_iters, lr_decay_iters, max_iters, min_lr, lr_schedule if decay_lr else

@@ -17,3 +17,16 @@ def run_script(script, args, nproc=0, check=True, timeout=300, cwd=REPO):
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+WORDS = ["river", "stone", "lamp", "garden", "north", "quiet", "seven", "blue", "market", "window"]
+
+
+def write_corpus(folder, n_lines=600):
+    """A small English text file for tiny pretraining runs (ten words in rotation, one numbered sentence a line);
+    returns its path."""
+    lines = [f"The {WORDS[i % 10]} near the {WORDS[(i * 3) % 10]} is {WORDS[(i * 7 + 1) % 10]} number {i}."
+             for i in range(n_lines)]
+    path = folder / "text.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

@@ -12,7 +12,7 @@ import torch
 from nanollm.configurator import script_settings
 from nanollm.data import prepare_dataset
 from nanollm.loader import load_model
-from script_runner import REPO, run_script
+from script_runner import REPO, run_script, write_corpus
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=4", "--eval_iters=2",
         "--log_interval=1", "--warmup_iters=1", "--learning_rate=3e-3", "--dtype=float32", "--device=cpu",
@@ -33,10 +33,7 @@ def run_module(module, *args, check=True):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli_corpus")
-    words = ["river", "stone", "lamp", "garden", "north", "quiet", "seven", "blue", "market", "window"]
-    lines = [f"The {words[i % 10]} near the {words[(i * 3) % 10]} is {words[(i * 7 + 1) % 10]} number {i}."
-             for i in range(400)]
-    (folder / "text.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_corpus(folder, 400)
     return prepare_dataset(str(folder / "text.txt"), str(folder / "prepared"), vocab_size=400)
 
 

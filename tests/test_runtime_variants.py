@@ -10,7 +10,7 @@ import torch
 from conftest import require
 from nanollm.data import prepare_dataset
 from nanollm.model import GPT, GPTConfig
-from script_runner import run_script
+from script_runner import run_script, write_corpus
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=1",
         "--log_interval=1", "--warmup_iters=1", "--learning_rate=3e-3", "--device=cpu", "--sample_tokens=3",
@@ -20,10 +20,7 @@ TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("variants_corpus")
-    words = ["river", "stone", "lamp", "garden", "north", "quiet", "seven", "blue", "market", "window"]
-    lines = [f"The {words[i % 10]} near the {words[(i * 3) % 10]} is {words[(i * 7 + 1) % 10]} number {i}."
-             for i in range(400)]
-    (folder / "text.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_corpus(folder, 400)
     return prepare_dataset(str(folder / "text.txt"), str(folder / "prepared"), vocab_size=400)
 
 

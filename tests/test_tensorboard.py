@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from nanollm.checkpoint import MetricsLog, read_metrics
 from nanollm.configurator import UserError
 from conftest import require
-from script_runner import run_script
+from script_runner import run_script, write_corpus
 
 require("tensorboard")  # in the test extra; CI fails rather than skips without it
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -33,10 +33,7 @@ def scalars(folder):
 def run(tmp_path_factory):
     """A tiny pretraining run on ASCII text with --tensorboard=True."""
     folder = tmp_path_factory.mktemp("tb")
-    words = ["river", "stone", "lamp", "garden", "north", "quiet", "seven", "blue", "market", "window"]
-    lines = [f"The {words[i % 10]} near the {words[(i * 3) % 10]} is {words[(i * 7 + 1) % 10]} number {i}."
-             for i in range(600)]
-    (folder / "text.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_corpus(folder)
     out_dir = folder / "out"
     args = [f"--dataset={folder / 'text.txt'}", f"--data_dir={folder / 'prepared'}", f"--out_dir={out_dir}"]
     result = run_script("train_pretrain.py", TINY + args + ["--tensorboard=True"])

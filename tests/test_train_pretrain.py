@@ -10,7 +10,7 @@ import time
 import pytest
 
 from nanollm.configurator import UserError
-from script_runner import run_script
+from script_runner import run_script, write_corpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "train_pretrain.py")
@@ -23,10 +23,7 @@ TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_
 def corpus(tmp_path_factory):
     """A small text corpus, prepared once (tokenizer + .bin) and shared by the tests of this file."""
     folder = tmp_path_factory.mktemp("corpus")
-    words = ["river", "stone", "lamp", "garden", "north", "quiet", "seven", "blue", "market", "window"]
-    lines = [f"The {words[i % 10]} near the {words[(i * 3) % 10]} is {words[(i * 7 + 1) % 10]} number {i}."
-             for i in range(600)]
-    (folder / "text.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_corpus(folder)
     data_dir = str(folder / "prepared")
     run([f"--dataset={folder / 'text.txt'}", f"--data_dir={data_dir}", f"--out_dir={folder / 'out0'}",
          "--max_iters=0", "--eval_only=True"])

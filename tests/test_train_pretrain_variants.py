@@ -5,7 +5,7 @@ import os
 import pytest
 
 from nanollm.data import prepare_dataset
-from script_runner import run_script
+from script_runner import run_script, write_corpus
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--eval_iters=4",
         "--log_interval=1", "--warmup_iters=3", "--learning_rate=5e-3", "--dtype=float32", "--device=cpu",
@@ -16,10 +16,7 @@ TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_
 def corpus(tmp_path_factory):
     """A small text corpus, prepared once (tokenizer + .bin) for the tests of this file."""
     folder = tmp_path_factory.mktemp("corpus")
-    words = ["river", "stone", "lamp", "garden", "north", "quiet", "seven", "blue", "market", "window"]
-    lines = [f"The {words[i % 10]} near the {words[(i * 3) % 10]} is {words[(i * 7 + 1) % 10]} number {i}."
-             for i in range(600)]
-    (folder / "text.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_corpus(folder)
     return prepare_dataset(str(folder / "text.txt"), str(folder / "prepared"), vocab_size=400)
 
 
