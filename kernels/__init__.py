@@ -10,8 +10,11 @@ import torch
 if not torch.cuda.is_available():
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
         # triton's own helpers (tl.zeros, ...) were already compiled for a GPU: the interpreter would fail later
-        raise ImportError("kernels/__init__.py: no GPU, and triton was imported before `kernels` without "
-                          "TRITON_INTERPRET=1; set TRITON_INTERPRET=1 in the environment or import kernels first")
+        from nanollm.configurator import UserError  # one line for the user, exit code 2 from a script
+
+        raise UserError("attn_impl='triton' without a GPU runs the kernels in Triton's interpreter, which must be "
+                        "chosen before triton is imported: run with TRITON_INTERPRET=1 in the environment "
+                        "(e.g. TRITON_INTERPRET=1 python train_pretrain.py --attn_impl=triton)")
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 

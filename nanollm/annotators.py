@@ -281,6 +281,10 @@ def sample_responses(model, tokenizer, questions, k, temperatures=(1.0,), max_ne
     (several temperatures give more varied replies, as Llama 2 did: Touvron et al. 2023). Prompts are repeated,
     left-padded and decoded with the KV cache; replies are cut at eos. Returns a list of K-lists of strings."""
     model.eval()
+    longest = max(len(prompt_ids(tokenizer, [{"role": "user", "content": q}])) for q in questions)
+    if longest >= model.config.block_size:  # checked before any sampling: no room for even one reply token
+        raise UserError(f"a question of {longest} tokens leaves no room for a reply within the model's block_size="
+                        f"{model.config.block_size}; use a model with a longer block_size or shorter questions")
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     replies = [[None] * k for _ in questions]

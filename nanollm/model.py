@@ -52,6 +52,8 @@ class GPTConfig:
             raise UserError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.attn_impl not in ATTN_IMPLS:
             raise UserError(f"attn_impl={self.attn_impl!r}: expected one of {ATTN_IMPLS}")
+        if self.attn_impl == "triton":
+            import kernels  # noqa: F401  (its import checks, before any work, that the kernels can run here)
         if self.init not in INITS:
             raise UserError(f"init={self.init!r}: expected one of {INITS}")
         if self.norm_position not in NORM_POSITIONS:

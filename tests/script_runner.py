@@ -6,10 +6,10 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_script(script, args, nproc=0, check=True, timeout=300, cwd=REPO):
+def run_script(script, args, nproc=0, check=True, timeout=300, cwd=REPO, unset=()):
     """`python <script> args` (or torchrun with nproc processes); with check, a non-zero exit fails the test and shows
-    the end of the output. Returns the CompletedProcess."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    the end of the output. unset: environment variables the script must not see. Returns the CompletedProcess."""
+    env = {k: v for k, v in dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1").items() if k not in unset}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
         else [sys.executable]
     result = subprocess.run(launcher + [os.path.join(REPO, script)] + list(args), cwd=cwd, env=env,

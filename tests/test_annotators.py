@@ -249,3 +249,13 @@ def test_collected_feedback_trains_on_train_questions_and_holds_out_validation_o
     for name, split in (("train", "train"), ("heldout", "validation")):
         prompts = [json.loads(line)["input"] for line in (tmp_path / "rm" / f"{name}.jsonl").read_text().splitlines()]
         assert len(prompts) == (7 if name == "train" else 3) and {split_of[p] for p in prompts} == {split}
+
+
+def test_a_question_longer_than_the_model_context_is_one_line_before_any_sampling(tiny_checkpoint, world):
+    from nanollm.configurator import UserError
+
+    _, tokenizer, model = tiny_checkpoint
+    long_question = " ".join(feedback_prompts(world, 20, seed=0))  # far beyond block_size=64 tokens
+    with pytest.raises(UserError, match=r"a question of \d+ tokens leaves no room for a reply within the model's "
+                                        r"block_size=64"):
+        sample_responses(model, tokenizer, [feedback_prompts(world, 1, seed=0)[0], long_question], k=2)

@@ -24,9 +24,10 @@ def data_dir(tmp_path_factory):
     return prepare_dataset(str(folder / "text.txt"), str(folder / "prepared"), vocab_size=400)
 
 
-def train(data_dir, out_dir, *args):
+def train(data_dir, out_dir, *args, unset=()):
     """Three iterations of train_pretrain.py; returns (per-iteration losses, the run's output)."""
-    result = run_script("train_pretrain.py", TINY + [f"--dataset={data_dir}", f"--out_dir={out_dir}", *args])
+    result = run_script("train_pretrain.py", TINY + [f"--dataset={data_dir}", f"--out_dir={out_dir}", *args],
+                        unset=unset)
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         losses = [record["loss"] for record in map(json.loads, f) if "loss" in record]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
@@ -54,6 +55,15 @@ def test_triton_attention_trains_like_sdpa(data_dir, float32_losses, tmp_path):
     losses, out = train(data_dir, tmp_path, "--dtype=float32", "--attn_impl=triton")
     assert "attn_impl=triton" in out
     assert losses == pytest.approx(float32_losses, abs=1e-4)  # the same arithmetic in another order
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is chosen only where there is no GPU")
+def test_triton_attention_on_a_cpu_needs_no_triton_interpret_setting(data_dir, float32_losses, tmp_path):
+    require("triton")
+    losses, out = train(data_dir, tmp_path, "--dtype=float32", "--attn_impl=triton", unset=("TRITON_INTERPRET",))
+    assert "attn_impl=triton" in out and "error" not in out
+    assert losses == pytest.approx(float32_losses, abs=1e-4)
 
 
 def test_kv_cache_decoding_with_triton_attention_equals_the_full_forward():
