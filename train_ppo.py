@@ -206,4 +206,4 @@ elif master and not eval_only:  # the end: the held-out sets before and after, a
     print(f"[nanollm] {max_iters} PPO iterations in {time.time() - t_start:.1f} s; final beta {controller.beta:.4f}; "
           f"samples in {out_dir}/samples.txt\n{before_after_table(read_metrics(log.path))}")
 dist_utils.teardown(runtime)
-stop.exit_if()
+stop.exit_if_stopped()

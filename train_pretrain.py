@@ -177,4 +177,4 @@ elif master and not eval_only:  # the end: numbers and a sample
     else:
         print("[nanollm] sample:", raw_model.sample_text(tokenizer, sample_prompt, sample_tokens))
 dist_utils.teardown(runtime)
-stop.exit_if()
+stop.exit_if_stopped()

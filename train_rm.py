@@ -203,4 +203,4 @@ elif not eval_only:  # the end: fit the bias (mean reward 0 on the SFT model's r
               f"(the mean reward on the training responses is now 0)\n[nanollm] final: {held_out.describe(scores)}\n"
               f"{held_out.length_table(rewards)}")
 dist_utils.teardown(runtime)
-stop.exit_if()
+stop.exit_if_stopped()

@@ -193,4 +193,4 @@ elif master and not eval_only:  # the end: held-out metrics before and after, an
         print(f"  Q: {conversation.messages[-2]['content']}\n  A: {reply}\n  (reference: "
               f"{conversation.messages[-1]['content']})")
 dist_utils.teardown(runtime)
-stop.exit_if()
+stop.exit_if_stopped()

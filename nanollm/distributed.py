@@ -155,7 +155,7 @@ def micro_steps_per_rank(gradient_accumulation_steps, runtime):
     batch grows with the number of processes, as in plain data parallelism. Returns the micro-steps per rank."""
     world_size = runtime.world_size
     if gradient_accumulation_steps < world_size:
-        if runtime.is_master and gradient_accumulation_steps != world_size:
+        if runtime.is_master:
             print(f"[nanollm] gradient_accumulation_steps={gradient_accumulation_steps} < {world_size} processes: "
                   f"each process does 1 micro-step, so an optimizer step sees {world_size} micro-batches")
         return 1

@@ -115,8 +115,8 @@ class GracefulStop:
             tqdm.write(f"[nanollm] stop requested: checkpoint at iteration {iter_num}; resume with --init_from=resume")
         return self.stopped
 
-    def exit_if(self, stopped=None):
+    def exit_if_stopped(self):
         """A stopped run ends with exit code 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM), as a shell
         reports it, so that a caller can tell it from a finished run (exit code 0)."""
-        if self.stopped if stopped is None else stopped:
+        if self.stopped:
             raise SystemExit(128 + int(self.signum))
