@@ -192,8 +192,8 @@ while not stop.requested(runtime, iter_num):
     controller.update(kl_mean, batch_size * runtime.world_size)
 
     # log (means over this rank's batch, then over ranks)
-    record = {**batch_record(generated, scored, experience, raw_scores, scores, beta), "gold": mean(gold_scores),
-              "minibatches": steps, "rollout_s": rollout_time, "update_s": update_time,
+    record = {**batch_record(generated, scored, experience, raw_scores, scores, sequence_kl, beta),
+              "gold": mean(gold_scores), "minibatches": steps, "rollout_s": rollout_time, "update_s": update_time,
               **{key: mean([stats[key] for stats in update_stats]) for key in update_stats[0]}}
     record = {key: dist_utils.all_reduce_mean(value, runtime) for key, value in record.items()}
     log.step(iter_num, {"score": record.pop("score"), "gold": record.pop("gold"), "kl": kl_mean, "beta": beta,

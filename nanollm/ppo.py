@@ -484,11 +484,11 @@ def pick_prompts(n_available, n_prompts, samples_per_prompt, seed, iteration, ra
     return picked.repeat_interleave(samples_per_prompt).tolist(), sampler
 
 
-def batch_record(rollout, scored, experience, raw_scores, scores, beta):
-    """A rollout batch's numbers for the log (means over this rank's batch)."""
+def batch_record(rollout, scored, experience, raw_scores, scores, sequence_kl, beta):
+    """A rollout batch's numbers for the log (means over this rank's batch); sequence_kl (B,): Σ_t kl_t."""
     mask = rollout.response_mask
     return {"score": raw_scores.mean().item(),
-            "objective": (scores - beta * sequence_sum(experience["kl"], mask)).mean().item(),  # score − β·KL
+            "objective": (scores - beta * sequence_kl).mean().item(),  # what PPO maximizes: score − β·KL
             "entropy": (scored["entropy"] * mask).sum().item() / mask.sum().item(),
             "explained_variance": explained_variance(experience["values"], experience["returns"], mask),
             "response_length": mask.sum(-1).float().mean().item(), "eos_rate": rollout.ended.float().mean().item()}
