@@ -22,7 +22,7 @@ from nanollm.configurator import configure
 from nanollm.model import GPT, GPTConfig
 from nanollm.optim import Schedule, configure_optimizer
 from nanollm.sft import (check_settings, encode_conversations, evaluate, fit_block_size, get_sft_batch, load_sft_data,
-                         model_inputs, pack_rows, spread, starting_point, token_loss_sum)
+                         loss_weight, model_inputs, pack_rows, spread, starting_point, token_loss_sum)
 from nanollm.tokenizer import Tokenizer
 from nanollm.training import CheckpointRule, GracefulStop, GuardedStep, evaluation_due, setup_run
 
@@ -166,9 +166,9 @@ while not eval_only and not stop.requested(runtime, iter_num):
                 logits, _ = model(batch.input_ids, **model_inputs(batch))
                 token_losses = token_loss_sum(logits, batch.targets)  # Σ CE over this micro-batch's targets
             # loss = Σ CE / n_targets(global); × world_size because DDP averages gradients over ranks
-            scaler.scale(token_losses * runtime.world_size / max(n_targets, 1)).backward()
+            scaler.scale(token_losses * loss_weight(n_targets, runtime.world_size)).backward()
         loss_sum += token_losses.item()
-    loss_mean = dist_utils.all_reduce_mean(loss_sum, runtime) * runtime.world_size / max(n_targets, 1)
+    loss_mean = dist_utils.all_reduce_mean(loss_sum, runtime) * loss_weight(n_targets, runtime.world_size)
 
     grad_norm = step(model, loss_mean, iter_num)  # unscale, clip to grad_clip, optimizer step (or skip)
 

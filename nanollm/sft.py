@@ -336,6 +336,13 @@ def token_loss_sum(logits, targets):
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def loss_weight(n_targets, world_size):
+    """The factor for one rank's Σ CE so that the step's gradient is the mean over the n_targets target tokens of
+    the whole (global) batch: world_size / n_targets, since DDP averages the ranks' gradients (× world_size undoes
+    that). A step with no targets at all weighs 1 (its sum is 0), never 1/0."""
+    return world_size / max(n_targets, 1)
+
+
 def model_inputs(batch):
     """Keyword arguments for GPT.forward from a Batch."""
     return {"position_ids": batch.position_ids, "segment_ids": batch.segment_ids}

@@ -10,8 +10,8 @@ from nanollm.clean import normalize_text
 from nanollm.instructions import FULL_INSTRUCTIONS, demo_records, heldout_entities, write_demo_dataset
 from nanollm.model import GPT, GPTConfig
 from nanollm.sft import (IGNORE_INDEX, Conversation, collate, encode_conversations, generate_replies, get_sft_batch,
-                         load_conversations, main, model_inputs, normalize_record, pack_rows, read_records,
-                         score_replies, token_loss_sum)
+                         load_conversations, loss_weight, main, model_inputs, normalize_record, pack_rows,
+                         read_records, score_replies, token_loss_sum)
 from nanollm.tokenizer import Tokenizer, encode_messages, prompt_ids, train_tokenizer
 from nanollm.reward import check_groups, load_groups
 from nanollm.world import ATTRIBUTE_LABELS, TEMPLATES, World
@@ -257,10 +257,30 @@ def test_an_all_masked_micro_batch_gives_zero_loss_and_no_gradient(tokenizer):
     logits, _ = model(idx)
     mean_loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
     assert torch.isnan(mean_loss)  # the pitfall: a mean over no tokens is 0/0
-    loss = token_loss_sum(logits, targets) / max(0, 1)  # what train_sft.py does with n_targets = 0
+    loss = token_loss_sum(logits, targets) * loss_weight(0, 1)  # train_sft.py's weight when no rank has a target
     assert loss.item() == 0.0
     loss.backward()
     assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_the_ranks_weighted_sums_average_to_the_mean_over_the_global_batch(tokenizer, world_size):
+    """train_sft.py: each rank's Σ CE × loss_weight(global targets, world_size); DDP then averages the ranks'
+    gradients. The result must equal the plain mean cross-entropy over every target of the global batch, however
+    unevenly the targets fall on the ranks (here one rank may have none)."""
+    model = tiny_model(tokenizer)
+    idx = torch.randint(8, tokenizer.vocab_size, (6, 8))
+    targets = torch.randint(8, tokenizer.vocab_size, (6, 8))
+    targets[:2] = IGNORE_INDEX  # the first rows have no targets at all
+    targets[2, 3:] = IGNORE_INDEX
+    logits, _ = model(idx)
+    reference = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+    n_targets = int((targets != IGNORE_INDEX).sum())
+    rank_rows = torch.arange(6).chunk(world_size)  # rank r holds these rows of the global batch
+    rank_losses = [token_loss_sum(logits[rows], targets[rows]) * loss_weight(n_targets, world_size)
+                   for rows in rank_rows]
+    averaged = sum(rank_losses) / world_size  # what DDP's gradient averaging amounts to
+    torch.testing.assert_close(averaged, reference, rtol=1e-5, atol=1e-6)
 
 
 def test_the_loss_is_a_mean_over_target_tokens(tokenizer):
