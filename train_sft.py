@@ -19,10 +19,12 @@ import torch
 from nanollm import distributed as dist_utils
 from nanollm.checkpoint import load_checkpoint, read_metrics, restore_training_state, save_checkpoint, start_run, unwrap
 from nanollm.configurator import configure
+from nanollm.loader import load_model
 from nanollm.model import GPT, GPTConfig
 from nanollm.optim import Schedule, configure_optimizer
-from nanollm.sft import (check_settings, encode_conversations, evaluate, fit_block_size, get_sft_batch, load_sft_data,
-                         loss_weight, model_inputs, pack_rows, spread, starting_point, token_loss_sum)
+from nanollm.sft import (check_settings, check_teacher, distillation_loss_sum, encode_conversations, evaluate,
+                         fit_block_size, get_sft_batch, load_sft_data, loss_weight, model_inputs, pack_rows, spread,
+                         starting_point, token_loss_sum)
 from nanollm.tokenizer import Tokenizer
 from nanollm.training import CheckpointRule, GracefulStop, GuardedStep, evaluation_due, setup_run
 
@@ -61,6 +63,10 @@ lr_schedule = "cosine"  # 'cosine' | 'poly'
 warmup_iters = 20  # warmup again: the optimizer's moments start from zero
 lr_decay_iters = -1  # -1 = max_iters
 min_lr = 5e-5  # learning_rate / 10
+# distillation (Hinton et al. 2015): loss = α·CE + (1−α)·T²·KL(teacher ‖ student) on the assistant tokens
+teacher = ""  # '' = none; else a model on the same tokenizer (e.g. a larger SFT out_dir) whose distributions to match
+distill_alpha = 0.5  # α, the weight of the cross-entropy with the reference tokens
+distill_temperature = 2.0  # T: both distributions softened by it, so the teacher's ranking of wrong tokens shows
 # evaluation (before and after training): greedy replies to the held-out questions
 eval_examples = 240  # held-out conversations generated and scored (0 = none; the loss still uses all)
 max_new_tokens = 32  # longest generated reply
@@ -110,6 +116,10 @@ else:
 if master:
     print(f"[nanollm] from {start_dir}/ckpt.pt at iteration {iter_num} ({model.num_parameters() / 1e6:.2f} M)")
 checkpoint = None  # free memory
+teacher_model = None
+if teacher:  # frozen, in eval mode: its next-token distributions on the same batches are the soft targets
+    teacher_model, teacher_tokenizer, _, _ = load_model(teacher, runtime.device, attn_impl)
+    check_teacher(teacher_model, teacher_tokenizer, tokenizer, block_size, teacher)
 model = runtime.wrap(torch.compile(model) if compile else model)  # DDP when several processes
 raw_model = unwrap(model)
 
@@ -165,6 +175,11 @@ while not eval_only and not stop.requested(runtime, iter_num):
             with ctx:
                 logits, _ = model(batch.input_ids, **model_inputs(batch))
                 token_losses = token_loss_sum(logits, batch.targets)  # Σ CE over this micro-batch's targets
+                if teacher_model is not None:  # α·Σ CE + (1−α)·Σ T²·KL(teacher ‖ student), same tokens
+                    with torch.no_grad():
+                        teacher_logits, _ = teacher_model(batch.input_ids, **model_inputs(batch))
+                    token_losses = distill_alpha * token_losses + (1 - distill_alpha) * distillation_loss_sum(
+                        logits, teacher_logits, batch.targets, distill_temperature)
             # loss = Σ CE / n_targets(global); × world_size because DDP averages gradients over ranks
             scaler.scale(token_losses * loss_weight(n_targets, runtime.world_size)).backward()
         loss_sum += token_losses.item()

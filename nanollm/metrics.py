@@ -2,7 +2,8 @@
 
 Perplexity, bits per byte (tokenizer-independent; as in nanochat's evaluation), exact match / accuracy,
 corpus BLEU (Papineni et al. 2002, smoothing of Lin & Och 2004),
-ROUGE-L (Lin 2004) and SQuAD token F1 (Rajpurkar et al. 2016). Every metric splits text with the one
+ROUGE-L (Lin 2004), SQuAD token precision/recall/F1 (Rajpurkar et al. 2016) and per-class
+precision/recall/F1 for classification. Every metric splits text with the one
 function `tokenize_for_metrics`, so English and Chinese are scored the same way.
 The text scores are fractions in [0, 1] (multiply by 100 for the percentages papers print).
 Rank statistics, for how well a reward model orders responses: pairwise accuracy, Pearson, Spearman's rho
@@ -278,33 +279,67 @@ def rouge_l_f1(predictions, references) -> float:
     return sum(scores) / len(scores)
 
 
-# ----------------------------------------------------------------------------- token F1
-def token_f1(prediction: str, reference: str) -> float:
-    """SQuAD token F1: overlap of the two bags of normalized tokens (articles removed).
+# ----------------------------------------------------------------------------- token precision / recall / F1
+def token_scores(prediction: str, reference: str) -> dict:
+    """SQuAD token precision, recall and F1: overlap of the two bags of normalized tokens (articles removed).
 
-    As in the SQuAD script, if either side is empty after normalization the score is 1 when both are, else 0.
+    precision = overlap / |prediction|, recall = overlap / |reference|, F1 = their harmonic mean. As in the SQuAD
+    script, if either side is empty after normalization every score is 1 when both are, else 0.
     """
     prediction_tokens, reference_tokens = answer_tokens(prediction), answer_tokens(reference)
     if not prediction_tokens or not reference_tokens:
-        return float(prediction_tokens == reference_tokens)
+        same = float(prediction_tokens == reference_tokens)
+        return {"precision": same, "recall": same, "f1": same}
     # multiset intersection: each token counted min(count in prediction, count in reference) times
     overlap = sum((Counter(prediction_tokens) & Counter(reference_tokens)).values())
     if overlap == 0:
-        return 0.0
+        return {"precision": 0.0, "recall": 0.0, "f1": 0.0}
     precision = overlap / len(prediction_tokens)
     recall = overlap / len(reference_tokens)
-    return 2 * precision * recall / (precision + recall)  # F1 = harmonic mean of P and R
+    return {"precision": precision, "recall": recall, "f1": 2 * precision * recall / (precision + recall)}
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD token F1 (see token_scores)."""
+    return token_scores(prediction, reference)["f1"]
+
+
+def mean_token_score(predictions, references, score="f1") -> float:
+    """Mean SQuAD token `score` ('precision' | 'recall' | 'f1') over a corpus; with several references the best
+    one counts (for each example, the reference with the highest such score)."""
+    predictions = _check_texts(predictions, "predictions")
+    reference_lists = _reference_lists(references, len(predictions))
+    scores = [
+        max(token_scores(prediction, reference)[score] for reference in options)
+        for prediction, options in zip(predictions, reference_lists)
+    ]
+    return sum(scores) / len(scores)
 
 
 def mean_token_f1(predictions, references) -> float:
     """Mean SQuAD token F1 over a corpus; with several references the best one counts."""
-    predictions = _check_texts(predictions, "predictions")
-    reference_lists = _reference_lists(references, len(predictions))
-    scores = [
-        max(token_f1(prediction, reference) for reference in options)
-        for prediction, options in zip(predictions, reference_lists)
-    ]
-    return sum(scores) / len(scores)
+    return mean_token_score(predictions, references, "f1")
+
+
+# ----------------------------------------------------------------------------- classification: per-class scores
+def classification_scores(predictions, labels) -> dict:
+    """Accuracy, and per class c: precision = TP/(TP+FP), recall = TP/(TP+FN), F1 = 2PR/(P+R) (0 when undefined),
+    plus their unweighted (macro) means over the classes that occur as labels. Keys: 'accuracy', 'macro_precision',
+    'macro_recall', 'macro_f1', 'precision[c]', 'recall[c]', 'f1[c]'. A prediction outside the labels counts as a
+    false negative of its example's class (and a false positive of no class that is scored)."""
+    result = {"accuracy": accuracy(predictions, labels)}
+    per_class = {}
+    for label in sorted(set(labels), key=str):
+        true_positive = sum(p == label and l == label for p, l in zip(predictions, labels))
+        predicted, actual = sum(p == label for p in predictions), sum(l == label for l in labels)
+        precision = true_positive / predicted if predicted else 0.0
+        recall = true_positive / actual  # actual >= 1: the class occurs as a label
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[label] = (precision, recall, f1)
+        result.update({f"precision[{label}]": precision, f"recall[{label}]": recall, f"f1[{label}]": f1})
+    for index, name in enumerate(("macro_precision", "macro_recall", "macro_f1")):
+        result[name] = sum(scores[index] for scores in per_class.values()) / len(per_class)
+    return result
 
 
 # ----------------------------------------------------------------------------- all at once
@@ -316,6 +351,7 @@ def generation_metrics(predictions, references) -> dict:
     return {
         "exact_match": exact_match(predictions, references),
         "token_f1": mean_token_f1(predictions, references),
+        "token_recall": mean_token_score(predictions, references, "recall"),  # how much of the answer was said
         "rouge_l_f1": rouge_l_f1(predictions, references),
         "bleu": corpus_bleu(predictions, references, smooth=True),
     }

@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 
 from nanollm import records
-from nanollm.configurator import UserError, check_ranges
+from nanollm.configurator import MissingFileError, UserError, check_ranges
 from nanollm.data import batch_seed, list_input_files, parse_dataset
 from nanollm.distributed import barrier
 from nanollm.instructions import write_demo_dataset
-from nanollm.metrics import accuracy, generation_metrics
+from nanollm.metrics import classification_scores, generation_metrics
 from nanollm.tokenizer import ROLES, Tokenizer, encode_messages, prompt_ids
 
 IGNORE_INDEX = -100  # targets equal to this are not trained on (F.cross_entropy's ignore_index)
@@ -69,8 +69,9 @@ def _text(record, key, where):
     return str(value)
 
 
-def _check_chat(messages, where):
-    """A list of {role, content}; system only first; at least one assistant turn to learn from."""
+def _check_chat(messages, where, prompt=False):
+    """A list of {role, content}; system only first; at least one assistant turn to learn from (prompt=True: the last
+    message is the user's instead, for a model to answer)."""
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
     checked = []
@@ -83,7 +84,10 @@ def _check_chat(messages, where):
         if message["role"] == "system" and index > 0:
             raise UserError(f"{where}: messages[{index}]: a system message may only come first")
         checked.append({"role": message["role"], "content": _text(message, "content", f"{where}: messages[{index}]")})
-    if not any(message["role"] == "assistant" for message in checked):
+    if prompt and checked[-1]["role"] != "user":
+        raise UserError(f"{where}: the last message must be the user's (the model answers it), not "
+                        f"{checked[-1]['role']!r}")
+    if not prompt and not any(message["role"] == "assistant" for message in checked):
         raise UserError(f"{where}: the chat has no assistant message, so nothing to train on")
     return checked
 
@@ -208,6 +212,27 @@ def read_records(path):
         return
     for line, item in items:
         yield item, f"{path}:{line}"
+
+
+def read_prompts(path):
+    """The prompts of a .jsonl file (one {"prompt": text or messages} or {"messages": [...]} per line) or a .json
+    file (a list of them), in file order: text, or chat messages ending on a user turn. Errors name file:line."""
+    if not os.path.isfile(path):
+        raise UserError(f"prompts={str(path)!r}: no such file (expected a .jsonl or .json file of prompts)")
+    prompts = []
+    for record, where in read_records(path):
+        value = record.get("prompt", record.get("messages")) if isinstance(record, dict) else record
+        if isinstance(value, str) and value.strip():
+            prompts.append(value)
+        elif isinstance(value, list):
+            prompts.append(_check_chat(value, where, prompt=True))
+        else:
+            seen = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise UserError(f"{where}: expected {{\"prompt\": text or messages}} or {{\"messages\": [...]}} with a "
+                            f"non-empty prompt; saw {seen}")
+    if not prompts:
+        raise UserError(f"prompts={str(path)!r}: the file holds no prompts")
+    return prompts
 
 
 def list_sft_files(dataset):
@@ -336,6 +361,17 @@ def token_loss_sum(logits, targets):
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def distillation_loss_sum(student_logits, teacher_logits, targets, temperature):
+    """Σ over target tokens of T²·KL(p_teacher ‖ p_student), both softened: p = softmax(logits / T) (Hinton et al.
+    2015, "Distilling the Knowledge in a Neural Network"; the T² keeps the gradient's scale as T changes). Tokens
+    whose target is IGNORE_INDEX (prompts, padding) add 0, as in token_loss_sum."""
+    trained = targets != IGNORE_INDEX  # (B, T)
+    student = F.log_softmax(student_logits[trained].float() / temperature, dim=-1)  # (N, V) log p_student
+    teacher = F.log_softmax(teacher_logits[trained].float() / temperature, dim=-1)  # (N, V) log p_teacher
+    kl = (teacher.exp() * (teacher - student)).sum()  # Σ_tokens Σ_v p_teacher·(log p_teacher − log p_student)
+    return temperature ** 2 * kl
+
+
 def loss_weight(n_targets, world_size):
     """The factor for one rank's Σ CE so that the step's gradient is the mean over the n_targets target tokens of
     the whole (global) batch: world_size / n_targets, since DDP averages the ranks' gradients (× world_size undoes
@@ -384,7 +420,8 @@ def generate_replies(model, tokenizer, prompts, max_new_tokens, batch_size=64):
 
 
 def score_replies(conversations, replies):
-    """Text metrics against each conversation's last assistant message; accuracy for classification records."""
+    """Text metrics against each conversation's last assistant message; accuracy and per-class precision/recall/F1
+    for classification records."""
     references = [conversation.messages[-1]["content"] for conversation in conversations]
     is_label = [conversation.format == "classification" for conversation in conversations]
     scores = {}
@@ -393,7 +430,7 @@ def score_replies(conversations, replies):
         scores.update(generation_metrics([r for r, _ in text], [ref for _, ref in text]))
     labels = [(reply, reference) for reply, reference, label in zip(replies, references, is_label) if label]
     if labels:
-        scores["accuracy"] = accuracy([r for r, _ in labels], [ref for _, ref in labels])
+        scores.update(classification_scores([r for r, _ in labels], [ref for _, ref in labels]))
     return scores
 
 
@@ -461,10 +498,28 @@ def check_settings(settings):
     """train_sft.py's settings, before any work: one line naming the first wrong one."""
     check_ranges(settings, positive=("batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval"),
                  non_negative=("max_iters", "block_size", "learning_rate", "min_lr", "warmup_iters", "weight_decay",
-                               "grad_clip", "eval_examples", "max_new_tokens"), fraction=("dropout", "val_fraction"))
+                               "grad_clip", "eval_examples", "max_new_tokens"),
+                 fraction=("dropout", "val_fraction"))
+    if settings.get("teacher"):
+        check_ranges(settings, positive=("distill_temperature",))
+        if not 0 <= settings["distill_alpha"] <= 1:
+            raise UserError(f"distill_alpha={settings['distill_alpha']!r}: must be in [0, 1] (the weight of the CE)")
+        if not os.path.exists(settings["teacher"]):
+            raise MissingFileError(f"teacher={settings['teacher']!r}: not found (an SFT out_dir, e.g. out-sft)")
     if settings["init_from"].startswith("gpt2"):
         raise UserError(f"init_from={settings['init_from']!r}: GPT-2 weights load, but SFT also needs GPT-2's "
                         f"tokenizer, which nanollm does not have; start from a pretraining out_dir such as 'out'")
+
+
+def check_teacher(teacher, teacher_tokenizer, tokenizer, block_size, where):
+    """A distillation teacher must predict over the student's vocabulary (the same token for every id) and see
+    examples as long as the student's; else one line naming the teacher."""
+    if teacher_tokenizer is None or teacher_tokenizer.vocab_size != tokenizer.vocab_size or any(
+            teacher_tokenizer.id_to_piece(i) != tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)):
+        raise UserError(f"teacher={where!r}: its tokenizer differs from the student's; distillation compares "
+                        f"next-token distributions id by id, so both must come from the same tokenizer")
+    if teacher.config.block_size < block_size:
+        raise UserError(f"teacher={where!r}: block_size {teacher.config.block_size} < the student's {block_size}")
 
 
 def fit_block_size(block_size, model_args):

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from nanollm.metrics import (
+    classification_scores,
+    token_scores,
     accuracy,
     bits_per_byte,
     corpus_bleu,
@@ -259,6 +261,31 @@ def test_generation_metrics_bundle():
     # p1 = 8/8, p2 = (4+1)/(6+1) = 5/7, p3 = (1+1)/(4+1) = 2/5, p4 = (0+1)/(3+1) = 1/4
     # c = 6 + 2 = 8 = r -> BP = 1 -> BLEU = (5/7 · 2/5 · 1/4)^(1/4) = (1/14)^(1/4)
     assert metrics["bleu"] == pytest.approx((1 / 14) ** 0.25)
+    # token recall, item 1: best reference by recall: ref 2 (4 of 5 reference tokens said) vs ref 1 ([cat sat on
+    # mat]: 3 of 4) -> 4/5; item 2: 1 -> (4/5 + 1) / 2 = 9/10
+    assert metrics["token_recall"] == pytest.approx(9 / 10)
+
+
+def test_token_precision_and_recall_by_hand():
+    # prediction [tom is 34 years old] vs reference [tom is 34]: overlap 3 -> P = 3/5, R = 3/3, F1 = 2·(3/5)/(8/5)
+    scores = token_scores("Tom is 34 years old.", "Tom is 34")
+    assert scores == pytest.approx({"precision": 3 / 5, "recall": 1.0, "f1": 3 / 4})
+    assert token_scores("", "") == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
+    assert token_scores("x", "") == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+
+
+def test_per_class_precision_recall_f1_by_hand():
+    labels = ["正面", "正面", "正面", "负面", "负面"]
+    predictions = ["正面", "负面", "正面", "负面", "neutral"]  # 'neutral' is no class: a miss of 负面
+    scores = classification_scores(predictions, labels)
+    assert scores["accuracy"] == pytest.approx(3 / 5)
+    # 正面: TP 2, predicted 2, actual 3 -> P = 1, R = 2/3, F1 = 4/5;  负面: TP 1, predicted 2, actual 2 -> P = R = F1 = 1/2
+    assert scores["precision[正面]"] == 1.0 and scores["recall[正面]"] == pytest.approx(2 / 3)
+    assert scores["f1[正面]"] == pytest.approx(4 / 5) and scores["recall[负面]"] == pytest.approx(1 / 2)
+    assert scores["macro_precision"] == pytest.approx(3 / 4) and scores["macro_recall"] == pytest.approx(7 / 12)
+    assert scores["macro_f1"] == pytest.approx((4 / 5 + 1 / 2) / 2)
+    # a class never predicted: precision 0 (not 0/0), F1 0
+    assert classification_scores(["a", "a"], ["a", "b"])["f1[b]"] == 0.0
 
 
 # ----------------------------------------------------------------------------- bits per byte

@@ -1,5 +1,6 @@
 """SFT data: formats -> messages, the chat template and its loss mask, padding/packing, truncation, the loss guard."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -7,11 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from nanollm.clean import normalize_text
+from nanollm.configurator import UserError
 from nanollm.instructions import FULL_INSTRUCTIONS, demo_records, heldout_entities, write_demo_dataset
 from nanollm.model import GPT, GPTConfig
-from nanollm.sft import (IGNORE_INDEX, Conversation, collate, encode_conversations, generate_replies, get_sft_batch,
-                         load_conversations, loss_weight, main, model_inputs, normalize_record, pack_rows,
-                         read_records, score_replies, token_loss_sum)
+from nanollm.sft import (IGNORE_INDEX, Conversation, check_teacher, distillation_loss_sum, collate, encode_conversations, generate_replies, get_sft_batch,
+                         load_conversations, loss_weight, main, model_inputs, normalize_record, pack_rows, read_records,
+                         score_replies, token_loss_sum)
 from nanollm.tokenizer import Tokenizer, encode_messages, prompt_ids, train_tokenizer
 from nanollm.reward import check_groups, load_groups
 from nanollm.world import ATTRIBUTE_LABELS, TEMPLATES, World
@@ -372,6 +374,39 @@ def test_scores_use_accuracy_for_labels_and_text_metrics_for_answers():
                      Conversation(chat(("user", "Q"), ("assistant", "Tom is 34.")), "question_answer", "3")]
     scores = score_replies(conversations, ["正面", "正面", "tom is 34"])
     assert scores["accuracy"] == 0.5 and scores["exact_match"] == 1.0 and scores["token_f1"] == 1.0
+    # per class: 正面 predicted twice, right once -> precision 1/2, recall 1; 负面 never predicted -> recall 0
+    assert scores["precision[正面]"] == 0.5 and scores["recall[正面]"] == 1.0 and scores["recall[负面]"] == 0.0
+    assert scores["token_recall"] == 1.0
+
+
+def test_distillation_loss_is_t_squared_kl_on_trained_tokens_by_hand():
+    # one trained token over a 2-token vocabulary: teacher logits (ln 3, 0) -> p_t = (3/4, 1/4) at T = 1; student
+    # logits (0, 0) -> p_s = (1/2, 1/2). KL = 3/4·ln(3/2) + 1/4·ln(1/2). At T = 2: p_t = softmax(ln3/2, 0) =
+    # (√3, 1)/(√3 + 1), p_s unchanged, and the sum is multiplied by T² = 4. The untrained position adds nothing.
+    teacher = torch.tensor([[[math.log(3), 0.0], [5.0, -5.0]]])
+    student = torch.zeros(1, 2, 2, requires_grad=True)
+    targets = torch.tensor([[0, IGNORE_INDEX]])
+    kl_1 = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    assert distillation_loss_sum(student, teacher, targets, 1.0).item() == pytest.approx(kl_1, abs=1e-6)
+    p = torch.tensor([3 ** 0.5, 1.0]) / (3 ** 0.5 + 1)
+    kl_2 = 4 * (p * (p / 0.5).log()).sum().item()
+    loss = distillation_loss_sum(student, teacher, targets, 2.0)
+    assert loss.item() == pytest.approx(kl_2, abs=1e-6)
+    loss.backward()  # ∂/∂z_s of T²·KL = T·(p_s − p_t): the student is pulled towards the teacher's first token
+    assert torch.allclose(student.grad[0, 0], 2 * (torch.tensor([0.5, 0.5]) - p), atol=1e-6)
+    assert student.grad[0, 1].abs().sum() == 0
+    assert distillation_loss_sum(teacher, teacher, targets, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_teacher_on_another_tokenizer_is_refused(tokenizer, tmp_path):
+    other = Tokenizer(train_tokenizer([f"zebra{i} quartz{i * 7} jumps over {i}" for i in range(400)], str(tmp_path / "other"),
+                                      vocab_size=tokenizer.vocab_size))
+    teacher = tiny_model(tokenizer, "sdpa")
+    with pytest.raises(UserError, match="teacher='t'.*tokenizer differs"):
+        check_teacher(teacher, other, tokenizer, 16, "t")
+    with pytest.raises(UserError, match="block_size"):
+        check_teacher(teacher, tokenizer, tokenizer, teacher.config.block_size + 1, "t")
+    check_teacher(teacher, tokenizer, tokenizer, teacher.config.block_size, "t")  # same tokenizer: accepted
 
 
 # ----------------------------------------------------------------------------- demo data and the viewer

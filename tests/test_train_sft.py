@@ -115,3 +115,17 @@ def test_a_bad_record_stops_the_run_before_training(base, custom_data, tmp_path)
 def test_gpt2_init_is_a_clear_error_while_there_is_no_gpt2_tokenizer(tmp_path):
     result = run(["--init_from=gpt2", f"--out_dir={tmp_path}"], check=False)
     assert result.returncode == 2 and "GPT-2 weights load" in result.stderr and "tokenizer" in result.stderr
+
+
+@pytest.mark.slow
+def test_distillation_from_an_identical_teacher_starts_at_zero_kl(base, tmp_path):
+    # α = 0: the loss is T²·KL(teacher ‖ student) only; the student starts as a copy of the teacher, so the first
+    # step's loss is 0 (up to float rounding) and its gradient is 0, while a plain run's first loss is the CE.
+    out = str(tmp_path / "distilled")
+    run([f"--init_from={base}", f"--out_dir={out}", f"--teacher={base}", "--distill_alpha=0.0", "--max_iters=2",
+         "--eval_examples=0", "--eval_interval=100"])
+    first = losses(out)[0]
+    assert abs(first) < 1e-5
+    assert metrics(out)[1]["grad_norm"] < 1e-4
+    failed = run([f"--init_from={base}", f"--out_dir={tmp_path / 'x'}", f"--teacher={tmp_path / 'none'}"], check=False)
+    assert failed.returncode == 2 and "teacher=" in failed.stderr and not os.path.exists(tmp_path / "x")
