@@ -1,32 +1,219 @@
-"""The optimizer and the learning-rate schedule.
+"""The optimizers and the learning-rate schedule.
 
 AdamW (Loshchilov & Hutter 2019) decays only matrices (Linear weights, embeddings); biases and LayerNorm
-scales are left undecayed. The schedule is a linear warmup (Goyal et al. 2017) followed by cosine
-(Loshchilov & Hutter 2017) or polynomial decay down to min_lr.
+scales are left undecayed. LAMB (You et al. 2019) and LARS (You et al. 2017) give every weight matrix a step
+proportional to its own norm (a layer-wise trust ratio), which keeps very large batches stable. Muon (Jordan et al.
+2024) replaces the update of each hidden weight matrix by its nearest orthogonal matrix, found with a Newton–Schulz
+iteration. The schedule is a linear warmup (Goyal et al. 2017) followed by cosine (Loshchilov & Hutter 2017) or
+polynomial decay down to min_lr.
 """
 import inspect
 import math
 
 import torch
+from torch import nn
 
 from nanollm.configurator import UserError
 
 LR_SCHEDULES = ("cosine", "poly", "constant")
+OPTIMIZERS = ("adamw", "lamb", "lars", "muon")
+MAX_TRUST_RATIO = 10.0  # LAMB's φ clips the trust ratio: a tiny update of a large matrix would otherwise take huge steps
+# the quintic Newton–Schulz coefficients of Jordan et al. (2024): they push every singular value of a matrix with
+# spectral norm ≤ 1 into about [0.7, 1.2] in five steps (not exactly 1: speed matters more than precision here)
+NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NEWTON_SCHULZ_STEPS = 5
 
 
-def configure_optimizer(model, weight_decay, learning_rate, betas, device_type, verbose=True):
-    """AdamW with two parameter groups: 2-D tensors decayed, the rest (biases, norms) not."""
+def configure_optimizer(model, weight_decay, learning_rate, betas, device_type, verbose=True, name="adamw"):
+    """The optimizer `name` ('adamw' | 'lamb' | 'lars' | 'muon') over two parameter groups: 2-D tensors decayed
+    (and, for LAMB/LARS, scaled by their trust ratio), the rest (biases, norms) not, with the plain update. Muon takes
+    the hidden matrices out of the decayed group into a third group of its own."""
+    if name not in OPTIMIZERS:
+        raise UserError(f"optimizer={name!r}: expected one of {OPTIMIZERS}")
     params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # fused: one kernel updates every parameter, on CUDA and on the CPU (at 1.9 M parameters on 2 busy cores:
-    # 1-2 ms per step instead of ~20 ms, docs/benchmarks_cpu.md)
-    fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    # LAMB/LARS: biases and norm scales take the plain update, as in the papers' reference implementations
+    groups = [{"params": decay, "weight_decay": weight_decay, "layer_adaptation": True},
+              {"params": no_decay, "weight_decay": 0.0, "layer_adaptation": False}]
+    if name == "lamb":
+        optimizer = LAMB(groups, lr=learning_rate, betas=betas)
+    elif name == "lars":
+        optimizer = LARS(groups, lr=learning_rate, momentum=betas[0])
+    elif name == "muon":
+        hidden = {id(p) for p in hidden_matrices(model)}
+        groups = [{"params": [p for p in decay if id(p) in hidden], "weight_decay": weight_decay, "use_muon": True},
+                  {"params": [p for p in decay if id(p) not in hidden], "weight_decay": weight_decay,
+                   "use_muon": False},
+                  {"params": no_decay, "weight_decay": 0.0, "use_muon": False}]
+        optimizer = Muon(groups, lr=learning_rate, betas=betas)
+    else:
+        for group in groups:
+            del group["layer_adaptation"]
+        # fused: one kernel updates every parameter, on CUDA and on the CPU (at 1.9 M parameters on 2 busy cores:
+        # 1-2 ms per step instead of ~20 ms, docs/benchmarks_cpu.md)
+        fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
     if verbose:
-        print(f"[nanollm] AdamW: {sum(p.numel() for p in decay):,} decayed, "
-              f"{sum(p.numel() for p in no_decay):,} not decayed parameters; fused={fused}")
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+        counts = ", ".join(f"{sum(p.numel() for p in group['params']):,}" for group in optimizer.param_groups)
+        print(f"[nanollm] optimizer={name} ({type(optimizer).__name__}): parameters per group {counts} "
+              f"({'Muon-orthogonalized, AdamW-decayed, ' if name == 'muon' else 'decayed, '}not decayed)")
+    return optimizer
+
+
+def hidden_matrices(model):
+    """The weight matrices of the Linear layers inside the model's stack of blocks (an nn.ModuleList): attention and
+    MLP. Embeddings, the output head (tied to an embedding or not) and any Linear outside the blocks are not."""
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    found = {}
+    for stack in (m for m in model.modules() if isinstance(m, nn.ModuleList)):
+        for module in stack.modules():
+            if isinstance(module, nn.Linear) and id(module.weight) not in embedding_weights:
+                found[id(module.weight)] = module.weight
+    return list(found.values())
+
+
+def trust_ratio(weight_norm, update_norm, max_ratio=MAX_TRUST_RATIO):
+    """‖w‖ / ‖update‖, clipped to max_ratio; 1 when either norm is 0 (a zero-initialized matrix, or no update), so the
+    step is then the plain one. Tensors in and out: no read-back to the host."""
+    ratio = (weight_norm / update_norm).clamp(max=max_ratio)
+    return torch.where((weight_norm > 0) & (update_norm > 0), ratio, torch.ones_like(ratio))
+
+
+class LAMB(torch.optim.Optimizer):
+    """LAMB (You et al. 2019, Algorithm 2): Adam's direction plus decoupled weight decay, each matrix's step rescaled
+    so that its length is lr·‖w‖ (the trust ratio ‖w‖/‖u‖): every layer moves by the same fraction of its size."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, layer_adaptation=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"], state["exp_avg"], state["exp_avg_sq"] = 0, torch.zeros_like(p), torch.zeros_like(p)
+                state["step"] += 1
+                m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+                m.lerp_(p.grad, 1 - beta1)  # m = β1·m + (1 − β1)·g
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)  # v = β2·v + (1 − β2)·g²
+                # u = m̂ / (√v̂ + ε) + λ·w, with m̂ = m / (1 − β1^t), v̂ = v / (1 − β2^t)
+                update = (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + group["eps"])
+                update.add_(p, alpha=group["weight_decay"])
+                if group["layer_adaptation"]:
+                    update.mul_(trust_ratio(p.norm(), update.norm()))  # w ← w − lr·(‖w‖/‖u‖)·u
+                p.add_(update, alpha=-group["lr"])
+        return loss
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017, Algorithm 1): SGD with momentum whose local learning rate per matrix is
+    η·‖w‖ / (‖g‖ + β·‖w‖), so a matrix never moves by more than lr·η·‖w‖ in one step (before momentum).
+    The paper's η = 0.001 with a global rate ~1000× larger takes the same steps as η = 1 here, which keeps
+    learning_rate on AdamW's scale."""
+
+    def __init__(self, params, lr=1e-3, momentum=0.9, weight_decay=0.0, trust_coefficient=1.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      trust_coefficient=trust_coefficient, layer_adaptation=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                direction = p.grad.add(p, alpha=group["weight_decay"])  # g + β·w (β: the weight decay)
+                if group["layer_adaptation"]:
+                    weight_norm, grad_norm = p.norm(), p.grad.norm()
+                    # local lr λ = η·‖w‖ / (‖g‖ + β·‖w‖); 1 when either norm is 0
+                    local_lr = trust_ratio(group["trust_coefficient"] * weight_norm,
+                                           grad_norm + group["weight_decay"] * weight_norm, max_ratio=math.inf)
+                    direction.mul_(local_lr)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                velocity = state["momentum_buffer"]
+                velocity.mul_(group["momentum"]).add_(direction, alpha=group["lr"])  # v = m·v + γ·λ·(g + β·w)
+                p.sub_(velocity)  # w ← w − v
+        return loss
+
+
+def orthogonalize(matrix, steps=NEWTON_SCHULZ_STEPS):
+    """≈ U·Vᵀ for matrix = U·S·Vᵀ (every singular value pushed towards 1) by the quintic Newton–Schulz iteration
+    of Jordan et al. (2024): X ← a·X + b·(X·Xᵀ)·X + c·(X·Xᵀ)²·X, from X = matrix / ‖matrix‖_F. Run in float32."""
+    a, b, c = NEWTON_SCHULZ_COEFFICIENTS
+    x = matrix.float() / (matrix.norm() + 1e-7)  # ‖·‖_F ≥ spectral norm: singular values now in [0, 1]
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T  # (m, n) with m ≤ n: the Gram matrix X·Xᵀ is the smaller (m, m) one
+    for _ in range(steps):
+        gram = x @ x.T  # (m, m)
+        x = a * x + (b * gram + c * gram @ gram) @ x  # each singular value s -> a·s + b·s³ + c·s⁵
+    return (x.T if tall else x).to(matrix.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Jordan et al. 2024) for the groups marked use_muon (the hidden matrices): Nesterov momentum, then the
+    update orthogonalized (orthogonalize), with decoupled weight decay. The update is scaled by 0.2·√max(m, n)
+    (Liu et al. 2025, "Muon is Scalable for LLM Training") to have the RMS of a typical AdamW update, so one
+    learning_rate and weight_decay serve all groups. The other groups (embeddings, head, norms, biases) take AdamW.
+    Under DDP every rank holds the same all-reduced gradient, so every rank computes the same update."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, momentum=0.95):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum,
+                                      use_muon=False))
+        for group in self.param_groups:
+            if group["use_muon"] and any(p.dim() != 2 for p in group["params"]):
+                raise ValueError("Muon orthogonalizes matrices: its groups may hold only 2-D parameters")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay: w ← w·(1 − lr·λ)
+                if group["use_muon"]:
+                    self._muon_update(p, group)
+                else:
+                    self._adamw_update(p, group)
+        return loss
+
+    def _muon_update(self, p, group):
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buffer, mu = state["momentum_buffer"], group["momentum"]
+        buffer.mul_(mu).add_(p.grad)  # B = μ·B + G
+        update = orthogonalize(p.grad + mu * buffer)  # Nesterov: orthogonalize G + μ·B
+        p.add_(update, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape)))  # w ← w − lr·0.2·√max(m, n)·O
+
+    def _adamw_update(self, p, group):
+        state, (beta1, beta2) = self.state[p], group["betas"]
+        if not state:
+            state["step"], state["exp_avg"], state["exp_avg_sq"] = 0, torch.zeros_like(p), torch.zeros_like(p)
+        state["step"] += 1
+        m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+        m.lerp_(p.grad, 1 - beta1)  # m = β1·m + (1 − β1)·g
+        v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)  # v = β2·v + (1 − β2)·g²
+        # w ← w − lr·m̂ / (√v̂ + ε), with the bias corrections m̂ = m / (1 − β1^t), v̂ = v / (1 − β2^t)
+        p.sub_((m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + group["eps"]), alpha=group["lr"])
 
 
 class Schedule:
