@@ -85,8 +85,8 @@ def test_generation_stops_at_eos_and_pads_finished_rows_with_eos():
     out = model.generate(prompt, 10, temperature=0, eos_id=eos)
     assert torch.equal(out[0, :7], free[0, :7])
     assert (out[0, 7:] == eos).all()
-    if not (free[1, 4:] == eos).any():  # row 1 never emits it: stopping needs every row finished
-        assert out.size(1) == 14
+    assert not (free[1, 4:] == eos).any()  # the setup (seeded): row 1 never emits it
+    assert out.size(1) == 14 and torch.equal(out[1], free[1])  # so it runs to the budget, untouched
 
 
 def test_generation_beyond_block_size_is_a_clear_error():
@@ -245,11 +245,21 @@ def test_post_ln_block_computes_layer_norm_after_each_residual():
 
 
 
-def test_generate_stream_yields_the_tokens_generate_returns():
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_stream_yields_the_tokens_of_a_plain_greedy_loop(use_cache):
+    """The reference: run the whole sequence through the model for every token, append the argmax, one at a time."""
     model = tiny().eval()
     prompt = torch.randint(0, 97, (2, 5))
-    streamed = torch.stack(list(model.generate_stream(prompt, 9, temperature=0)), dim=1)  # (2, 9)
-    assert torch.equal(streamed, model.generate(prompt, 9, temperature=0)[:, 5:])
+    sequence = prompt
+    with torch.no_grad():
+        for _ in range(9):
+            logits, _ = model(sequence)  # (2, T, V)
+            sequence = torch.cat([sequence, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+    stream = model.generate_stream(prompt, 9, temperature=0, use_cache=use_cache)
+    first = next(stream)  # a generator: the first token arrives before the rest are computed
+    assert first.shape == (2,) and torch.equal(first, sequence[:, 5])
+    streamed = torch.stack([first] + list(stream), dim=1)  # (2, 9)
+    assert torch.equal(streamed, sequence[:, 5:])
 
 
 def test_all_ignored_targets_give_zero_loss_and_no_gradient_not_nan():
