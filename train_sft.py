@@ -51,7 +51,8 @@ block_size = 0  # longest example in tokens; 0 = the base model's block_size (lo
 # model
 dropout = 0.0  # replaces the base model's dropout
 attn_impl = "auto"  # 'manual' | 'sdpa' | 'triton' | 'auto' (sdpa): how attention runs, not saved with the weights
-# optimizer (AdamW) and schedule
+# optimizer and schedule
+optimizer = "adamw"  # 'adamw' | 'lamb' | 'lars' | 'muon' (nanollm/optim.py)
 learning_rate = 5e-4  # a quarter of pretraining's: learn the format without overwriting what the model knows
 max_iters = 200  # a short fine-tune: the demo set is small
 weight_decay = 0.0  # no pull of the pretrained weights towards 0
@@ -104,7 +105,8 @@ if master:
 # ---- model
 model = GPT(GPTConfig(**model_args)).to(runtime.device)
 scaler = runtime.grad_scaler()
-optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), runtime.device_type, master)
+optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), runtime.device_type, master,
+                                name=optimizer)  # the setting names the optimizer built here
 schedule = Schedule(learning_rate, warmup_iters, lr_decay_iters, max_iters, min_lr, lr_schedule if decay_lr else
                     "constant")  # warmup, then cosine (or polynomial) decay to min_lr
 iter_num, best_val_loss = 0, float("inf")

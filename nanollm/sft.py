@@ -41,6 +41,7 @@ from nanollm.data import batch_seed, list_input_files, parse_dataset
 from nanollm.distributed import barrier
 from nanollm.instructions import write_demo_dataset
 from nanollm.metrics import classification_scores, generation_metrics
+from nanollm.optim import OPTIMIZERS
 from nanollm.tokenizer import ROLES, Tokenizer, encode_messages, prompt_ids
 
 IGNORE_INDEX = -100  # targets equal to this are not trained on (F.cross_entropy's ignore_index)
@@ -500,6 +501,8 @@ def check_settings(settings):
                  non_negative=("max_iters", "block_size", "learning_rate", "min_lr", "warmup_iters", "weight_decay",
                                "grad_clip", "eval_examples", "max_new_tokens"),
                  fraction=("dropout", "val_fraction"))
+    if settings["optimizer"] not in OPTIMIZERS:
+        raise UserError(f"optimizer={settings['optimizer']!r}: expected one of {OPTIMIZERS}")
     if settings.get("teacher"):
         check_ranges(settings, positive=("distill_temperature",))
         if not 0 <= settings["distill_alpha"] <= 1:
