@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanollm.model import (Block, Embeddings, GPTConfig, cross_entropy_loss, final_norm, init_weights, layer_norm,
-                           parameter_table, position_ids_for)
+from nanollm.model import (Block, Embeddings, GPTConfig, cross_entropy_loss, final_norm, init_weights, norm_layer,
+                           parameter_table, position_ids_for, rotary_angles)
 from nanollm.tokenizer import NUM_RESERVED, Tokenizer
 
 MASK_ID = Tokenizer.mask_id  # <|mask|>, reserved by the tokenizer
@@ -35,9 +35,10 @@ class BERT(nn.Module):
         self.ln_f = final_norm(config)
         # MLM head (Devlin et al. 2019): dense + GELU + LayerNorm, then the tied un-embedding with its own bias
         self.mlm_dense = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.mlm_ln = layer_norm(config)
+        self.mlm_ln = norm_layer(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.bias)
-        self.lm_head.weight = self.embeddings.wte.weight  # weight tying
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embeddings.wte.weight  # weight tying
         # classification head: pooled = tanh(W·h_[CLS] + b), then a linear layer to the classes
         self.pooler = nn.Linear(config.n_embd, config.n_embd) if config.n_classes else None
         self.classifier = nn.Linear(config.n_embd, config.n_classes) if config.n_classes else None
@@ -48,14 +49,15 @@ class BERT(nn.Module):
 
     def parameter_report(self):
         c = self.config
+        tied = " (token tied with lm_head)" if c.tie_embeddings else ""
         groups = {
-            "embeddings (token tied with lm_head)": sum(p.numel() for p in self.embeddings.parameters()),
+            f"embeddings{tied}": sum(p.numel() for p in self.embeddings.parameters()),
             f"{c.n_layer} x attention": sum(p.numel() for b in self.blocks for p in b.attn.parameters()),
             f"{c.n_layer} x MLP": sum(p.numel() for b in self.blocks for p in b.mlp.parameters()),
-            "block LayerNorms": sum(p.numel() for b in self.blocks for m in (b.ln_1, b.ln_2) for p in m.parameters())
+            "block norms": sum(p.numel() for b in self.blocks for m in (b.ln_1, b.ln_2) for p in m.parameters())
             + sum(p.numel() for p in self.ln_f.parameters()),
-            "MLM head (its matrix is tied)": sum(p.numel() for n, p in self.named_parameters()
-                                                 if n.startswith(("mlm_", "lm_head."))),
+            "MLM head" + (" (its matrix is tied)" if tied else ""): sum(p.numel() for n, p in self.named_parameters()
+                                                                       if n.startswith(("mlm_", "lm_head."))),
         }
         if self.classifier is not None:
             groups["pooler + classifier"] = sum(p.numel() for m in (self.pooler, self.classifier)
@@ -66,9 +68,10 @@ class BERT(nn.Module):
         """idx (B, T) -> hidden states (B, T, C). attention_mask (B, T): 1 real token, 0 padding."""
         position_ids = position_ids_for(attention_mask, 0, idx.size(1), idx.device, self.config.block_size)
         x = self.embeddings(idx, position_ids, segment_ids)  # (B, T, C)
+        rotary = rotary_angles(self.config, position_ids)  # None for learned positions
         key_padding_mask = attention_mask.bool() if attention_mask is not None else None
         for block in self.blocks:
-            x = block(x, key_padding_mask)  # bidirectional: every real token sees every real token
+            x = block(x, key_padding_mask, rotary=rotary)  # bidirectional: every real token sees every real token
         return self.ln_f(x)
 
     def hidden_states(self, idx, attention_mask=None):

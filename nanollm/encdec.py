@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from nanollm.configurator import UserError
 from nanollm.model import (Block, Embeddings, GPTConfig, KVCache, cross_entropy_loss, final_norm, init_weights,
-                           parameter_table, position_ids_for, sample_next_token, stop_finished_rows)
+                           parameter_table, position_ids_for, rotary_angles, sample_next_token, stop_finished_rows)
 from nanollm.tokenizer import BOS_ID, PAD_ID, Tokenizer
 
 MASK_ID = Tokenizer.mask_id  # <|mask|>, reserved by the tokenizer
@@ -37,7 +37,8 @@ class EncoderDecoder(nn.Module):
                                              for _ in range(config.n_layer)])
         self.decoder_ln = final_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # weight tying
         init_weights(self, config.init, config.n_layer)
 
     def num_parameters(self):
@@ -50,14 +51,17 @@ class EncoderDecoder(nn.Module):
             return sum(p.numel() for m in modules for p in m.parameters())
 
         groups = {
-            "token embedding (shared, tied)": self.wte.weight.numel(),
-            "position embeddings (enc + dec)": self.encoder_embeddings.wpe.weight.numel() * 2,
+            "token embedding (shared" + (", tied)" if c.tie_embeddings else ")"): self.wte.weight.numel(),
+            "position embeddings (enc + dec)": count([self.encoder_embeddings.wpe, self.decoder_embeddings.wpe]
+                                                     if c.position == "learned" else []),
             f"encoder: {c.n_layer} x (attention + MLP + LN)": count(self.encoder_blocks) + count([self.encoder_ln]),
             f"decoder: {c.n_layer} x self-attention": count(b.attn for b in self.decoder_blocks),
             f"decoder: {c.n_layer} x cross-attention": count(b.cross_attn for b in self.decoder_blocks),
             f"decoder: {c.n_layer} x (MLP + LN)": count(self.decoder_blocks) + count([self.decoder_ln])
             - count(b.attn for b in self.decoder_blocks) - count(b.cross_attn for b in self.decoder_blocks),
         }
+        if not c.tie_embeddings:
+            groups["lm_head"] = self.lm_head.weight.numel()
         return parameter_table(groups, self.num_parameters())
 
     # ---------------------------------------------------------------------------------------- passes
@@ -65,9 +69,10 @@ class EncoderDecoder(nn.Module):
         """src (B, S) -> memory (B, S, C). src_attention_mask (B, S): 1 real token, 0 padding."""
         position_ids = position_ids_for(src_attention_mask, 0, src.size(1), src.device, self.config.block_size)
         x = self.encoder_embeddings(src, position_ids)
+        rotary = rotary_angles(self.config, position_ids)  # None for learned positions
         padding = src_attention_mask.bool() if src_attention_mask is not None else None
         for block in self.encoder_blocks:
-            x = block(x, padding)  # bidirectional
+            x = block(x, padding, rotary=rotary)  # bidirectional
         return self.encoder_ln(x)
 
     def cross_keys_values(self, memory):
@@ -79,9 +84,11 @@ class EncoderDecoder(nn.Module):
         past = kv_cache.length if kv_cache is not None else 0
         position_ids = position_ids_for(None, past, tgt.size(1), tgt.device, self.config.block_size)
         x = self.decoder_embeddings(tgt, position_ids)  # (B, T, C)
+        rotary = rotary_angles(self.config, position_ids)  # self-attention only; cross-attention has no rotation
         padding = src_attention_mask.bool() if src_attention_mask is not None else None
         for layer, block in enumerate(self.decoder_blocks):
-            x = block(x, kv_cache=kv_cache, layer=layer, memory_kv=memory_kv[layer], memory_padding_mask=padding)
+            x = block(x, kv_cache=kv_cache, layer=layer, memory_kv=memory_kv[layer], memory_padding_mask=padding,
+                      rotary=rotary)
         if kv_cache is not None:
             kv_cache.length += tgt.size(1)
         return self.lm_head(self.decoder_ln(x))
@@ -108,8 +115,8 @@ class EncoderDecoder(nn.Module):
 
     def new_kv_cache(self, batch_size, max_len, device=None, dtype=None):
         c, weight = self.config, self.wte.weight
-        return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head,
-                       device or weight.device, dtype or weight.dtype)
+        return KVCache(c.n_layer, batch_size, c.kv_heads, max_len, c.head_dim, device or weight.device,
+                       dtype or weight.dtype)
 
     # ------------------------------------------------------------------------------------ generation
     @torch.no_grad()

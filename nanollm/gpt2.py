@@ -71,6 +71,12 @@ def config_to_gpt2(config: GPTConfig):
     if not config.bias or config.norm_position != "pre":
         raise UserError(f"GPT-2 needs bias=True and norm_position='pre', got bias={config.bias}, "
                          f"norm_position={config.norm_position!r}")
+    gpt2_block = dict(position="learned", norm="layernorm", mlp="gelu", qk_norm=False, tie_embeddings=True)
+    for name, value in gpt2_block.items():
+        if getattr(config, name) != value:
+            raise UserError(f"GPT-2 needs {name}={value!r}, got {name}={getattr(config, name)!r}")
+    if config.kv_heads != config.n_head:
+        raise UserError(f"GPT-2 has full multi-head attention: n_kv_head={config.n_kv_head} != n_head={config.n_head}")
     return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": config.vocab_size,
             "n_positions": config.block_size, "n_ctx": config.block_size, "n_embd": config.n_embd,
             "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None,

@@ -5,6 +5,9 @@ pre-LN vs post-LN blocks (Xiong et al. 2020), the GPT-2 layout (Radford et al. 2
 2017), Xavier/He init (Glorot & Bengio 2010; He et al. 2015) and generation with a key/value cache. The same blocks
 build BERT (nanollm/bert.py) and the encoder-decoder (nanollm/encdec.py). Three attention paths compute the same
 thing: 'manual' (the math), 'sdpa' (PyTorch's fused kernel), 'triton' (our FlashAttention, kernels/attention.py).
+Architecture options beside GPT-2's block, each a few lines: rotary positions (Su et al. 2021), RMSNorm (Zhang &
+Sennrich 2019), SwiGLU (Shazeer 2020) and squared-ReLU (So et al. 2021) MLPs, grouped-query attention (Ainslie et
+al. 2023), QK-norm (Henry et al. 2020; Dehghani et al. 2023), untied embeddings.
 """
 import dataclasses
 import math
@@ -20,6 +23,10 @@ ATTN_IMPLS = ("manual", "sdpa", "triton")
 RUNTIME_FIELDS = ("attn_impl", "dropout")  # how a run executes, chosen per run: never saved with the weights
 INITS = ("normal", "xavier", "he")
 NORM_POSITIONS = ("pre", "post")
+POSITIONS = ("learned", "rope")  # how a token knows where it is: a learned table added to the input | rotated q, k
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu", "relu2")
+ROPE_BASE = 10000.0  # θ_i = ROPE_BASE^(−2i/D) (Su et al. 2021): the slowest pair turns once in ~2π·10⁴ positions
 _announced = set()
 
 
@@ -44,6 +51,13 @@ class GPTConfig:
     init: str = "normal"  # 'normal' (GPT-2) | 'xavier' | 'he'
     layer_norm_eps: float = 1e-5
     norm_position: str = "pre"  # 'pre' (GPT-2): x + f(LN(x)) | 'post' (Vaswani et al. 2017, BERT): LN(x + f(x))
+    # the options below default to GPT-2's block; checkpoints saved before they existed load as GPT-2 blocks
+    position: str = "learned"  # 'learned' (GPT-2: a table added to the input) | 'rope' (rotary, Su et al. 2021)
+    norm: str = "layernorm"  # 'layernorm' (GPT-2) | 'rmsnorm' (Zhang & Sennrich 2019); eps is layer_norm_eps
+    mlp: str = "gelu"  # 'gelu' (GPT-2) | 'swiglu' (Shazeer 2020) | 'relu2' (squared ReLU, So et al. 2021)
+    n_kv_head: int = 0  # key/value heads: 0 = n_head (multi-head); 1 = multi-query; else grouped-query attention
+    qk_norm: bool = False  # normalize each head's queries and keys (with `norm`) before their dot product
+    tie_embeddings: bool = True  # the LM head reuses the token embedding matrix (Press & Wolf 2017)
 
     def __post_init__(self):
         if self.attn_impl == "auto":
@@ -58,6 +72,27 @@ class GPTConfig:
             raise UserError(f"init={self.init!r}: expected one of {INITS}")
         if self.norm_position not in NORM_POSITIONS:
             raise UserError(f"norm_position={self.norm_position!r}: expected one of {NORM_POSITIONS}")
+        for name, choices in (("position", POSITIONS), ("norm", NORMS), ("mlp", MLPS)):
+            if getattr(self, name) not in choices:
+                raise UserError(f"{name}={getattr(self, name)!r}: expected one of {choices}")
+        for name in ("qk_norm", "tie_embeddings", "bias"):
+            if type(getattr(self, name)) is not bool:
+                raise UserError(f"{name}={getattr(self, name)!r}: expected True or False")
+        if type(self.n_kv_head) is not int or self.n_kv_head < 0 or self.n_head % (self.n_kv_head or self.n_head):
+            raise UserError(f"n_kv_head={self.n_kv_head!r}: expected 0 (= n_head) or a divisor of n_head="
+                            f"{self.n_head}")
+        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
+            raise UserError(f"position='rope' rotates pairs of dimensions: head size n_embd/n_head="
+                            f"{self.n_embd // self.n_head} must be even")
+
+    @property
+    def kv_heads(self):
+        """Key/value heads: n_kv_head, or n_head when it is 0."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
 
 
 def architecture_args(model_args):
@@ -67,13 +102,14 @@ def architecture_args(model_args):
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated for `max_len` positions: (n_layer, B, H, max_len, D).
+    """Keys and values of every layer, preallocated for `max_len` positions: (n_layer, B, H_kv, max_len, D).
 
-    `length` counts the positions already written; each forward appends T new ones.
+    Only the key/value heads are stored (n_kv_head of them: grouped-query attention shrinks the cache by
+    n_head / n_kv_head). `length` counts the positions already written; each forward appends T new ones.
     """
 
-    def __init__(self, n_layer, batch_size, n_head, max_len, head_dim, device, dtype):
-        shape = (n_layer, batch_size, n_head, max_len, head_dim)
+    def __init__(self, n_layer, batch_size, n_kv_head, max_len, head_dim, device, dtype):
+        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.layer_keys = [self.keys[layer] for layer in range(n_layer)]  # per-layer views, made once
@@ -82,12 +118,12 @@ class KVCache:
         self.length = 0
 
     def append(self, layer, k, v):
-        """Write k, v (B, H, T, D) in place after the cached positions (no concatenation, no new memory);
-        return views of all keys/values so far, (B, H, length + T, D)."""
+        """Write k, v (B, H_kv, T, D) in place after the cached positions (no concatenation, no new memory);
+        return views of all keys/values so far, (B, H_kv, length + T, D)."""
         start, end = self.length, self.length + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} positions > max_len={self.max_len}")
-        keys, values = self.layer_keys[layer], self.layer_values[layer]  # (B, H, max_len, D)
+        keys, values = self.layer_keys[layer], self.layer_values[layer]  # (B, H_kv, max_len, D)
         keys[:, :, start:end] = k
         values[:, :, start:end] = v
         return keys[:, :, :end], values[:, :, :end]
@@ -120,8 +156,10 @@ def attention_mask_matrix(key_padding_mask, t_query, t_key, device, segment_ids=
 
 def attend(q, k, v, attn_impl, causal, key_padding_mask=None, segment_ids=None, dropout_p=0.0,
            self_attention=True):
-    """softmax(Q Kᵀ / √d + mask) V for q (B, H, Tq, D) and k, v (B, H, Tk, D), by one of three paths."""
+    """softmax(Q Kᵀ / √d + mask) V for q (B, H, Tq, D) and k, v (B, H_kv, Tk, D), by one of three paths."""
     t_query, t_key = q.size(2), k.size(2)
+    if k.size(1) != q.size(1):  # grouped-query attention: each key/value head serves H / H_kv query heads
+        k, v = repeat_kv_heads(k, q.size(1)), repeat_kv_heads(v, q.size(1))  # (B, H, Tk, D)
     if causal and t_query == 1 and self_attention:
         causal = False  # one new query is the newest position: every cached key is in its past, no mask to build
     if attn_impl == "triton" and segment_ids is None and (t_key == t_query or not self_attention):
@@ -148,6 +186,31 @@ def attend(q, k, v, attn_impl, causal, key_padding_mask=None, segment_ids=None, 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=plain and causal)
 
 
+def repeat_kv_heads(x, n_head):
+    """(B, H_kv, T, D) -> (B, H, T, D): query head h reads key/value head h // (H / H_kv) (Ainslie et al. 2023)."""
+    return x.repeat_interleave(n_head // x.size(1), dim=1)
+
+
+# ------------------------------------------------------------------------------------- rotary positions
+def rotary_angles(config, position_ids):
+    """(cos, sin) of the rotation angles p·θ_i for position_ids (B or 1, T), each (B or 1, 1, T, D/2), with
+    θ_i = ROPE_BASE^(−2i/D), i < D/2 (Su et al. 2021); None for learned positions. Computed once per forward."""
+    if config.position != "rope":
+        return None
+    half = config.head_dim // 2
+    frequencies = ROPE_BASE ** (-torch.arange(half, device=position_ids.device, dtype=torch.float32) / half)  # θ_i
+    angles = position_ids[:, None, :, None].float() * frequencies  # (B or 1, 1, T, D/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, rotary):
+    """Rotate each pair (x_i, x_{i+D/2}) of x (B, H, T, D) by its angle p·θ_i (RoPE, in the "rotate half" layout
+    of GPT-NeoX and Llama in Hugging Face): then q_m·k_n depends on the positions m, n only through m − n."""
+    cos, sin = (t.to(x.dtype) for t in rotary)  # (B or 1, 1, T, D/2)
+    first, second = x.chunk(2, dim=-1)  # (B, H, T, D/2) each
+    return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+
+
 def dropout_layer(p):
     """nn.Dropout(p), or a no-op module when p == 0 (one call less per layer and token while decoding)."""
     return nn.Dropout(p) if p > 0 else nn.Identity()
@@ -165,23 +228,38 @@ def merge_heads(y):
     return y.transpose(1, 2).contiguous().view(B, T, H * D)
 
 
+def qk_norms(config):
+    """QK-norm (Henry et al. 2020; Dehghani et al. 2023): queries and keys normalized per head, each with its own
+    scale over the head's D features, so attention logits cannot grow without bound. (None, None) when off."""
+    if not config.qk_norm:
+        return None, None
+    return norm_layer(config, config.head_dim), norm_layer(config, config.head_dim)
+
+
 class SelfAttention(nn.Module):
-    """Multi-head self-attention: causal (GPT, decoder) or bidirectional (BERT, encoder)."""
+    """Multi-head self-attention: causal (GPT, decoder) or bidirectional (BERT, encoder). With n_kv_head < n_head,
+    grouped-query attention: fewer key/value heads, each shared by n_head / n_kv_head query heads."""
 
     def __init__(self, config: GPTConfig, causal=True):
         super().__init__()
-        self.n_head, self.causal = config.n_head, causal
+        self.n_head, self.n_kv_head, self.causal = config.n_head, config.kv_heads, causal
         self.attn_impl, self.dropout = config.attn_impl, config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.kv_size = config.kv_heads * config.head_dim  # width of k and of v
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * self.kv_size, bias=config.bias)  # q, k, v at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.q_norm, self.k_norm = qk_norms(config)
         self.resid_dropout = dropout_layer(config.dropout)
 
-    def forward(self, x, key_padding_mask=None, kv_cache=None, layer=0, segment_ids=None):
+    def forward(self, x, key_padding_mask=None, kv_cache=None, layer=0, segment_ids=None, rotary=None):
         B, T, C = x.shape
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # q, k, v side by side, heads split
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D), views of one matmul's output
+        q, k, v = self.c_attn(x).split([C, self.kv_size, self.kv_size], dim=2)  # views of one matmul's output
+        q, k, v = split_heads(q, self.n_head), split_heads(k, self.n_kv_head), split_heads(v, self.n_kv_head)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # (B, H, T, D), (B, H_kv, T, D)
+        if rotary is not None:
+            q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)  # RoPE at each token's absolute position
         if kv_cache is not None:
-            k, v = kv_cache.append(layer, k, v)  # (B, H, Tk, D) with Tk = cached + T
+            k, v = kv_cache.append(layer, k, v)  # (B, H_kv, Tk, D) with Tk = cached + T
         dropout_p = self.dropout if self.training else 0.0
         y = attend(q, k, v, self.attn_impl, self.causal, key_padding_mask, segment_ids, dropout_p)
         return self.resid_dropout(self.c_proj(merge_heads(y)))
@@ -193,43 +271,74 @@ class CrossAttention(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.n_head, self.attn_impl, self.dropout = config.n_head, config.attn_impl, config.dropout
+        self.n_head, self.n_kv_head = config.n_head, config.kv_heads
+        self.attn_impl, self.dropout = config.attn_impl, config.dropout
         self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.c_kv = nn.Linear(config.n_embd, 2 * config.n_embd, bias=config.bias)  # k, v in one matmul
+        self.c_kv = nn.Linear(config.n_embd, 2 * config.kv_heads * config.head_dim, bias=config.bias)  # k, v at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.q_norm, self.k_norm = qk_norms(config)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def memory_keys_values(self, memory):
-        """memory (B, S, C) -> keys, values, each (B, H, S, D)."""
-        k, v = self.c_kv(memory).split(memory.size(-1), dim=2)
-        return split_heads(k, self.n_head), split_heads(v, self.n_head)
+        """memory (B, S, C) -> keys, values, each (B, H_kv, S, D). No rotary positions across the two sequences."""
+        k, v = self.c_kv(memory).chunk(2, dim=2)
+        k, v = split_heads(k, self.n_kv_head), split_heads(v, self.n_kv_head)
+        return (k if self.k_norm is None else self.k_norm(k)), v
 
     def forward(self, x, memory_kv, memory_padding_mask=None):
         q = split_heads(self.c_q(x), self.n_head)  # (B, H, T, D)
-        k, v = memory_kv  # (B, H, S, D)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        k, v = memory_kv  # (B, H_kv, S, D)
         dropout_p = self.dropout if self.training else 0.0
         y = attend(q, k, v, self.attn_impl, False, memory_padding_mask, None, dropout_p, self_attention=False)
         return self.resid_dropout(self.c_proj(merge_heads(y)))
 
 
+def mlp_hidden_size(config):
+    """The MLP's hidden width h: 4·C (GPT-2). SwiGLU has three C×h matrices instead of two, so h = 8C/3 (rounded up
+    to a multiple of 8) keeps its parameters about equal to GELU's 8C², as Shazeer 2020 does."""
+    if config.mlp == "swiglu":
+        return 8 * -(-8 * config.n_embd // 3 // 8)  # C = 128: 344, 3·128·344 = 132,096 weights vs 131,072
+    return 4 * config.n_embd
+
+
 class MLP(nn.Module):
+    """Position-wise feed-forward network: C -> h -> C with a nonlinearity (config.mlp) between."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.kind, hidden = config.mlp, mlp_hidden_size(config)
+        gated = config.mlp == "swiglu"  # SwiGLU's gate and value come from one matmul, side by side
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if gated else hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = dropout_layer(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GELU, tanh form (GPT-2)
+        h = self.c_fc(x)  # (B, T, h), or (B, T, 2h) for SwiGLU
+        if self.kind == "swiglu":
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value  # SwiGLU(x) = Swish(x·W) ⊙ (x·V) (Shazeer 2020)
+        elif self.kind == "relu2":
+            h = F.relu(h).square()  # ReLU(x)² (So et al. 2021, Primer)
+        else:
+            h = F.gelu(h, approximate="tanh")  # GELU, tanh form (GPT-2)
+        return self.dropout(self.c_proj(h))
 
 
-def layer_norm(config):
-    return nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+def norm_layer(config, size=None):
+    """The normalization config.norm over the last `size` features (default n_embd), with a learned scale g:
+    LayerNorm (Ba et al. 2016): (x − mean(x)) / √(var(x) + ε) · g + b;
+    RMSNorm (Zhang & Sennrich 2019): x / √(mean(x²) + ε) · g (no centering, no bias: cheaper)."""
+    size = size or config.n_embd
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(size, eps=config.layer_norm_eps)
+    return nn.LayerNorm(size, eps=config.layer_norm_eps, bias=config.bias)
 
 
 def final_norm(config):
-    """The LayerNorm after the last block: needed by pre-LN stacks only (post-LN blocks end normalized)."""
-    return layer_norm(config) if config.norm_position == "pre" else nn.Identity()
+    """The norm after the last block: needed by pre-LN stacks only (post-LN blocks end normalized)."""
+    return norm_layer(config) if config.norm_position == "pre" else nn.Identity()
 
 
 class Block(nn.Module):
@@ -242,11 +351,11 @@ class Block(nn.Module):
     def __init__(self, config: GPTConfig, causal=True, cross_attention=False):
         super().__init__()
         self.post_norm = config.norm_position == "post"
-        self.ln_1 = layer_norm(config)
+        self.ln_1 = norm_layer(config)  # ln_*: the block's norms (LayerNorm or RMSNorm, config.norm)
         self.attn = SelfAttention(config, causal)
-        self.ln_cross = layer_norm(config) if cross_attention else None
+        self.ln_cross = norm_layer(config) if cross_attention else None
         self.cross_attn = CrossAttention(config) if cross_attention else None
-        self.ln_2 = layer_norm(config)
+        self.ln_2 = norm_layer(config)
         self.mlp = MLP(config)
 
     def residual(self, x, norm, sublayer):
@@ -255,8 +364,9 @@ class Block(nn.Module):
         return x + sublayer(norm(x))  # pre-LN
 
     def forward(self, x, key_padding_mask=None, kv_cache=None, layer=0, segment_ids=None, memory_kv=None,
-                memory_padding_mask=None):
-        x = self.residual(x, self.ln_1, lambda h: self.attn(h, key_padding_mask, kv_cache, layer, segment_ids))
+                memory_padding_mask=None, rotary=None):
+        x = self.residual(x, self.ln_1, lambda h: self.attn(h, key_padding_mask, kv_cache, layer, segment_ids,
+                                                            rotary))
         if self.cross_attn is not None:
             x = self.residual(x, self.ln_cross, lambda h: self.cross_attn(h, memory_kv, memory_padding_mask))
         return self.residual(x, self.ln_2, self.mlp)
@@ -264,18 +374,21 @@ class Block(nn.Module):
 
 class Embeddings(nn.Module):
     """Token + learned position (+ segment) embeddings, then dropout (used by BERT and the encoder-decoder;
-    the GPT keeps its wte/wpe at the top level, GPT-2's layout). Post-LN models normalize them here (BERT)."""
+    the GPT keeps its wte/wpe at the top level, GPT-2's layout). Post-LN models normalize them here (BERT).
+    With position='rope' there is no position table: the attention layers rotate q and k instead."""
 
     def __init__(self, config: GPTConfig, n_segments=0, token_embedding=None):
         super().__init__()
         self.wte = token_embedding if token_embedding is not None else nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
         self.wse = nn.Embedding(n_segments, config.n_embd) if n_segments else None  # segment A/B
-        self.ln = layer_norm(config) if config.norm_position == "post" else nn.Identity()
+        self.ln = norm_layer(config) if config.norm_position == "post" else nn.Identity()
         self.drop = dropout_layer(config.dropout)
 
     def forward(self, idx, position_ids, segment_ids=None):
-        x = self.wte(idx) + self.wpe(position_ids)  # (B, T, C)
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(position_ids)
         if self.wse is not None:
             x = x + self.wse(segment_ids if segment_ids is not None else torch.zeros_like(idx))
         return self.drop(self.ln(x))
@@ -293,7 +406,7 @@ def position_ids_for(attention_mask, past, length, device, block_size):
 
 
 def init_weights(model, init, n_layer):
-    """Initialize every weight by `init`; biases 0, LayerNorm scale 1, embeddings N(0, 0.02).
+    """Initialize every weight by `init`; biases 0, norm scales 1, embeddings N(0, 0.02).
     Linear layers tied to an embedding keep the embedding's init."""
     residual_std = 0.02 / math.sqrt(2 * n_layer)  # GPT-2: residual projections scaled by 1/√(2L)
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -312,7 +425,7 @@ def init_weights(model, init, n_layer):
             nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        elif isinstance(module, nn.LayerNorm):
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
             nn.init.ones_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -347,12 +460,14 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)  # learned position embeddings
+        learned = config.position == "learned"  # else rope: no table, each layer rotates q and k
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if learned else None  # learned positions
         self.drop = dropout_layer(config.dropout)
         self.blocks = nn.ModuleList([Block(config, causal=True) for _ in range(config.n_layer)])
         self.ln_f = final_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying: one matrix embeds and un-embeds tokens
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # weight tying: one matrix embeds and un-embeds tokens
         self.reset_parameters()
 
     # ----------------------------------------------------------------------------------------- init
@@ -360,20 +475,25 @@ class GPT(nn.Module):
         init_weights(self, self.config.init, self.config.n_layer)
 
     def num_parameters(self, exclude_positions=False):
-        """Parameters counted once (the tied lm_head shares wte's matrix)."""
+        """Parameters counted once (a tied lm_head shares wte's matrix)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.wpe.weight.numel() if exclude_positions else n
+        return n - self.wpe.weight.numel() if exclude_positions and self.wpe is not None else n
 
     def parameter_report(self):
         """A short table of where the parameters are."""
         c = self.config
-        groups = {
-            "token embedding (tied with lm_head)": self.wte.weight.numel(),
-            "position embedding": self.wpe.weight.numel(),
+        tied = " (tied with lm_head)" if c.tie_embeddings else ""
+        groups = {f"token embedding{tied}": self.wte.weight.numel()}
+        if not c.tie_embeddings:
+            groups["lm_head"] = self.lm_head.weight.numel()
+        if self.wpe is not None:
+            groups["position embedding"] = self.wpe.weight.numel()
+        groups.update({
             f"{c.n_layer} x attention": sum(p.numel() for b in self.blocks for p in b.attn.parameters()),
-            f"{c.n_layer} x MLP": sum(p.numel() for b in self.blocks for p in b.mlp.parameters()),
-            "LayerNorms": sum(p.numel() for n, p in self.named_parameters() if "ln_" in n),
-        }
+            f"{c.n_layer} x MLP ({c.mlp})": sum(p.numel() for b in self.blocks for p in b.mlp.parameters()),
+            "LayerNorms" if c.norm == "layernorm" else "RMSNorms": sum(p.numel() for n, p in self.named_parameters()
+                                                                       if "ln_" in n),
+        })
         return parameter_table(groups, self.num_parameters())
 
     def flops_per_token(self, seq_len=None):
@@ -416,10 +536,14 @@ class GPT(nn.Module):
             position_ids = position_ids_for(attention_mask, past, T, idx.device, self.config.block_size)
         elif past + T > self.config.block_size:
             raise UserError(f"sequence of {past + T} tokens exceeds block_size={self.config.block_size}")
-        x = self.drop(self.wte(idx) + self.wpe(position_ids))  # (B, T, C)
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(position_ids)  # learned positions (GPT-2)
+        x = self.drop(x)
+        rotary = rotary_angles(self.config, position_ids)  # rope: angles at the absolute positions, for every layer
         key_padding_mask = attention_mask.bool() if attention_mask is not None else None
         for layer, block in enumerate(self.blocks):
-            x = block(x, key_padding_mask, kv_cache, layer, segment_ids)
+            x = block(x, key_padding_mask, kv_cache, layer, segment_ids, rotary=rotary)
         if kv_cache is not None:
             kv_cache.length += T
         return self.ln_f(x)
@@ -427,8 +551,8 @@ class GPT(nn.Module):
     def new_kv_cache(self, batch_size, max_len, device=None, dtype=None):
         c = self.config
         weight = self.wte.weight
-        return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head,
-                       device or weight.device, dtype or weight.dtype)
+        return KVCache(c.n_layer, batch_size, c.kv_heads, max_len, c.head_dim, device or weight.device,
+                       dtype or weight.dtype)
 
     # ----------------------------------------------------------------------------------- generation
     @torch.no_grad()

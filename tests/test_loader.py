@@ -48,7 +48,8 @@ def tokenizer_path(tmp_path_factory):
 def test_a_saved_checkpoint_holds_the_architecture_only(tmp_path):
     save(tmp_path, tiny(attn_impl="manual", dropout=0.1))
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model_args"]
-    assert saved == dict(ARGS, bias=True, init="normal", layer_norm_eps=1e-5, norm_position="pre")
+    assert saved == dict(ARGS, bias=True, init="normal", layer_norm_eps=1e-5, norm_position="pre", position="learned",
+                         norm="layernorm", mlp="gelu", n_kv_head=0, qk_norm=False, tie_embeddings=True)
     assert not set(RUNTIME_FIELDS) & set(saved)
 
 
