@@ -3,6 +3,11 @@ answers equal direct greedy decoding, streams concatenate to the plain answer, c
 and all answered, and bad requests get 4xx JSON errors while the server keeps serving."""
 import http.client
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -15,6 +20,7 @@ from nanollm.loader import load_model
 from nanollm.model import GPT, GPTConfig
 from nanollm.serving import ApiError, ChatRequest, Engine, Job, make_server, parse_chat_request, parse_sse
 from nanollm.tokenizer import Tokenizer, encode_messages, prompt_ids, train_tokenizer
+from script_runner import REPO
 
 QUESTIONS = [f"where does person {i} live?" for i in (3, 150, 41)] + ["hello", "李小明住在哪里？", "who?"]
 
@@ -174,11 +180,18 @@ def test_streamed_text_never_splits_a_multibyte_character(checkpoint):
     engine.close()
 
 
-def test_same_seed_same_sampled_answer(served):
-    base, _, _ = served
-    first, second = (json.loads(chat(base, "hello", temperature=1.5, top_p=0.95, seed=7, max_tokens=12)[2])
-                     for _ in range(2))
-    assert first["choices"][0]["message"] == second["choices"][0]["message"]
+def test_same_seed_same_sampled_answer_other_seeds_other_answers_and_temperature_0_is_greedy(served):
+    base, model, tokenizer = served
+
+    def answer(**fields):
+        return json.loads(chat(base, "hello", max_tokens=12, **fields)[2])["choices"][0]["message"]["content"]
+
+    first, second = (answer(temperature=1.5, top_p=0.95, seed=7) for _ in range(2))
+    assert first == second
+    sampled = {answer(temperature=1.5, top_p=0.95, seed=seed) for seed in range(4)}
+    assert len(sampled) > 1  # a server that ignored the seed, or sampled greedily, gives one answer
+    expected, _, _ = greedy(model, tokenizer, [{"role": "user", "content": "hello"}], 12)
+    assert answer(temperature=0, seed=3) == answer(temperature=0, seed=9) == expected
 
 
 # --------------------------------------------------------------------------------------- concurrency
@@ -549,3 +562,66 @@ def test_a_failure_during_generation_is_a_500_and_the_worker_carries_on(checkpoi
         assert chat(base, "hello", max_tokens=2)[0] == 200
     finally:
         stop_server(server, engine)
+
+
+def test_a_full_queue_and_a_stopped_worker_get_503_json_errors(checkpoint):
+    """max_queue=1: one request held in the worker, one waiting in the queue, so a third is refused at once with 503;
+    the first two are still answered. Once the worker has stopped, a request gets 503 and /health says so."""
+    model, tokenizer = load(checkpoint)
+    engine = GatedEngine(model, tokenizer, "tiny", max_batch=1, max_queue=1)
+    server, base = start_server(engine)
+    try:
+        answers = [None, None]
+
+        def ask(slot):
+            answers[slot] = chat(base, QUESTIONS[slot], temperature=0, max_tokens=4)
+
+        threads = [threading.Thread(target=ask, args=(0,))]
+        threads[0].start()
+        wait_until(lambda: engine.batch_sizes == [1])  # the first request is held in the worker
+        threads.append(threading.Thread(target=ask, args=(1,)))
+        threads[1].start()
+        wait_until(lambda: engine.queue.qsize() == 1)  # the second one waits in the queue
+        status, _, body = chat(base, "hello", max_tokens=2)
+        error = json.loads(body)["error"]
+        assert status == 503 and error["code"] == "overloaded" and "1 requests are waiting" in error["message"]
+        engine.gate.set()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert [answer[0] for answer in answers] == [200, 200]
+        for slot in range(2):
+            content = json.loads(answers[slot][2])["choices"][0]["message"]["content"]
+            assert content == greedy(model, tokenizer, [{"role": "user", "content": QUESTIONS[slot]}], 4)[0]
+        engine.close()  # the worker thread ends
+        assert not engine.worker.is_alive()
+        status, _, body = chat(base, "hello", max_tokens=2)
+        assert status == 503 and "worker has stopped" in json.loads(body)["error"]["message"]
+        assert json.loads(request(base + "/health")[2])["status"] == "worker stopped"
+    finally:
+        engine.gate.set()
+        stop_server(server, engine)
+
+
+@pytest.mark.slow  # a subprocess
+def test_serve_script_answers_like_greedy_decoding_and_stops_on_ctrl_c(checkpoint):
+    """serve.py as a user starts it (port 0: any free port, read from its first line), one request, then Ctrl-C."""
+    model, tokenizer = load(checkpoint)
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, "serve.py"), f"--out_dir={checkpoint}",
+                                "--port=0", "--quiet=True", "--device=cpu"], cwd=REPO, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    try:
+        banner = process.stdout.readline()
+        port = re.search(r"http://127\.0\.0\.1:(\d+)/", banner)
+        assert port, banner + process.stderr.read()
+        status, _, body = chat(f"http://127.0.0.1:{port.group(1)}", QUESTIONS[0], temperature=0, max_tokens=20)
+        assert status == 200
+        expected = greedy(model, tokenizer, [{"role": "user", "content": QUESTIONS[0]}], 20)[0]
+        assert json.loads(body)["choices"][0]["message"]["content"] == expected
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+        assert process.returncode == 0 and "[nanollm] stopped" in stdout and "Traceback" not in stderr
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
