@@ -21,7 +21,6 @@ def test_fewer_micro_steps_than_ranks_gives_each_rank_one(capsys):
 
 def test_dtype_names_are_checked():
     assert resolve_dtype("auto", "cpu") == "float32"
-    with pytest.raises(ValueError, match="float16.*not supported on the CPU"):
-        resolve_dtype("float16", "cpu")
+    assert resolve_dtype("float16", "cpu") == "float16"  # loss scaling can be exercised on the CPU
     with pytest.raises(ValueError, match="dtype='fp8'"):
         resolve_dtype("fp8", "cpu")
