@@ -5,6 +5,7 @@ Teaches what a model needs outside the training loop (architecture + weights + t
 the safetensors layout (written by hand here: 8-byte header length, JSON header, raw bytes; read back by
 nanollm/gpt2.py), and export to ONNX through torch.onnx, checked against onnxruntime when it is installed.
     python -m nanollm.export --out_dir=out-sft --release_dir=release   # + release/model.onnx if `onnx` is installed
+    python -m nanollm.export --out_dir=out-sft --release_dir=hf-model --format=hf  # Hugging Face layout (export_hf.py)
 """
 import copy
 import hashlib
@@ -30,12 +31,13 @@ SAFETENSORS_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16:
 
 
 # ----------------------------------------------------------------------------- safetensors, by hand
-def write_safetensors(tensors, path):
+def write_safetensors(tensors, path, metadata=None):
     """{name: tensor} -> a .safetensors file: u64 little-endian header size N, N bytes of JSON
-    {name: {dtype, shape, data_offsets: [begin, end]}} (padded with spaces to a multiple of 8), then the raw bytes."""
+    {name: {dtype, shape, data_offsets: [begin, end]}} (padded with spaces to a multiple of 8), then the raw bytes.
+    metadata: {str: str} stored as the header's "__metadata__" (transformers checks {"format": "pt"})."""
     if sys.byteorder != "little":
         raise ValueError("safetensors data is little-endian; this machine is not")
-    header, blobs, offset = {}, [], 0
+    header, blobs, offset = ({"__metadata__": dict(metadata)} if metadata else {}), [], 0
     for name, tensor in tensors.items():
         if tensor.dtype not in SAFETENSORS_NAMES:
             raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} has no safetensors name")
@@ -159,6 +161,7 @@ def main(argv=None):
     settings = dict(
         out_dir="out-sft",  # the model to release: a folder with ckpt.pt and tokenizer.model
         release_dir="release",  # the release folder to write
+        format="release",  # release: nanollm's own folder | hf: the Hugging Face layout (transformers, vLLM, ...)
         onnx="auto",  # auto: write model.onnx when the `onnx` package is installed | yes | no
         onnx_seq_len=0,  # fixed ONNX input length; 0 = block_size
     )
@@ -168,12 +171,20 @@ def main(argv=None):
         raise UserError(f"command line: unexpected argument '{words[0]}' (use --key=value)")
     if settings["onnx"] not in ("auto", "yes", "no"):
         raise UserError(f"onnx={settings['onnx']!r}: expected 'auto', 'yes' or 'no'")
+    if settings["format"] not in ("release", "hf"):
+        raise UserError(f"format={settings['format']!r}: expected 'release' or 'hf'")
     out_dir, release_dir, onnx_seq_len = settings["out_dir"], settings["release_dir"], settings["onnx_seq_len"]
     tokenizer_path = os.path.join(out_dir, TOKENIZER_FILE)
     if not os.path.isfile(tokenizer_path):
         raise MissingFileError(f"out_dir={out_dir!r}: no {TOKENIZER_FILE} next to the checkpoint")
     model = load_model(out_dir).model
-    export_release(model, tokenizer_path, release_dir, source=out_dir)
+    if settings["format"] == "hf":
+        from nanollm.export_hf import export_hf
+
+        layout = export_hf(model, tokenizer_path, release_dir)[1]
+        print(f"[nanollm] Hugging Face folder, {layout} layout")
+    else:
+        export_release(model, tokenizer_path, release_dir, source=out_dir)
     have_onnx = importlib.util.find_spec("onnx") is not None
     if settings["onnx"] == "yes" or (settings["onnx"] == "auto" and have_onnx):
         onnx_path = os.path.join(release_dir, ONNX_FILE)
@@ -190,8 +201,12 @@ def main(argv=None):
               "onnxruntime)")
     for name in sorted(os.listdir(release_dir)):
         print(f"  {os.path.join(release_dir, name)}  {os.path.getsize(os.path.join(release_dir, name)) / 1e6:.2f} MB")
-    print(f"[nanollm] load it with: from nanollm.loader import load_model; model, tokenizer, _, _ = "
-          f"load_model({release_dir!r})")
+    if settings["format"] == "hf":
+        print(f"[nanollm] load it with: from transformers import AutoModelForCausalLM, AutoTokenizer; "
+              f"AutoModelForCausalLM.from_pretrained({release_dir!r}); serving: docs/serving.md")
+    else:
+        print(f"[nanollm] load it with: from nanollm.loader import load_model; model, tokenizer, _, _ = "
+              f"load_model({release_dir!r})")
 
 
 if __name__ == "__main__":

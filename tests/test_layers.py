@@ -10,7 +10,7 @@ LEVELS = [
     {"configurator", "records", "clean", "world"},  # plain Python: settings, files, text, the simulated world
     {"tokenizer", "metrics", "distributed", "optim", "sampling", "instructions"},
     {"data", "model"},  # token files -> batches; transformer blocks and the GPT
-    {"bert", "encdec", "gpt2", "checkpoint", "training", "export", "quantize", "pretraining"},  # other architectures, file formats
+    {"bert", "encdec", "gpt2", "checkpoint", "training", "export", "export_hf", "quantize", "pretraining"},  # other architectures, file formats
     {"sft"},
     {"reward"},
     {"loader"},  # opens every kind of model file the stages before it write (PPO's policy is a GPT)
