@@ -1,4 +1,5 @@
 """End-to-end checks of train_pretrain.py, run as a user runs it (subprocesses, CPU, tiny model)."""
+import copy
 import json
 import os
 import runpy
@@ -8,8 +9,13 @@ import sys
 import time
 
 import pytest
+import torch
 
 from nanollm.configurator import UserError
+from nanollm.distributed import Runtime
+from nanollm.model import GPT, GPTConfig
+from nanollm.optim import configure_optimizer
+from nanollm.training import MAX_BAD_STEPS, GuardedStep
 from script_runner import run_script, write_corpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,6 +130,38 @@ def test_non_finite_loss_skips_the_step_and_stops_with_a_clear_message(corpus, t
     assert result.returncode != 0
     assert "step skipped, weights untouched" in result.stdout
     assert "3 non-finite steps in a row" in result.stderr
+
+
+def test_a_non_finite_step_leaves_the_weights_and_the_optimizer_state_untouched():
+    """The guard train_pretrain.py's loop calls after its backward passes (nanollm/training.py), in float32: a NaN
+    loss, or a finite loss with an infinite gradient, skips the step: weights, AdamW moments and step count stay
+    as they were, and the gradients are cleared; MAX_BAD_STEPS such steps in a row stop the run."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    optimizer = configure_optimizer(model, 0.1, 1e-2, (0.9, 0.95), "cpu", verbose=False)
+    runtime = Runtime("cpu", "cpu", dtype="float32")
+    step = GuardedStep(optimizer, runtime.grad_scaler(), grad_clip=1.0, runtime=runtime)
+    x = torch.randint(0, 50, (2, 8))
+    step.minimize(model, model(x, x)[1], 0)  # a clean step first: AdamW has moments to keep
+    weights = {name: value.clone() for name, value in model.state_dict().items()}
+    state = copy.deepcopy(optimizer.state_dict()["state"])
+
+    def untouched(gradients_cleared=True):
+        now = optimizer.state_dict()["state"]
+        return (all(torch.equal(weights[name], value) for name, value in model.state_dict().items())
+                and all(torch.equal(state[i][key], now[i][key]) for i in state for key in state[i])
+                and (not gradients_cleared or all(p.grad is None for p in model.parameters())))
+
+    step.minimize(model, model(x, x)[1] * float("nan"), 1)  # a NaN loss (and NaN gradients)
+    assert untouched() and step.bad_steps == 1
+    loss = model(x, x)[1]
+    loss.backward()
+    model.lm_head.weight.grad[0, 0] = float("inf")  # a finite loss, an infinite gradient
+    step(model, loss.item(), 2)
+    assert untouched() and step.bad_steps == 2
+    with pytest.raises(RuntimeError, match=f"{MAX_BAD_STEPS} non-finite steps in a row"):
+        step.minimize(model, model(x, x)[1] * float("inf"), 3)
+    assert untouched(gradients_cleared=False)  # the run stops here; its gradients do not matter
 
 
 def test_unknown_setting_is_rejected_before_any_work(tmp_path):
