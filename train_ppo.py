@@ -6,6 +6,7 @@ After SFT and the reward model (python train_sft.py; python train_rm.py), on a C
     python train_ppo.py --target_kl=0.5                         # adaptive beta (Ziegler et al. 2019)
     torchrun --standalone --nproc_per_node=4 train_ppo.py --batch_size=64   # DDP: 4 x 64 = 256 responses per iteration
     python train_ppo.py --init_from=resume                      # after a crash or Ctrl-C
+    python train_ppo.py --prompts=my_prompts.jsonl --reward_model=out-rm-mine   # your prompts, your reward model
 The pieces (rollout, scoring, rewards, GAE, losses) are in nanollm/ppo.py; this file is the loop. The policy is saved
 in the SFT format (python chat.py --out_dir=out-ppo). Settings below: override with a config file and/or --key=value.
 """
@@ -15,7 +16,7 @@ import time
 
 import torch
 from nanollm import distributed as dist_utils
-from nanollm.annotators import GoldAnnotator, ppo_prompt_sets
+from nanollm.annotators import ppo_prompts
 from nanollm.checkpoint import read_metrics, start_run
 from nanollm.configurator import configure
 from nanollm.data import batch_seed
@@ -25,7 +26,6 @@ from nanollm.ppo import (HeldOutEvaluation, append_samples, batch_record, before
                          mean, pick_prompts, ppo_losses, ppo_start, restore_ppo, reward_scores, rollout, save_ppo,
                          score_rollout, select, sequence_sum, shape_scores)
 from nanollm.training import GracefulStop, GuardedStep, evaluation_due, setup_run
-from nanollm.world import World
 
 # ------------------------------------------------------------------------------------------ settings
 # I/O
@@ -38,6 +38,8 @@ log_interval = 1  # write a metrics.jsonl line every this many iterations
 tensorboard = False  # also write every metrics.jsonl number as TensorBoard scalars in out_dir/tensorboard/
 eval_only = False  # evaluate the starting policy once and exit
 # prompts: world questions, never their answers, from three disjoint sets fixed by what they ask (world.question_split)
+prompts = ""  # or a file of yours: .jsonl lines {"prompt": ...} or {"messages": [...]}, or a .json list of them
+prompts_heldout_fraction = 0.2  # of a prompts file's distinct prompts, the last held out (eval_), as train_rm.py does
 world_seed = 0  # the world the gold annotator checks facts against (pretraining uses World(0))
 prompt_seed = 1337  # the questions' order and wording
 eval_prompts = 160  # test prompts: the reported held-out result (eval_* metrics); never used to choose settings
@@ -89,9 +91,11 @@ config = configure(globals(), sys.argv[1:])
 runtime = setup_run(config, check_settings)  # settings and out_dir checked before any work; device, DDP, precision
 master, ctx = runtime.is_master, runtime.autocast()
 
-# ---- prompts: world questions from three disjoint sets (world.question_split); the gold annotator judges replies
-gold = GoldAnnotator(World(world_seed))  # evaluation only: never in a loss
-held_out, train_questions = ppo_prompt_sets(gold.world, prompt_seed, eval_prompts, validation_prompts, train_prompts)
+# ---- prompts: world questions from three disjoint sets, or a file split by prompt; gold: evaluation only, never in a
+# loss, and only where every prompt is a world question (None otherwise: the reward model's score is the only one)
+held_out, train_questions, gold = ppo_prompts(prompts, prompts_heldout_fraction, world_seed, prompt_seed, eval_prompts,
+                                              validation_prompts, train_prompts,
+                                              batch_size // samples_per_prompt * runtime.world_size)
 
 # ---- the models: policy and frozen reference from the SFT model; frozen reward model and critic from train_rm.py's
 start = ppo_start(init_from, out_dir, reward_model, held_out, attn_impl, runtime.device)
@@ -106,7 +110,8 @@ iter_num = restore_ppo(start.checkpoint, runtime, policy, critic, optimizer, cri
                        controller) if init_from == "resume" else 0
 if master:
     print(f"[nanollm] policy from {start.sft_dir} ({policy.num_parameters() / 1e6:.2f} M), critic from "
-          f"{start.reward_dir}; iteration {iter_num}, beta {controller.beta:.4f}; {len(train_questions)} prompts")
+          f"{start.reward_dir}; iteration {iter_num}, beta {controller.beta:.4f}; {len(train_questions)} prompts\n"
+          f"[nanollm] gold judge: " + ("the world's gold annotator" if gold else "not available for user prompts"))
 start = None  # free memory
 raw_policy, raw_critic = policy, critic  # rollouts use the plain modules; DDP (every parameter in each loss)
 policy, critic = (runtime.wrap(torch.compile(m) if compile else m) for m in (policy, critic))
@@ -160,7 +165,7 @@ while not stop.requested(runtime, iter_num):
     experience = make_experience(generated, scored["logprobs"], scored["ref_logprobs"], scored["values"], scores,
                                  beta, kl_estimator, gamma, lam, whiten_rewards, whiten_advantages)
     gold_scores = [gold.judge(train_questions[i], reply).overall  # logged only, never in a loss
-                   for i, reply in zip(picked, decode_responses(tokenizer, generated))]
+                   for i, reply in zip(picked, decode_responses(tokenizer, generated))] if gold else []
     rollout_time = time.time() - t0
 
     # 4. the update: ppo_epochs passes over shuffled minibatches; each network steps on its own loss
@@ -193,11 +198,12 @@ while not stop.requested(runtime, iter_num):
 
     # log (means over this rank's batch, then over ranks)
     record = {**batch_record(generated, scored, experience, raw_scores, scores, sequence_kl, beta),
-              "gold": mean(gold_scores), "minibatches": steps, "rollout_s": rollout_time, "update_s": update_time,
+              **({"gold": mean(gold_scores)} if gold else {}), "minibatches": steps, "rollout_s": rollout_time,
+              "update_s": update_time,
               **{key: mean([stats[key] for stats in update_stats]) for key in update_stats[0]}}
     record = {key: dist_utils.all_reduce_mean(value, runtime) for key, value in record.items()}
-    log.step(iter_num, {"score": record.pop("score"), "gold": record.pop("gold"), "kl": kl_mean, "beta": beta,
-                        **record, "early_stop": early_stop}, shown=("score", "gold", "kl"))
+    log.step(iter_num, {**record, "kl": kl_mean, "beta": beta, "early_stop": early_stop},
+             shown=("score", "gold", "kl") if gold else ("score", "kl"))
     iter_num += 1
 log.close()
 if stop.stopped:  # Ctrl-C: the checkpoint a resumed run starts from

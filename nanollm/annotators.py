@@ -23,6 +23,8 @@ from nanollm.distributed import barrier
 from nanollm.loader import load_model
 from nanollm.metrics import tokenize_for_metrics
 from nanollm.records import read_json
+from nanollm.reward import prompt_key
+from nanollm.sft import read_prompts
 from nanollm.tokenizer import prompt_ids  # the chat template, so the model sees what it was trained on
 from nanollm.world import PROMPT_SPLITS, TEMPLATES, ZH_OPERATIONS, World, question_split
 
@@ -262,6 +264,36 @@ def ppo_prompt_sets(world, seed, test, validation, train):
         except UserError as error:
             raise UserError(f"{setting}={n}: {error}") from None
     return {"eval_": sets["test"], "val_": sets["validation"]}, sets["train"]
+
+
+def split_prompts(prompts, heldout_fraction):
+    """(held-out, training) prompts, split by prompt: of the distinct prompts (a text or conversation given twice counts
+    once) in file order, the last round(n · heldout_fraction) (at least one) are held out, so no prompt is on both
+    sides; train_rm.py holds out a preference file's prompts by the same rule, so a reward model and a policy trained on
+    one list of prompts hold out the same ones."""
+    distinct = list({prompt_key(prompt): prompt for prompt in prompts}.values())
+    n_heldout = max(1, round(len(distinct) * heldout_fraction))
+    if not 0 < heldout_fraction < 1 or n_heldout >= len(distinct):
+        raise UserError(f"prompts_heldout_fraction={heldout_fraction}: {len(distinct)} distinct prompts cannot be "
+                        f"split into held-out and training prompts (a fraction in (0, 1) and at least 2 prompts)")
+    return distinct[len(distinct) - n_heldout:], distinct[:len(distinct) - n_heldout]
+
+
+def ppo_prompts(prompts, heldout_fraction, world_seed, seed, test, validation, train, per_iteration=1):
+    """A policy-optimization stage's prompts: (held-out sets {metrics prefix: prompts}, training prompts, judge).
+    prompts='': the world's three question sets (ppo_prompt_sets), judged by the gold annotator. A file (read_prompts):
+    its prompts split by prompt (split_prompts) into the held-out 'eval_' set and the training prompts; the gold
+    annotator judges only if every prompt is one of the world's questions, else the judge is None (no gold score: the
+    reward model's is the only one). per_iteration: the prompts one iteration draws (over all ranks)."""
+    gold = GoldAnnotator(World(world_seed))
+    if not prompts:
+        return (*ppo_prompt_sets(gold.world, seed, test, validation, train), gold)
+    held_out, training = split_prompts(read_prompts(prompts), heldout_fraction)
+    if len(training) < per_iteration:
+        raise UserError(f"prompts={prompts!r}: {len(training)} training prompts (after holding out {len(held_out)}), "
+                        f"fewer than the {per_iteration} one iteration draws (batch_size / samples_per_prompt x ranks)")
+    known = all(gold.question(prompt) is not None for prompt in held_out + training)
+    return {"eval_": held_out}, training, gold if known else None
 
 
 def parse_temperatures(text):

@@ -22,6 +22,7 @@ from nanollm.data import batch_seed, last_token_index, pad_sequences
 from nanollm.loader import load_model
 from nanollm.model import GPT, GPTConfig, architecture_args
 from nanollm.reward import prompt_key, response_logprob_running_mean
+from nanollm.sft import language
 from nanollm.tokenizer import NUM_RESERVED, Tokenizer, prompt_ids
 
 KL_ESTIMATORS = ("k1", "k3")  # estimates of the VALUE of KL(π‖π_ref), both unbiased
@@ -521,23 +522,27 @@ def check_settings(settings):
                         f"samples_per_prompt >= 2 (got {s['samples_per_prompt']})")
     if s["minibatch_size"] > s["batch_size"]:
         raise UserError(f"minibatch_size={s['minibatch_size']} must be between 1 and batch_size={s['batch_size']}")
-    if s["batch_size"] // s["samples_per_prompt"] * world_size > s["train_prompts"]:
+    if not s.get("prompts") and s["batch_size"] // s["samples_per_prompt"] * world_size > s["train_prompts"]:
         raise UserError(f"batch_size={s['batch_size']} / samples_per_prompt={s['samples_per_prompt']} x {world_size} "
                         f"rank(s) prompts per iteration exceed train_prompts={s['train_prompts']}")
 
 
+SET_NAMES = {"eval_": "test", "val_": "validation"}  # the held-out prompt sets by metrics prefix
+
+
 def check_held_out(held_out, reward_dir, reward_checkpoint):
-    """Held out means held out: the reward model must not have trained on any test ('eval_') or validation ('val_')
-    prompt."""
+    """Held out means held out: the reward model must not have trained on any held-out prompt (test 'eval_',
+    validation 'val_')."""
     if "trained_prompts" not in reward_checkpoint:
         raise UserError(f"{reward_dir}/ckpt.pt does not record the prompts the reward model trained on, so the held-out "
                         f"prompts cannot be checked; retrain it with train_rm.py")
-    seen = prompts_in(held_out["eval_"] + held_out["val_"], reward_checkpoint["trained_prompts"])
+    every = [prompt for prompts in held_out.values() for prompt in prompts]
+    seen = prompts_in(every, reward_checkpoint["trained_prompts"])
     if seen:
-        raise UserError(f"{reward_dir}: the reward model trained on {len(seen)} of the {len(held_out['eval_'])} test + "
-                        f"{len(held_out['val_'])} validation prompts (e.g. {seen[0]!r}), so they are not held out; "
-                        f"train it on the world's train questions (train_rm.py's demo does) or drop these prompts from "
-                        f"its data")
+        sets = " + ".join(f"{len(prompts)} {SET_NAMES[prefix]}" for prefix, prompts in held_out.items())
+        raise UserError(f"{reward_dir}: the reward model trained on {len(seen)} of the {sets} prompts (e.g. "
+                        f"{seen[0]!r}), so they are not held out; train it on the world's train questions "
+                        f"(train_rm.py's demo does) or drop these prompts from its data")
 
 
 class HeldOutEvaluation:
@@ -546,7 +551,8 @@ class HeldOutEvaluation:
     fixed seed, so every evaluation (and the SFT model's) sees the same random numbers. Reports the reward model's
     score, the judge's gold score (evaluation only, never in a loss) with its standard error over prompts, KL to the
     reference, length, eos rate, and the paired gold gain over the reference: the mean and std/√n of per-prompt
-    differences on the same seeded samples (common random numbers)."""
+    differences on the same seeded samples (common random numbers). judge None (prompts no judge knows): no gold
+    numbers. Scores also per language of the prompt (_zh, _en)."""
 
     def __init__(self, sets, tokenizer, max_prompt_tokens, samples, reference, reward_model, judge, max_new_tokens,
                  temperature, batch_size, seed, ctx):
@@ -566,6 +572,7 @@ class HeldOutEvaluation:
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(self.seed)
         scores, golds, kls, lengths, ended, samples = [], [], [], [], [], []
+        languages = [language(q if isinstance(q, str) else q[-1]["content"]) for q in questions]
         for start in range(0, len(encoded), self.batch_size):
             generated = rollout(model, encoded[start:start + self.batch_size], self.max_new_tokens, self.temperature,
                                 self.tokenizer.eos_id, self.tokenizer.pad_id, generator)
@@ -574,24 +581,36 @@ class HeldOutEvaluation:
             replies = decode_responses(self.tokenizer, generated)
             batch_scores = reward_scores(self.reward_model, generated, self.ctx).tolist()
             asked = [questions[i % len(questions)] for i in range(start, start + len(replies))]
-            batch_golds = [self.judge.judge(question, reply).overall for question, reply in zip(asked, replies)]
+            batch_golds = [self.judge.judge(question, reply).overall if self.judge else None
+                           for question, reply in zip(asked, replies)]
             scores, golds = scores + batch_scores, golds + batch_golds
             kls += sequence_sum(kl, generated.response_mask).tolist()
             lengths += generated.response_mask.sum(-1).tolist()
             ended += generated.ended.float().tolist()
             samples += list(zip(asked, replies, batch_scores, batch_golds))
-        per_prompt = torch.tensor(golds).view(self.samples, len(questions)).mean(0)  # (prompts,) mean gold
-        return {f"{prefix}score": mean(scores), f"{prefix}gold": mean(golds),
-                f"{prefix}gold_se": (per_prompt.std() / len(questions) ** 0.5).item(),  # standard error over prompts
-                f"{prefix}kl": mean(kls), f"{prefix}response_length": mean(lengths),
-                f"{prefix}eos_rate": mean(ended)}, samples, per_prompt
+        by_language = {}  # "zh" | "en" -> its samples' indices (sample i asks questions[i % len(questions)])
+        for i in range(len(samples)):
+            by_language.setdefault(languages[i % len(questions)], []).append(i)
+        per_language = lambda name, values: {f"{prefix}{name}_{language}": mean([values[i] for i in rows])  # noqa
+                                             for language, rows in sorted(by_language.items())}
+        results = {f"{prefix}score": mean(scores), **per_language("score", scores)}
+        per_prompt = None
+        if self.judge is not None:
+            per_prompt = torch.tensor(golds).view(self.samples, len(questions)).mean(0)  # (prompts,) mean gold
+            results.update({f"{prefix}gold": mean(golds), **per_language("gold", golds),
+                            f"{prefix}gold_se": (per_prompt.std() / len(questions) ** 0.5).item()})  # std error
+        results.update({f"{prefix}kl": mean(kls), f"{prefix}response_length": mean(lengths),
+                        f"{prefix}eos_rate": mean(ended)})
+        return results, samples, per_prompt
 
     @staticmethod
     def describe(scores):
-        return (f"test reward-model score {scores['eval_score']:+.3f}, gold {scores['eval_gold']:.3f} (gain "
-                f"{scores['eval_gold_gain']:+.3f} ± {scores['eval_gold_gain_se']:.3f}), KL {scores['eval_kl']:.3f}, "
-                f"length {scores['eval_response_length']:.1f}, eos rate {scores['eval_eos_rate']:.2f}; validation "
-                f"gold gain {scores['val_gold_gain']:+.3f} ± {scores['val_gold_gain_se']:.3f}")
+        gold = (f"gold {scores['eval_gold']:.3f} (gain {scores['eval_gold_gain']:+.3f} ± "
+                f"{scores['eval_gold_gain_se']:.3f}), " if "eval_gold" in scores else "")
+        text = (f"test reward-model score {scores['eval_score']:+.3f}, {gold}KL {scores['eval_kl']:.3f}, length "
+                f"{scores['eval_response_length']:.1f}, eos rate {scores['eval_eos_rate']:.2f}")
+        return text + (f"; validation gold gain {scores['val_gold_gain']:+.3f} ± {scores['val_gold_gain_se']:.3f}"
+                       if "val_gold_gain" in scores else "")
 
     def __call__(self, model, is_reference=False):
         """Every set's scores and gains, and the first set's samples. is_reference: the model is the reference itself
@@ -599,12 +618,15 @@ class HeldOutEvaluation:
         results, first_samples = {}, None
         for prefix in self.sets:
             scores, samples, per_prompt = self.evaluate(model, prefix)
+            results.update(scores)
+            first_samples = samples if first_samples is None else first_samples
+            if per_prompt is None:  # no judge: no gold, no gain
+                continue
             if prefix not in self.baseline:
                 self.baseline[prefix] = per_prompt if is_reference else self.evaluate(self.reference, prefix)[2]
             difference = per_prompt - self.baseline[prefix]  # (prompts,)
-            results.update(scores, **{f"{prefix}gold_gain": difference.mean().item(),
-                                      f"{prefix}gold_gain_se": (difference.std() / len(difference) ** 0.5).item()})
-            first_samples = samples if first_samples is None else first_samples
+            results.update({f"{prefix}gold_gain": difference.mean().item(),
+                            f"{prefix}gold_gain_se": (difference.std() / len(difference) ** 0.5).item()})
         return results, first_samples
 
 
@@ -613,7 +635,8 @@ def append_samples(path, iter_num, samples, count=6):
     with open(path, "a", encoding="utf-8") as f:
         f.write(f"=== iteration {iter_num}: held-out prompts ===\n")
         for question, reply, score, gold_score in samples[:count]:
-            f.write(f"Q: {question}\nA: {reply}\n   reward model {score:+.3f}, gold {gold_score:.2f}\n")
+            gold = f", gold {gold_score:.2f}" if gold_score is not None else ""
+            f.write(f"Q: {question}\nA: {reply}\n   reward model {score:+.3f}{gold}\n")
 
 
 @dataclass
@@ -691,9 +714,11 @@ def restore_ppo(checkpoint, runtime, policy, critic, optimizer, critic_optimizer
 
 def before_after_table(records, keys=("eval_score", "eval_gold", "eval_gold_gain", "eval_kl", "eval_response_length",
                                       "eval_eos_rate", "val_gold", "val_gold_gain")):
-    """The first and last held-out evaluations of a run (metrics.jsonl's 'eval' lines), as a markdown table."""
+    """The first and last held-out evaluations of a run (metrics.jsonl's 'eval' lines), as a markdown table: the keys
+    the run has (no gold without a judge), then the test prompts' scores per language."""
     evals = [record for record in records if record.get("phase") == "eval"]
     before, after = evals[0], evals[-1]
-    rows = [f"| {key} | {before[key]:.4f} | {after[key]:.4f} |" for key in keys]
+    languages = [key for key in before if key.startswith(("eval_score_", "eval_gold_")) and key[-3:] in ("_zh", "_en")]
+    rows = [f"| {key} | {before[key]:.4f} | {after[key]:.4f} |" for key in list(keys) + languages if key in before]
     return "\n".join([f"| held-out (eval_: test, val_: validation) | iteration {before['iter']} | iteration "
                       f"{after['iter']} |", "|---|---|---|"] + rows)

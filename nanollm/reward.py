@@ -512,6 +512,8 @@ class HeldOutScores:
                  "|---|---|---|---|---|"]
         for quarter in range(4):
             part = rows[quarter * len(rows) // 4:(quarter + 1) * len(rows) // 4]
+            if not part:  # fewer than 4 held-out responses
+                continue
             golds = [row[3] for row in part if row[3] is not None]
             lines.append(f"| {part[0][0]}-{part[-1][0]} | {len(part)} | {mean([r[1] for r in part]):+.3f} | "
                          f"{mean([r[2] for r in part]):.3f} | {mean(golds):.3f} |")

@@ -26,6 +26,8 @@ TRAINING_KEYS = {"iter", "score", "gold", "kl", "beta", "objective", "entropy", 
 EVAL_KEYS = {"iter", "phase"} | {f"{prefix}{key}" for prefix in ("eval_", "val_")  # test and validation prompts
                                  for key in ("score", "gold", "gold_se", "gold_gain", "gold_gain_se", "kl",
                                              "response_length", "eos_rate")}
+LANGUAGE_KEYS = {f"{prefix}{key}_{language}" for prefix in ("eval_", "val_") for key in ("score", "gold")
+                 for language in ("en", "zh")}  # per language of the prompts, for the languages a set has
 
 
 def run(args, nproc=0, check=True):
@@ -74,7 +76,8 @@ def test_run_logs_every_metric_and_saves_a_policy_in_the_sft_format(checkpoints,
     evals = [r for r in records if r.get("phase") == "eval"]
     training = [r for r in records if "phase" not in r]
     assert [r["iter"] for r in evals] == [0, 1, 2] and [r["iter"] for r in training] == [0, 1]
-    assert all(set(r) == EVAL_KEYS for r in evals) and all(set(r) == TRAINING_KEYS for r in training)
+    assert all(EVAL_KEYS < set(r) <= EVAL_KEYS | LANGUAGE_KEYS for r in evals)
+    assert all(set(r) == TRAINING_KEYS for r in training)
     assert evals[0]["eval_kl"] == 0.0  # the policy starts as the reference
     assert training[0]["minibatches"] == 4 and 1 <= training[0]["response_length"] <= 8
     assert 1.0 <= training[0]["gold"] <= 5.0 and 1.0 <= evals[-1]["eval_gold"] <= 5.0
