@@ -15,7 +15,7 @@ from nanollm.model import GPT, GPTConfig
 from nanollm.reward import RewardModel
 from nanollm.tokenizer import train_tokenizer
 from nanollm.world import World
-from script_runner import run_script
+from script_runner import REPO, run_script
 
 TINY = ["--batch_size=4", "--minibatch_size=2", "--ppo_epochs=2", "--max_new_tokens=8", "--eval_prompts=4",
         "--validation_prompts=3", "--train_prompts=12", "--eval_batch_size=4", "--learning_rate=1e-3", "--critic_learning_rate=1e-3",
@@ -127,15 +127,44 @@ def test_resume_continues_exactly(checkpoints, tmp_path):
             assert x[key] == pytest.approx(y[key], abs=1e-6), (x["iter"], key)
 
 
+DISAGREEING_RANKS = """
+import atexit, json, os, runpy, sys
+sys.path.insert(0, {repo!r})
+import nanollm.ppo
+
+real_ppo_losses, rank, measured = nanollm.ppo.ppo_losses, int(os.environ["RANK"]), []
+
+
+def ppo_losses(*args, **kwargs):  # rank 0 reports an approx KL of 0: its own measure never crosses the limit
+    policy_objective, critic_loss, stats = real_ppo_losses(*args, **kwargs)
+    measured.append(stats["approx_kl"])
+    return policy_objective, critic_loss, dict(stats, approx_kl=0.0) if rank == 0 else stats
+
+
+nanollm.ppo.ppo_losses = ppo_losses
+atexit.register(lambda: json.dump(measured, open(os.path.join({out!r}, f"approx_kl_rank{{rank}}.json"), "w")))
+sys.argv[0] = {script!r}
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
 def test_ddp_ranks_stop_the_epochs_together_on_approx_kl_without_stepping_past_it(checkpoints, tmp_path):
+    """The ranks disagree: only rank 1's approx KL crosses the limit (rank 0 is made to report 0), yet both stop
+    before the step of the same minibatch. A per-rank decision would let rank 0 step on (and DDP hang or diverge)."""
     sft, rm = checkpoints
-    run([f"--init_from={sft}", f"--reward_model={rm}", f"--out_dir={tmp_path / 'ddp'}", "--max_iters=1",
-         "--eval_interval=5", "--early_stop_kl=1e-9"], nproc=2)
-    training = [r for r in metrics(tmp_path / "ddp") if "phase" not in r]
-    # minibatch 1 is measured before any step (approx KL 0) and steps; minibatch 2 is over the limit, so both ranks
-    # stop before its step: each optimizer has taken exactly one step
-    assert training[0]["minibatches"] == 1 and training[0]["early_stop"] is True
-    checkpoint = load_checkpoint(str(tmp_path / "ddp" / "ckpt.pt"))
+    out = tmp_path / "ddp"
+    wrapper = tmp_path / "disagreeing_ranks.py"
+    script = os.path.join(REPO, "train_ppo.py")
+    wrapper.write_text(DISAGREEING_RANKS.format(repo=REPO, out=str(tmp_path), script=script))
+    run_script(str(wrapper), TINY + [f"--init_from={sft}", f"--reward_model={rm}", f"--out_dir={out}", "--max_iters=1",
+                                     "--eval_interval=5", "--early_stop_kl=1e-9"], nproc=2, timeout=180)
+    measured = [json.loads((tmp_path / f"approx_kl_rank{rank}.json").read_text()) for rank in (0, 1)]
+    # each rank measured 2 minibatches: the first before any step (approx KL 0), which steps; the second, where
+    # rank 1 is over the limit and rank 0 (as it reports) is not: both end the update there
+    assert [len(values) for values in measured] == [2, 2] and measured[1][0] == 0.0 and measured[1][1] > 1e-9
+    training = [r for r in metrics(out) if "phase" not in r]
+    assert training[0]["minibatches"] == 1 and training[0]["early_stop"] is True  # means over ranks: 1 on each
+    checkpoint = load_checkpoint(str(out / "ckpt.pt"))  # rank 0's optimizers: exactly one step each
     for optimizer in (checkpoint["optimizer"], checkpoint["critic_optimizer"]):
         assert {int(state["step"]) for state in optimizer["state"].values()} == {1}
 
