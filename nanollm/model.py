@@ -427,7 +427,7 @@ def init_weights(model, init, n_layer):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
             nn.init.ones_(module.weight)
-            if module.bias is not None:
+            if getattr(module, "bias", None) is not None:  # RMSNorm has none
                 nn.init.zeros_(module.bias)
 
 
