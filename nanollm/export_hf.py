@@ -16,13 +16,12 @@ import torch
 from nanollm.configurator import UserError
 from nanollm.export import TOKENIZER_FILE, write_safetensors
 from nanollm.gpt2 import tensor_map
-from nanollm.model import GPTConfig
+from nanollm.model import GPT, ROPE_BASE, GPTConfig
 from nanollm.tokenizer import ASSISTANT, BOS, EOS, NUM_RESERVED, PAD, ROLE_TOKENS, UNK, Tokenizer
 
 HF_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", TOKENIZER_FILE)
 SPACE = "\u2581"  # SentencePiece's visible space "▁"
-ROPE_BASE = 10000.0  # θ_i = base^(−2i/D): nanollm.model's rotary layer uses this base
 # The chat template of nanollm.tokenizer.encode_messages, in Jinja (what tokenizer.apply_chat_template runs):
 #   <s> [<|system|> text] <|user|> text <|assistant|> text </s> ... and <|assistant|> to ask for an answer.
 CHAT_TEMPLATE = (
@@ -45,29 +44,31 @@ def option(config, name, default):
 
 # ----------------------------------------------------------------------------- which layout fits
 def hf_layout(config: GPTConfig):
-    """'gpt2' (learned positions, LayerNorm, GELU MLP) or 'llama' (RoPE, RMSNorm, SwiGLU); any option that neither
-    layout can express is a one-line UserError naming it."""
+    """'gpt2' (learned positions, LayerNorm, GELU MLP), 'llama' (RoPE, RMSNorm, SwiGLU) or 'qwen3' (Llama's block with
+    RMSNorm on each head's queries and keys); any option none of them can express is a one-line UserError naming it."""
     position, norm, mlp = option(config, "position", "learned"), option(config, "norm", "layernorm"), \
         option(config, "mlp", "gelu")
+    qk_norm, grouped = option(config, "qk_norm", False), option(config, "n_kv_head", 0) not in (0, config.n_head)
     if config.norm_position != "pre":
         raise UserError(f"norm_position={config.norm_position!r}: GPT-2 and Llama are pre-norm; no Hugging Face "
-                        f"layout has post-norm blocks")
-    if option(config, "qk_norm", False):
-        raise UserError("qk_norm=True: the GPT-2 and Llama layouts have no query/key norms")
+                        f"layout here has post-norm blocks")
     if (position, norm, mlp) == ("learned", "layernorm", "gelu"):
-        if option(config, "n_kv_head", 0) not in (0, config.n_head):
-            raise UserError(f"n_kv_head={config.n_kv_head}: GPT-2 has one key/value head per query head "
-                            f"(grouped-query attention needs position='rope', norm='rmsnorm', mlp='swiglu': Llama)")
+        if qk_norm or grouped:
+            name = "qk_norm=True" if qk_norm else f"n_kv_head={config.n_kv_head}"
+            raise UserError(f"{name}: GPT-2's block has no such option (the Llama layout, position='rope', "
+                            f"norm='rmsnorm', mlp='swiglu', has grouped-query attention and, as Qwen3, QK-norm)")
         return "gpt2"
     if (position, norm, mlp) == ("rope", "rmsnorm", "swiglu"):
-        return "llama"
+        if qk_norm and config.bias:
+            raise UserError("bias=True with qk_norm=True: Qwen3, the layout with QK-norm, has no MLP biases")
+        return "qwen3" if qk_norm else "llama"
     for name, value, gpt2, llama in (("position", position, "learned", "rope"), ("norm", norm, "layernorm", "rmsnorm"),
                                      ("mlp", mlp, "gelu", "swiglu")):
         if value not in (gpt2, llama):
             raise UserError(f"{name}={value!r}: no Hugging Face layout here has it (GPT-2: {name}={gpt2!r}, Llama: "
                             f"{name}={llama!r})")
     raise UserError(f"position={position!r}, norm={norm!r}, mlp={mlp!r}: a mix of GPT-2 (learned, layernorm, gelu) "
-                    f"and Llama (rope, rmsnorm, swiglu) options, which neither layout has")
+                    f"and Llama (rope, rmsnorm, swiglu) options, which no layout has")
 
 
 # ----------------------------------------------------------------------------- GPT-2 layout
@@ -97,13 +98,14 @@ def gpt2_config(config):
             "tie_word_embeddings": option(config, "tie_embeddings", True)}
 
 
-# ----------------------------------------------------------------------------- Llama layout
+# ----------------------------------------------------------------------------- Llama layout (and Qwen3's)
 def llama_tensors(model):
     """LlamaForCausalLM's state dict. Our c_attn rows are [q (C) | k (H_kv·D) | v (H_kv·D)] and our c_fc rows
     [gate (h) | value (h)] (SwiGLU = silu(x·gate) ⊙ x·value): both are cut into Llama's separate matrices.
-    Our RoPE rotates the halves (x_i, x_{i+D/2}) of each head, as Llama's rotate_half: q and k need no permutation."""
+    Our RoPE rotates the halves (x_i, x_{i+D/2}) of each head, as Llama's rotate_half: q and k need no permutation.
+    QK-norm's per-head RMSNorm scales are Qwen3's q_norm and k_norm (applied, as ours, before the rotation)."""
     config, ours = model.config, model.state_dict()
-    kv_size = config.n_kv_head * (config.n_embd // config.n_head) if config.n_kv_head else config.n_embd
+    kv_size = config.kv_heads * config.head_dim
     tensors = {"model.embed_tokens.weight": ours["wte.weight"], "model.norm.weight": ours["ln_f.weight"]}
     for layer in range(config.n_layer):
         ours_prefix, prefix = f"blocks.{layer}.", f"model.layers.{layer}."
@@ -117,20 +119,27 @@ def llama_tensors(model):
                             f"{prefix}mlp.down_proj.{kind}": ours[f"{ours_prefix}mlp.c_proj.{kind}"]})
         tensors[f"{prefix}input_layernorm.weight"] = ours[f"{ours_prefix}ln_1.weight"]
         tensors[f"{prefix}post_attention_layernorm.weight"] = ours[f"{ours_prefix}ln_2.weight"]
+        if config.qk_norm:
+            tensors[f"{prefix}self_attn.q_norm.weight"] = ours[f"{ours_prefix}attn.q_norm.weight"]
+            tensors[f"{prefix}self_attn.k_norm.weight"] = ours[f"{ours_prefix}attn.k_norm.weight"]
     if not config.tie_embeddings:
         tensors["lm_head.weight"] = ours["lm_head.weight"]
     return {name: tensor.detach().contiguous() for name, tensor in tensors.items()}
 
 
-def llama_config(model):
+def llama_config(model, layout):
+    """LlamaForCausalLM's (or Qwen3ForCausalLM's) config.json."""
     config = model.config
-    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": config.vocab_size,
-            "hidden_size": config.n_embd, "intermediate_size": model.blocks[0].mlp.c_proj.in_features,
-            "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
-            "num_key_value_heads": config.n_kv_head or config.n_head, "head_dim": config.n_embd // config.n_head,
-            "hidden_act": "silu", "max_position_embeddings": config.block_size, "rms_norm_eps": config.layer_norm_eps,
-            "rope_theta": ROPE_BASE, "rope_scaling": None, "attention_bias": config.bias, "mlp_bias": config.bias,
-            "attention_dropout": 0.0, "tie_word_embeddings": config.tie_embeddings}
+    fields = {"vocab_size": config.vocab_size, "hidden_size": config.n_embd,
+              "intermediate_size": model.blocks[0].mlp.c_proj.in_features, "num_hidden_layers": config.n_layer,
+              "num_attention_heads": config.n_head, "num_key_value_heads": config.kv_heads,
+              "head_dim": config.head_dim, "hidden_act": "silu", "max_position_embeddings": config.block_size,
+              "rms_norm_eps": config.layer_norm_eps, "rope_theta": ROPE_BASE, "rope_scaling": None,
+              "attention_bias": config.bias, "attention_dropout": 0.0, "tie_word_embeddings": config.tie_embeddings}
+    if layout == "qwen3":
+        return dict(fields, model_type="qwen3", architectures=["Qwen3ForCausalLM"], use_sliding_window=False,
+                    sliding_window=None, max_window_layers=config.n_layer)
+    return dict(fields, model_type="llama", architectures=["LlamaForCausalLM"], mlp_bias=config.bias)
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -193,6 +202,7 @@ def tokenizer_files(tokenizer: Tokenizer, block_size):
     special = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": PAD,
                "additional_special_tokens": list(ROLE_TOKENS)}
     config = dict(special, tokenizer_class="PreTrainedTokenizerFast", add_bos_token=False, add_eos_token=False,
+                  add_prefix_space=False,  # no "▁" before the text (SentencePiece's add_dummy_prefix=False)
                   clean_up_tokenization_spaces=False, model_max_length=block_size, padding_side="left",
                   chat_template=CHAT_TEMPLATE)
     return {"tokenizer.json": tokenizer_json(tokenizer), "tokenizer_config.json": config,
@@ -203,16 +213,23 @@ def tokenizer_files(tokenizer: Tokenizer, block_size):
 def export_hf(model, tokenizer_path, out):
     """Write the Hugging Face folder of `model` (a GPT) and its tokenizer to `out`; returns (out, layout).
     Everything is checked and built before the first file is written; each file is written whole, then renamed."""
+    if not isinstance(model, GPT):
+        raise UserError(f"a {type(model).__name__}: only the GPT (decoder-only) has a Hugging Face layout here")
     if any(".parametrizations." in name for name in model.state_dict()):
         raise UserError("the model still holds pruning masks: call nanollm.prune.make_permanent first")
     layout = hf_layout(model.config)
+    with torch.device("meta"):
+        plain = set(GPT(model.config).state_dict())
+    if set(model.state_dict()) != plain:
+        raise UserError(f"the model's tensors are not a plain GPT's (int8 layers?): "
+                        f"{sorted(set(model.state_dict()) ^ plain)[:3]}")
     tokenizer = Tokenizer(tokenizer_path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"{tokenizer_path}: {tokenizer.vocab_size} pieces, but the model has vocab_size="
                         f"{model.config.vocab_size}")
     check_tokenizer(tokenizer)
     config, tensors = (gpt2_config(model.config), gpt2_tensors(model)) if layout == "gpt2" else \
-        (llama_config(model), llama_tensors(model))
+        (llama_config(model, layout), llama_tensors(model))
     ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
     dtype = str(model.wte.weight.dtype).removeprefix("torch.")
     documents = {"config.json": dict(config, torch_dtype=dtype, **ids), "generation_config.json": ids,

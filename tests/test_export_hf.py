@@ -2,10 +2,12 @@
 and our chat template; our GPT-2 importer reads it back; options with no standard equivalent are refused."""
 import json
 import os
+import re
 
 import pytest
 import torch
 
+from nanollm.bert import BERT, BertConfig
 from nanollm.configurator import UserError
 from nanollm.export import main as export_main
 from nanollm.export_hf import export_hf
@@ -70,14 +72,26 @@ def assert_same_as_transformers(transformers, model, folder):
     return hf_model
 
 
-@pytest.mark.parametrize("options", [dict(bias=True), dict(bias=False)], ids=["bias", "zero-bias"])
-def test_gpt2_layout_loads_in_transformers_with_our_logits_and_generations(transformers, tokenizer_path, tmp_path,
-                                                                          options):
+LLAMA = dict(position="rope", norm="rmsnorm", mlp="swiglu")
+LAYOUTS = {  # test id: (our options, the layout, the class transformers builds)
+    "gpt2": (dict(bias=True), "gpt2", "GPT2LMHeadModel"),
+    "gpt2-zero-bias-untied": (dict(bias=False, tie_embeddings=False), "gpt2", "GPT2LMHeadModel"),
+    "llama-multi-query": (dict(LLAMA, bias=False, n_kv_head=1), "llama", "LlamaForCausalLM"),
+    "llama-grouped-bias-untied": (dict(LLAMA, bias=True, tie_embeddings=False, n_head=4, n_embd=32, n_kv_head=2),
+                                  "llama", "LlamaForCausalLM"),
+    "qwen3-qk-norm": (dict(LLAMA, bias=False, qk_norm=True, n_head=4, n_embd=32, n_kv_head=2), "qwen3",
+                      "Qwen3ForCausalLM"),
+}
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_export_loads_in_transformers_with_our_logits_and_generations(transformers, tokenizer_path, tmp_path, name):
+    options, expected_layout, expected_class = LAYOUTS[name]
     model = random_gpt(**options)
     folder, layout = export_hf(model, tokenizer_path, str(tmp_path / "hf"))
-    assert layout == "gpt2"
+    assert layout == expected_layout
     hf_model = assert_same_as_transformers(transformers, model, folder)
-    assert type(hf_model).__name__ == "GPT2LMHeadModel"
+    assert type(hf_model).__name__ == expected_class
     assert (hf_model.generation_config.eos_token_id, hf_model.generation_config.pad_token_id) == (3, 1)
     assert sorted(os.listdir(folder)) == ["config.json", "generation_config.json", "model.safetensors",
                                           "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
@@ -120,11 +134,29 @@ def test_chat_template_formats_conversations_as_ours(hf_tokenizer, tokenizer_pat
         hf_tokenizer.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
 
 
-def test_options_without_a_standard_layout_are_refused_in_one_line_before_writing(tokenizer_path, tmp_path):
-    with pytest.raises(UserError, match="norm_position='post'") as error:
-        export_hf(random_gpt(norm_position="post"), tokenizer_path, str(tmp_path / "hf"))
+REFUSED = [  # (our options, the words of the one-line error)
+    (dict(norm_position="post"), "norm_position='post'"),
+    (dict(LLAMA, mlp="relu2"), "mlp='relu2'"),
+    (dict(position="rope"), "a mix of GPT-2"),
+    (dict(qk_norm=True), "qk_norm=True: GPT-2's block"),
+    (dict(n_kv_head=1), "n_kv_head=1: GPT-2's block"),
+    (dict(LLAMA, qk_norm=True, bias=True), "bias=True with qk_norm=True"),
+]
+
+
+@pytest.mark.parametrize("options, words", REFUSED)
+def test_options_without_a_standard_layout_are_refused_in_one_line_before_writing(tokenizer_path, tmp_path, options,
+                                                                                  words):
+    with pytest.raises(UserError, match=re.escape(words)) as error:
+        export_hf(random_gpt(**options), tokenizer_path, str(tmp_path / "hf"))
     assert "\n" not in str(error.value)
     assert not os.path.exists(tmp_path / "hf")
+
+
+def test_models_other_than_the_gpt_are_refused(tokenizer_path, tmp_path):
+    bert = BERT(BertConfig(vocab_size=410, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    with pytest.raises(UserError, match="a BERT: only the GPT"):
+        export_hf(bert, tokenizer_path, str(tmp_path / "hf"))
 
 
 def test_command_line_writes_the_folder_and_keeps_the_release_format(tokenizer_path, tmp_path, capsys):
