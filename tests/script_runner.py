@@ -1,7 +1,9 @@
 """Run a repository script as a user does: a subprocess on the CPU with one thread, optionally under torchrun."""
 import os
+import signal
 import subprocess
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,3 +32,21 @@ def write_corpus(folder, n_lines=600):
     path = folder / "text.txt"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def interrupt_after(script, args, out_dir, key='"loss"', records=2, timeout=300):
+    """`python <script> args`, then Ctrl-C (SIGINT) as soon as out_dir/metrics.jsonl holds `records` lines with `key`
+    (a training step's record); returns (exit code, stdout + stderr)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, script)] + list(args), cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics, deadline = os.path.join(out_dir, "metrics.jsonl"), time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        if os.path.exists(metrics):
+            with open(metrics, encoding="utf-8") as f:
+                if sum(key in line for line in f) >= records:
+                    break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=timeout)[0]
+    return process.returncode, output

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanollm.instructions import demo_records
-from script_runner import run_script
+from script_runner import interrupt_after, run_script
 
 TINY = ["--batch_size=4", "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", "--dtype=float32",
         "--device=cpu", "--max_new_tokens=6", "--eval_examples=6"]
@@ -77,17 +77,22 @@ def test_demo_run_reports_before_and_after_and_lowers_the_loss(base, tmp_path):
     assert {"qa.jsonl", "chat.jsonl", "knowledge.json"} <= set(os.listdir(tmp_path / "demo" / "train"))
 
 
-def test_resume_continues_exactly(base, custom_data, tmp_path):
+def test_ctrl_c_checkpoints_and_the_run_resumes_exactly(base, custom_data, tmp_path):
     common = [f"--init_from={base}", f"--dataset={custom_data}", "--eval_interval=100", "--dropout=0.1",
-              "--gradient_accumulation_steps=2", "--eval_examples=0", "--lr_decay_iters=8"]
-    run(common + [f"--out_dir={tmp_path / 'straight'}", "--max_iters=8"])
-    run(common + [f"--out_dir={tmp_path / 'split'}", "--max_iters=4"])
-    run(common[1:] + [f"--out_dir={tmp_path / 'split'}", "--max_iters=8", "--init_from=resume"])
-    a, b = losses(tmp_path / "straight"), losses(tmp_path / "split")
-    assert sorted(a) == sorted(b) == list(range(8))
-    for it in range(8):  # dropout is on: RNG states must be restored too
+              "--gradient_accumulation_steps=2", "--eval_examples=0", "--lr_decay_iters=20"]
+    split = tmp_path / "split"
+    code, output = interrupt_after("train_sft.py", TINY + common + [f"--out_dir={split}", "--max_iters=400"], split)
+    assert code == 130 and "stop requested" in output and "Traceback" not in output, output[-3000:]
+    stopped = torch.load(split / "ckpt.pt", weights_only=True)["iter_num"]
+    assert 2 <= stopped == len(losses(split)) < 400  # the checkpoint is where the log ends
+    end = max(6, stopped + 2)
+    run(common[1:] + [f"--out_dir={split}", f"--max_iters={end}", "--init_from=resume"])
+    run(common + [f"--out_dir={tmp_path / 'straight'}", f"--max_iters={end}"])
+    a, b = losses(tmp_path / "straight"), losses(split)
+    assert sorted(a) == sorted(b) == list(range(end))
+    for it in range(end):  # dropout is on: RNG states must be restored too
         assert abs(a[it] - b[it]) < 1e-6, (it, a[it], b[it])
-    assert [r["phase"] for r in metrics(tmp_path / "split") if "phase" in r] == ["before", "after"]
+    assert [r["phase"] for r in metrics(split) if "phase" in r] == ["before", "after"]
 
 
 def test_ddp_two_processes_match_one_process_with_accumulation_and_packing(base, custom_data, tmp_path):
