@@ -4,7 +4,7 @@ Teaches what each kind of file holds, and that a model file is untrusted input: 
 weights_only=True, every config field is checked, and the tensors' shapes are compared with the config on the meta
 device before a model is built (so a small file cannot make us allocate a huge model).
     training checkpoint (ckpt.pt, or its folder) of any stage: pretrain (GPT | BERT | encoder-decoder), SFT,
-        PPO policy, reward model (nanollm/reward.py), pruned GPT (nanollm/prune.py)
+        PPO, GRPO or DPO policy, reward model (nanollm/reward.py), pruned GPT (nanollm/prune.py)
     release folder: config.json + model.safetensors + tokenizer.model (nanollm/export.py)
     int8 file: model_int8.pt, or a folder holding one (nanollm/quantize.py)
     Hugging Face GPT-2 folder: config.json + model.safetensors or pytorch_model.bin (nanollm/gpt2.py)
@@ -30,7 +30,7 @@ from nanollm.pretraining import MODEL_TYPES  # gpt | bert | encdec: model class 
 from nanollm.tokenizer import Tokenizer
 
 CHECKPOINT_FILE = "ckpt.pt"
-KINDS = ("pretrain", "sft", "ppo", "reward", "pruned", "release", "int8", "gpt2")
+KINDS = ("pretrain", "sft", "ppo", "grpo", "dpo", "reward", "pruned", "release", "int8", "gpt2")
 
 
 class LoadedModel(NamedTuple):

@@ -551,18 +551,19 @@ class HeldOutEvaluation:
     fixed seed, so every evaluation (and the SFT model's) sees the same random numbers. Reports the reward model's
     score, the judge's gold score (evaluation only, never in a loss) with its standard error over prompts, KL to the
     reference, length, eos rate, and the paired gold gain over the reference: the mean and std/√n of per-prompt
-    differences on the same seeded samples (common random numbers). judge None (prompts no judge knows): no gold
-    numbers. Scores also per language of the prompt (_zh, _en)."""
+    differences on the same seeded samples (common random numbers). reward_model None: no reward-model score;
+    verifier (question, reply) -> 0 or 1: also its accuracy ± standard error over prompts (a verifiable reward).
+    judge None (prompts no judge knows): no gold numbers. Scores also per language of the prompt (_zh, _en)."""
 
     def __init__(self, sets, tokenizer, max_prompt_tokens, samples, reference, reward_model, judge, max_new_tokens,
-                 temperature, batch_size, seed, ctx):
+                 temperature, batch_size, seed, ctx, verifier=None):
         self.sets = sets
         self.encoded = {prefix: encode_prompts(tokenizer, questions, max_prompt_tokens) * samples  # each k times
                         for prefix, questions in sets.items()}
         self.tokenizer, self.samples, self.reference, self.reward_model, self.judge = \
             tokenizer, samples, reference, reward_model, judge
-        self.max_new_tokens, self.temperature, self.batch_size, self.seed, self.ctx = \
-            max_new_tokens, temperature, batch_size, seed, ctx
+        self.max_new_tokens, self.temperature, self.batch_size, self.seed, self.ctx, self.verifier = \
+            max_new_tokens, temperature, batch_size, seed, ctx, verifier
         self.baseline = {}  # prefix -> the reference's per-prompt gold (the paired gain's baseline)
 
     @torch.no_grad()
@@ -579,7 +580,8 @@ class HeldOutEvaluation:
             scored = score_rollout(model, self.reference, None, generated, self.temperature, self.ctx)
             kl = kl_estimate(scored["logprobs"], scored["ref_logprobs"], "k1")
             replies = decode_responses(self.tokenizer, generated)
-            batch_scores = reward_scores(self.reward_model, generated, self.ctx).tolist()
+            batch_scores = reward_scores(self.reward_model, generated, self.ctx).tolist() \
+                if self.reward_model is not None else [math.nan] * len(replies)
             asked = [questions[i % len(questions)] for i in range(start, start + len(replies))]
             batch_golds = [self.judge.judge(question, reply).overall if self.judge else None
                            for question, reply in zip(asked, replies)]
@@ -593,7 +595,8 @@ class HeldOutEvaluation:
             by_language.setdefault(languages[i % len(questions)], []).append(i)
         per_language = lambda name, values: {f"{prefix}{name}_{language}": mean([values[i] for i in rows])  # noqa
                                              for language, rows in sorted(by_language.items())}
-        results = {f"{prefix}score": mean(scores), **per_language("score", scores)}
+        results = {f"{prefix}score": mean(scores), **per_language("score", scores)} \
+            if self.reward_model is not None else {}
         per_prompt = None
         if self.judge is not None:
             per_prompt = torch.tensor(golds).view(self.samples, len(questions)).mean(0)  # (prompts,) mean gold
@@ -601,13 +604,20 @@ class HeldOutEvaluation:
                             f"{prefix}gold_se": (per_prompt.std() / len(questions) ** 0.5).item()})  # std error
         results.update({f"{prefix}kl": mean(kls), f"{prefix}response_length": mean(lengths),
                         f"{prefix}eos_rate": mean(ended)})
+        if self.verifier is not None:  # accuracy per prompt (over its samples), then its mean ± std/√prompts
+            correct = torch.tensor([float(self.verifier(question, reply)) for question, reply, _, _ in samples])
+            per_prompt_correct = correct.view(self.samples, len(questions)).mean(0)  # (prompts,)
+            results.update({f"{prefix}accuracy": per_prompt_correct.mean().item(),
+                            f"{prefix}accuracy_se": (per_prompt_correct.std() / len(questions) ** 0.5).item()})
         return results, samples, per_prompt
 
     @staticmethod
     def describe(scores):
+        score = f"reward-model score {scores['eval_score']:+.3f}, " if "eval_score" in scores else ""
+        accuracy = f"accuracy {scores['eval_accuracy']:.3f}, " if "eval_accuracy" in scores else ""
         gold = (f"gold {scores['eval_gold']:.3f} (gain {scores['eval_gold_gain']:+.3f} ± "
                 f"{scores['eval_gold_gain_se']:.3f}), " if "eval_gold" in scores else "")
-        text = (f"test reward-model score {scores['eval_score']:+.3f}, {gold}KL {scores['eval_kl']:.3f}, length "
+        text = (f"test {score}{accuracy}{gold}KL {scores['eval_kl']:.3f}, length "
                 f"{scores['eval_response_length']:.1f}, eos rate {scores['eval_eos_rate']:.2f}")
         return text + (f"; validation gold gain {scores['val_gold_gain']:+.3f} ± {scores['val_gold_gain_se']:.3f}"
                        if "val_gold_gain" in scores else "")
@@ -641,8 +651,10 @@ def append_samples(path, iter_num, samples, count=6):
 
 @dataclass
 class PPOStart:
-    """What train_ppo.py starts from: the SFT model (the policy's start and the frozen reference), the reward model
-    (frozen; the critic's start), their shapes, the tokenizer, and the run's own checkpoint when resuming."""
+    """What train_ppo.py (and train_grpo.py) starts from: the SFT model (the policy's start and the frozen reference),
+    the reward model (frozen; the critic's start), their shapes, the tokenizer, and the run's own checkpoint when
+    resuming. Without a critic (GRPO, RLOO) critic is None, and without a reward model (a verifiable reward) so are
+    reward_model and critic_args."""
     sft_dir: str
     reward_dir: str
     tokenizer_path: str
@@ -650,16 +662,17 @@ class PPOStart:
     checkpoint: dict  # the checkpoint the policy starts from (the SFT model's, or ours when resuming)
     policy: nn.Module  # the SFT weights (a resumed run loads its own with the optimizer state)
     reference: nn.Module  # the SFT model, frozen: the KL is measured against it
-    critic: nn.Module  # the reward model's trunk and head, trained as the value function
-    reward_model: nn.Module  # frozen
+    critic: nn.Module  # the reward model's trunk and head, trained as the value function (None: no critic)
+    reward_model: nn.Module  # frozen (None: no reward model)
     model_args: dict
-    critic_args: dict
+    critic_args: dict  # the reward model's architecture, which the critic shares (None: no reward model)
 
 
-def ppo_start(init_from, out_dir, reward_model, held_out, attn_impl, device):
+def ppo_start(init_from, out_dir, reward_model, held_out, attn_impl, device, critic=True):
     """Load and check everything PPO starts from (checkpoints to the CPU: RNG states must stay CPU tensors; the models
     on `device`): the reward model must be causal (it initializes the critic), read the policy's tokens, and never
-    have trained on a held-out prompt."""
+    have trained on a held-out prompt. critic=False (GRPO, RLOO) builds no critic, and then reward_model '' loads no
+    reward model (a verifiable reward needs none)."""
     resume = init_from == "resume"
     checkpoint = load_checkpoint(os.path.join(out_dir if resume else init_from, "ckpt.pt"), "cpu")
     if resume:
@@ -670,26 +683,30 @@ def ppo_start(init_from, out_dir, reward_model, held_out, attn_impl, device):
     else:
         sft_dir, reward_dir, sft, tokenizer_path = init_from, reward_model, checkpoint, init_from
     tokenizer_path = os.path.join(tokenizer_path, "tokenizer.model")
-    reward_net, _, _, reward_checkpoint = load_model(os.path.join(reward_dir, "ckpt.pt"), kinds=("reward",))
-    check_held_out(held_out, reward_dir, reward_checkpoint)
-    if reward_checkpoint.get("backbone", "gpt") != "gpt":
-        raise UserError(f"{reward_dir}: a {reward_checkpoint['backbone']!r} reward model cannot initialize the critic, "
-                        f"which must be causal (one value per prefix); train the reward model with backbone='sft'")
-    if not filecmp.cmp(tokenizer_path, os.path.join(reward_dir, "tokenizer.model"), shallow=False):
-        raise UserError(f"{reward_dir}/tokenizer.model differs from {tokenizer_path}: the reward model must read the "
-                        f"policy's tokens")
     model_args = dict(checkpoint["model_args"], dropout=0.0, attn_impl=attn_impl)  # dropout 0: ratio = 1 at first
-    critic_args = dict(reward_checkpoint["model_args"], dropout=0.0, attn_impl=attn_impl)
-    if critic_args["vocab_size"] != model_args["vocab_size"]:
-        raise UserError(f"reward model vocab_size={critic_args['vocab_size']} != policy vocab_size="
-                        f"{model_args['vocab_size']}")
+    reward_net = critic_net = critic_args = None
+    if reward_dir or critic:
+        reward_net, _, _, reward_checkpoint = load_model(os.path.join(reward_dir, "ckpt.pt"), kinds=("reward",))
+        check_held_out(held_out, reward_dir, reward_checkpoint)
+        if critic and reward_checkpoint.get("backbone", "gpt") != "gpt":
+            raise UserError(f"{reward_dir}: a {reward_checkpoint['backbone']!r} reward model cannot initialize the "
+                            f"critic, which must be causal (one value per prefix); train the reward model with "
+                            f"backbone='sft'")
+        if not filecmp.cmp(tokenizer_path, os.path.join(reward_dir, "tokenizer.model"), shallow=False):
+            raise UserError(f"{reward_dir}/tokenizer.model differs from {tokenizer_path}: the reward model must read "
+                            f"the policy's tokens")
+        critic_args = dict(reward_checkpoint["model_args"], dropout=0.0, attn_impl=attn_impl)
+        if critic_args["vocab_size"] != model_args["vocab_size"]:
+            raise UserError(f"reward model vocab_size={critic_args['vocab_size']} != policy vocab_size="
+                            f"{model_args['vocab_size']}")
+        reward_net = reward_net.requires_grad_(False).to(device)
+        critic_net = Critic.from_reward_model(reward_net, GPTConfig(**critic_args)).to(device) if critic else None
     policy, reference = GPT(GPTConfig(**model_args)), GPT(GPTConfig(**model_args))
     policy.load_state_dict(sft["model"])
     reference.load_state_dict(sft["model"])
-    critic = Critic.from_reward_model(reward_net, GPTConfig(**critic_args))
     return PPOStart(sft_dir, reward_dir, tokenizer_path, Tokenizer(tokenizer_path), checkpoint, policy.to(device),
-                    reference.requires_grad_(False).eval().to(device), critic.to(device),
-                    reward_net.requires_grad_(False).to(device), model_args, critic_args)
+                    reference.requires_grad_(False).eval().to(device), critic_net, reward_net, model_args,
+                    critic_args)
 
 
 def save_ppo(path, runtime, policy, critic, optimizer, critic_optimizer, scaler, critic_scaler, controller, iter_num,
