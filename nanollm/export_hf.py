@@ -37,18 +37,12 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '" + ASSISTANT + "' -}}{%- endif -%}")
 
 
-def option(config, name, default):
-    """config.name, or its GPT-2 default for configs from before the option existed."""
-    return getattr(config, name, default)
-
-
 # ----------------------------------------------------------------------------- which layout fits
 def hf_layout(config: GPTConfig):
     """'gpt2' (learned positions, LayerNorm, GELU MLP), 'llama' (RoPE, RMSNorm, SwiGLU) or 'qwen3' (Llama's block with
     RMSNorm on each head's queries and keys); any option none of them can express is a one-line UserError naming it."""
-    position, norm, mlp = option(config, "position", "learned"), option(config, "norm", "layernorm"), \
-        option(config, "mlp", "gelu")
-    qk_norm, grouped = option(config, "qk_norm", False), option(config, "n_kv_head", 0) not in (0, config.n_head)
+    position, norm, mlp, qk_norm = config.position, config.norm, config.mlp, config.qk_norm
+    grouped = config.kv_heads != config.n_head
     if config.norm_position != "pre":
         raise UserError(f"norm_position={config.norm_position!r}: GPT-2 and Llama are pre-norm; no Hugging Face "
                         f"layout here has post-norm blocks")
@@ -84,7 +78,7 @@ def gpt2_tensors(model):
         else:  # a bias of a bias=False model: its size is that of the layer's output
             weight = ours[name.removesuffix(".bias") + ".weight"]
             tensors[f"transformer.{theirs}"] = weight.new_zeros(weight.shape[0])
-    if not option(model.config, "tie_embeddings", True):
+    if not model.config.tie_embeddings:
         tensors["lm_head.weight"] = ours["lm_head.weight"].detach()
     return tensors
 
@@ -95,7 +89,7 @@ def gpt2_config(config):
             "n_positions": config.block_size, "n_ctx": config.block_size, "n_embd": config.n_embd,
             "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None, "activation_function": "gelu_new",
             "layer_norm_epsilon": config.layer_norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-            "tie_word_embeddings": option(config, "tie_embeddings", True)}
+            "tie_word_embeddings": config.tie_embeddings}
 
 
 # ----------------------------------------------------------------------------- Llama layout (and Qwen3's)
@@ -186,7 +180,7 @@ def tokenizer_json(tokenizer: Tokenizer):
             replace("\r\n", "\n"), replace("\r", "\n"),
             replace("[\\x{0}-\\x{8}\\x{b}-\\x{1f}\\x{7f}-\\x{9f}\\x{feff}]", "", kind="Regex"),
             {"type": "NFKC"}, replace(" ", SPACE)]},
-        "pre_tokenizer": None,  # no piece crosses a word start, so BPE over the whole text = SentencePiece's per word
+        "pre_tokenizer": None,  # no piece has "▁" after another character: BPE over the text = SentencePiece's per word
         "post_processor": None,  # no <s> added: the chat template writes it, as encode(bos=True) does
         "decoder": {"type": "Sequence", "decoders": [
             replace(SPACE, " "), {"type": "ByteFallback"}, {"type": "Fuse"}]},

@@ -12,7 +12,7 @@ from nanollm.configurator import UserError
 from nanollm.export import main as export_main
 from nanollm.export_hf import export_hf
 from nanollm.loader import load_model
-from nanollm.model import GPT, GPTConfig
+from nanollm.model import GPT, GPTConfig, architecture_args
 from nanollm.tokenizer import Tokenizer, encode_messages, prompt_ids, train_tokenizer
 from conftest import require
 
@@ -159,12 +159,19 @@ def test_models_other_than_the_gpt_are_refused(tokenizer_path, tmp_path):
         export_hf(bert, tokenizer_path, str(tmp_path / "hf"))
 
 
+def test_a_unigram_tokenizer_is_refused(tmp_path):
+    texts = [f"The cat {i} walked to the garden. 小猫在花园里玩。" for i in range(200)]
+    unigram = train_tokenizer(texts, str(tmp_path / "unigram"), vocab_size=300, model_type="unigram")
+    with pytest.raises(UserError, match="unigram"):
+        export_hf(random_gpt(), unigram, str(tmp_path / "hf"))
+    assert not os.path.exists(tmp_path / "hf")
+
+
 def test_command_line_writes_the_folder_and_keeps_the_release_format(tokenizer_path, tmp_path, capsys):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     model = random_gpt(seed=4)
-    torch.save({"model": model.state_dict(), "model_args": {k: v for k, v in vars(model.config).items()
-                                                            if k not in ("attn_impl", "dropout")},
+    torch.save({"model": model.state_dict(), "model_args": architecture_args(model.config),
                 "config": {"model_type": "gpt"}}, out_dir / "ckpt.pt")
     os.link(tokenizer_path, out_dir / "tokenizer.model")
     export_main([f"--out_dir={out_dir}", f"--release_dir={tmp_path / 'hf'}", "--format=hf", "--onnx=no"])
