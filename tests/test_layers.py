@@ -16,6 +16,7 @@ LEVELS = [
     {"loader"},  # opens every kind of model file the stages before it write (PPO's policy is a GPT)
     {"ppo"},
     {"evaluation", "serving", "annotators", "prune", "report"},  # tools built on the loader
+    {"dpo", "best_of_n"},  # alignment methods beside PPO, reusing its rollout, scoring and held-out evaluation
 ]
 LEVEL = {module: level for level, modules in enumerate(LEVELS) for module in modules}
 
