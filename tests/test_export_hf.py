@@ -2,6 +2,7 @@
 and our chat template; our GPT-2 importer reads it back; options with no standard equivalent are refused."""
 import json
 import os
+import random
 import re
 
 import pytest
@@ -120,6 +121,15 @@ def test_transformers_tokenizer_gives_our_ids_and_text(hf_tokenizer, tokenizer_p
     ids = ours.encode(text)
     assert hf_tokenizer(text)["input_ids"] == ids
     assert hf_tokenizer.decode(ids, skip_special_tokens=True) == ours.decode(ids, skip_special=True)
+
+
+def test_transformers_tokenizer_gives_our_ids_on_random_text(hf_tokenizer, tokenizer_path):
+    """Random strings over the corpus's characters, whitespace runs and role markers: SentencePiece's BPE and the
+    merges written for `tokenizers` must segment every one the same way (no special-token text besides roles)."""
+    ours, rng = Tokenizer(tokenizer_path), random.Random(0)
+    alphabet = list("The cat walked to garden 0123456789 小猫在花园里玩。，def f(x):\n    return") + ["  ", "\t", "<|user|>"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(300)]
+    assert [hf_tokenizer(text)["input_ids"] for text in texts] == [ours.encode(text) for text in texts]
 
 
 def test_chat_template_formats_conversations_as_ours(hf_tokenizer, tokenizer_path):
