@@ -309,11 +309,13 @@ def parse_temperatures(text):
 
 @torch.no_grad()
 def sample_responses(model, tokenizer, questions, k, temperatures=(1.0,), max_new_tokens=32, batch_size=64, seed=0):
-    """K replies per question by pure sampling (no top-k/top-p): reply j at temperatures[j % len(temperatures)]
-    (several temperatures give more varied replies, as Llama 2 did: Touvron et al. 2023). Prompts are repeated,
-    left-padded and decoded with the KV cache; replies are cut at eos. Returns a list of K-lists of strings."""
+    """K replies per question (text, or chat messages ending on a user turn) by pure sampling (no top-k/top-p): reply j
+    at temperatures[j % len(temperatures)] (several temperatures give more varied replies, as Llama 2 did: Touvron et
+    al. 2023). Prompts are repeated, left-padded and decoded with the KV cache; replies are cut at eos. Returns a list
+    of K-lists of strings."""
     model.eval()
-    longest = max(len(prompt_ids(tokenizer, [{"role": "user", "content": q}])) for q in questions)
+    as_messages = lambda q: [{"role": "user", "content": q}] if isinstance(q, str) else q  # noqa: E731 text or chat
+    longest = max(len(prompt_ids(tokenizer, as_messages(q))) for q in questions)
     if longest >= model.config.block_size:  # checked before any sampling: no room for even one reply token
         raise UserError(f"a question of {longest} tokens leaves no room for a reply within the model's block_size="
                         f"{model.config.block_size}; use a model with a longer block_size or shorter questions")
@@ -325,7 +327,7 @@ def sample_responses(model, tokenizer, questions, k, temperatures=(1.0,), max_ne
                  if temperatures[j % len(temperatures)] == temperature]  # (question, reply number) pairs
         for start in range(0, len(slots), batch_size):
             chunk = slots[start:start + batch_size]
-            encoded = [prompt_ids(tokenizer, [{"role": "user", "content": questions[q]}]) for q, _ in chunk]
+            encoded = [prompt_ids(tokenizer, as_messages(questions[q])) for q, _ in chunk]
             width = max(len(ids) for ids in encoded)
             padding = [width - len(ids) for ids in encoded]
             idx = torch.tensor([[tokenizer.pad_id] * n + ids for n, ids in zip(padding, encoded)],

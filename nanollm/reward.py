@@ -4,7 +4,8 @@ Teaches RLHF's second step (Christiano et al. 2017; Stiennon et al. 2020; Ouyang
 r(x, y) = w·h_last + b, h_last the final hidden state at the eos that closes prompt + response. Losses: MSE on
 scores; Bradley–Terry −log σ(r_chosen − r_rejected − margin) (Bradley & Terry 1952; margin as in Llama 2, Touvron
 et al. 2023); InstructGPT's ranking loss over all K-choose-2 pairs of a prompt, one forward pass per response.
-Data: {"input", "outputs": [{"response", "score"}]}, {"prompt", "chosen", "rejected"}, {"prompt", "ranking": [...]}.
+Data: {"input", "outputs": [{"response", "score"}]}, {"prompt", "chosen", "rejected"}, {"prompt", "ranking": [...]},
+and human feedback {"input", "outputs": [texts], "scores": {dimension: [1-5 each]}, "ranking": [1-based, best first]}.
 """
 import filecmp
 import math
@@ -23,7 +24,9 @@ from nanollm.sft import list_sft_files, read_records
 from nanollm.tokenizer import Tokenizer, encode_content, prompt_ids
 
 FORMATS = ('scores: {"input", "outputs": [{"response", "score"}, ...]}', 'pairwise: {"prompt", "chosen", "rejected"}',
-           'ranked: {"prompt", "ranking": [best, ..., worst]} (an item may be a list of tied responses)')
+           'ranked: {"prompt", "ranking": [best, ..., worst]} (an item may be a list of tied responses)',
+           'feedback: {"input", "outputs": [texts], "scores": {dimension: [a score per output]}, "ranking"?: [1-based '
+           'output numbers, best first]}')
 LOSSES = ("mse", "pairwise", "ranking")
 
 
@@ -172,11 +175,47 @@ def _pairs_from_preference(preference):
     return preference_pairs(preference), ties
 
 
+def _number(value, where, field):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{where}: {field} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _ranking_pairs(ranking, k, where):
+    """A ranking of 1-based output numbers, best first ([1, 3, 2]: 1 > 3 > 2) -> its (better, worse) index pairs."""
+    if not isinstance(ranking, list) or sorted(r for r in ranking if isinstance(r, int)) != list(range(1, k + 1)):
+        raise UserError(f"{where}: field 'ranking' must list the output numbers 1..{k}, each once, best first; got "
+                        f"{ranking!r}")
+    return [(ranking[i] - 1, ranking[j] - 1) for i in range(k) for j in range(i + 1, k)]
+
+
+def _feedback_group(record, where):
+    """Human feedback (the labeling page's dimensions, the design document's examples): outputs as texts, 1-5 scores
+    per dimension, a ranking. Preference = the mean of a reply's dimension scores; pairs from the ranking if given."""
+    responses = [_string(output, where, f"outputs[{index}]") for index, output in enumerate(record["outputs"])]
+    scores = record.get("scores")
+    if not isinstance(scores, dict) or not scores:
+        raise UserError(f"{where}: outputs given as texts need 'scores': {{dimension: [a score per output]}}")
+    for name, values in scores.items():
+        if not isinstance(values, list) or len(values) != len(responses):
+            raise UserError(f"{where}: scores[{name!r}] must list {len(responses)} scores, one per output")
+    preference = [sum(_number(values[i], where, f"scores[{name!r}][{i}]") for name, values in scores.items()) /
+                  len(scores) for i in range(len(responses))]
+    pairs, ties = _pairs_from_preference(preference)
+    if "ranking" in record:
+        pairs, ties = _ranking_pairs(record["ranking"], len(responses), where), 0
+    return PromptGroup(_prompt(record["input"], where, "input"), responses, preference, pairs, True, where, ties)
+
+
 def parse_record(record, where="<record>"):
-    """One record of any reward-data format -> a PromptGroup; ValueError naming `where` for anything else."""
+    """One record of any reward-data format -> a PromptGroup; ValueError naming `where` for anything else. A scores
+    record may carry a "ranking" (as the labeling page writes): its pairs then come from the ranking."""
     if not isinstance(record, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
     keys = set(record)
+    if {"input", "outputs"} <= keys and isinstance(record["outputs"], list) and record["outputs"] and \
+            all(isinstance(output, str) for output in record["outputs"]):
+        return _feedback_group(record, where)
     if {"input", "outputs"} <= keys:
         outputs = record["outputs"]
         if not isinstance(outputs, list) or not outputs:
@@ -192,6 +231,8 @@ def parse_record(record, where="<record>"):
             responses.append(_string(output["response"], where, f"outputs[{index}].response"))
             scores.append(float(score))
         pairs, ties = _pairs_from_preference(scores)
+        if "ranking" in record:
+            pairs, ties = _ranking_pairs(record["ranking"], len(responses), where), 0
         return PromptGroup(_prompt(record["input"], where, "input"), responses, scores, pairs, True, where, ties)
     if {"prompt", "chosen", "rejected"} <= keys:
         chosen, rejected = _string(record["chosen"], where, "chosen"), _string(record["rejected"], where, "rejected")

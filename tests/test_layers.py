@@ -16,7 +16,7 @@ LEVELS = [
     {"loader"},  # opens every kind of model file the stages before it write (PPO's policy is a GPT)
     {"ppo"},
     {"evaluation", "serving", "annotators", "prune", "report"},  # tools built on the loader
-    {"dpo", "best_of_n"},  # alignment methods beside PPO, reusing its rollout, scoring and held-out evaluation
+    {"labeling"},  # people label replies: the annotators' sampling and dimensions, a page and its label file
 ]
 LEVEL = {module: level for level, modules in enumerate(LEVELS) for module in modules}
 
