@@ -17,6 +17,7 @@ LEVELS = [
     {"ppo"},
     {"evaluation", "serving", "annotators", "prune", "report"},  # tools built on the loader
     {"labeling"},  # people label replies: the annotators' sampling and dimensions, a page and its label file
+    {"dpo", "best_of_n"},  # alignment methods beside PPO, reusing its rollout, scoring and held-out evaluation
 ]
 LEVEL = {module: level for level, modules in enumerate(LEVELS) for module in modules}
 
