@@ -162,7 +162,7 @@ def main(argv=None):
         out_dir="out-sft",  # the model to release: a folder with ckpt.pt and tokenizer.model
         release_dir="release",  # the release folder to write
         format="release",  # release: nanollm's own folder | hf: the Hugging Face layout (transformers, vLLM, ...)
-        onnx="auto",  # auto: write model.onnx when the `onnx` package is installed | yes | no
+        onnx="auto",  # auto: write model.onnx when the `onnx` package is installed (format=release only) | yes | no
         onnx_seq_len=0,  # fixed ONNX input length; 0 = block_size
     )
     words = configure_command("python -m nanollm.export", settings, sys.argv[1:] if argv is None else argv,
@@ -186,7 +186,8 @@ def main(argv=None):
     else:
         export_release(model, tokenizer_path, release_dir, source=out_dir)
     have_onnx = importlib.util.find_spec("onnx") is not None
-    if settings["onnx"] == "yes" or (settings["onnx"] == "auto" and have_onnx):
+    auto = settings["onnx"] == "auto" and settings["format"] == "release"  # engines read the hf folder's safetensors
+    if settings["onnx"] == "yes" or (auto and have_onnx):
         onnx_path = os.path.join(release_dir, ONNX_FILE)
         export_onnx(model, onnx_path, onnx_seq_len or None)
         if importlib.util.find_spec("onnxruntime") is not None:
@@ -196,7 +197,7 @@ def main(argv=None):
                   f"{onnx_max_difference(model, onnx_path, input_ids):.2e} (onnxruntime)")
         else:
             print("[nanollm] onnxruntime not installed: the ONNX graph was not run")
-    elif settings["onnx"] == "auto":
+    elif auto:
         print("[nanollm] ONNX skipped: the optional package `onnx` is not installed (pip install onnx onnxscript "
               "onnxruntime)")
     for name in sorted(os.listdir(release_dir)):

@@ -184,7 +184,8 @@ def test_command_line_writes_the_folder_and_keeps_the_release_format(tokenizer_p
     torch.save({"model": model.state_dict(), "model_args": architecture_args(model.config),
                 "config": {"model_type": "gpt"}}, out_dir / "ckpt.pt")
     os.link(tokenizer_path, out_dir / "tokenizer.model")
-    export_main([f"--out_dir={out_dir}", f"--release_dir={tmp_path / 'hf'}", "--format=hf", "--onnx=no"])
+    export_main([f"--out_dir={out_dir}", f"--release_dir={tmp_path / 'hf'}", "--format=hf"])  # onnx=auto: none
+    assert "model.onnx" not in os.listdir(tmp_path / "hf")  # engines read model.safetensors; --onnx=yes adds it
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["model_type"] == "gpt2" and config["eos_token_id"] == 3 and config["n_layer"] == 2
     export_main([f"--out_dir={out_dir}", f"--release_dir={tmp_path / 'release'}", "--onnx=no"])
