@@ -54,11 +54,23 @@ def configure_optimizer(model, weight_decay, learning_rate, betas, device_type, 
         # 1-2 ms per step instead of ~20 ms, docs/benchmarks_cpu.md)
         fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
         optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+    for group in optimizer.param_groups:
+        group["optimizer"] = name  # saved in the state dict: a resumed run must continue with the same optimizer
+    optimizer.register_load_state_dict_pre_hook(lambda _, state: check_same_optimizer(state, name))
     if verbose:
         counts = ", ".join(f"{sum(p.numel() for p in group['params']):,}" for group in optimizer.param_groups)
         print(f"[nanollm] optimizer={name} ({type(optimizer).__name__}): parameters per group {counts} "
               f"({'Muon-orthogonalized, AdamW-decayed, ' if name == 'muon' else 'decayed, '}not decayed)")
     return optimizer
+
+
+def check_same_optimizer(state, name):
+    """Before an optimizer loads a saved state: the state must be its own kind's (moments mean different things in
+    each optimizer). A state saved before groups were tagged is AdamW's."""
+    saved = state["param_groups"][0].get("optimizer", "adamw") if state["param_groups"] else name
+    if saved != name:
+        raise UserError(f"optimizer={name!r}, but the checkpoint's optimizer state is {saved!r}'s: resume with "
+                        f"--optimizer={saved}")
 
 
 def hidden_matrices(model):

@@ -1,10 +1,17 @@
 import math
+import os
+import runpy
+import sys
 
 import pytest
 import torch
 
+from nanollm.configurator import UserError
 from nanollm.model import GPT, GPTConfig
 from nanollm.optim import LAMB, LARS, Muon, configure_optimizer, get_lr, orthogonalize
+from script_runner import run_script, write_corpus
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_warmup_then_cosine_hits_hand_computed_points():
@@ -220,3 +227,48 @@ def test_unknown_optimizer_is_refused():
     model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16))
     with pytest.raises(ValueError, match="optimizer='sgd'"):
         configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95), "cpu", verbose=False, name="sgd")
+
+
+@pytest.mark.parametrize("script", ["train_pretrain.py", "train_sft.py"])
+def test_the_scripts_refuse_an_unknown_optimizer_before_any_work(script, tmp_path, monkeypatch):
+    path = os.path.join(REPO, script)
+    monkeypatch.chdir(tmp_path)  # the script's own checks, run in this process (they come before any work)
+    monkeypatch.setattr(sys, "argv", [path, "--optimizer=sgd"])
+    with pytest.raises(UserError, match=r"^optimizer='sgd': expected one of \('adamw', 'lamb', 'lars', 'muon'\)$"):
+        runpy.run_path(path, run_name="__main__")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_muon_under_ddp_two_processes_match_one_process(tmp_path):
+    # DDP all-reduces the gradients before the step, so both ranks orthogonalize the same momentum: the same weights
+    # as one process accumulating the same two micro-batches
+    text = write_corpus(tmp_path)
+    common = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--vocab_size=400",
+              "--eval_iters=1", "--log_interval=1", "--warmup_iters=1", "--learning_rate=1e-2", "--dtype=float32",
+              "--device=cpu", "--sample_tokens=2", "--max_iters=4", "--eval_interval=100", "--optimizer=muon",
+              "--gradient_accumulation_steps=2"]
+    prepared = tmp_path / "prepared"
+    run_script("train_pretrain.py", common + [f"--dataset={text}", f"--data_dir={prepared}",
+                                              f"--out_dir={tmp_path / 'single'}"])
+    run_script("train_pretrain.py", common + [f"--dataset={prepared}", f"--out_dir={tmp_path / 'ddp'}"], nproc=2)
+    single, ddp = [torch.load(tmp_path / run / "ckpt.pt", weights_only=True) for run in ("single", "ddp")]
+    assert single["iter_num"] == ddp["iter_num"] == 4
+    assert single["optimizer"]["param_groups"][0]["use_muon"] and "momentum_buffer" in single["optimizer"]["state"][0]
+    for name, weight in single["model"].items():
+        torch.testing.assert_close(ddp["model"][name], weight, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_a_state_of_another_optimizer_is_refused_naming_the_right_one():
+    model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    lamb = configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95), "cpu", verbose=False, name="lamb")
+    adamw = configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95), "cpu", verbose=False)
+    with pytest.raises(UserError, match="optimizer='adamw', but the checkpoint's optimizer state is 'lamb''s: "
+                                        "resume with --optimizer=lamb"):
+        adamw.load_state_dict(lamb.state_dict())
+    untagged = adamw.state_dict()
+    for group in untagged["param_groups"]:
+        del group["optimizer"]  # a checkpoint written before the tag: AdamW's
+    adamw.load_state_dict(untagged)
+    with pytest.raises(UserError, match="state is 'adamw''s"):
+        lamb.load_state_dict(untagged)
