@@ -11,7 +11,7 @@ from nanollm.loader import load_model
 from nanollm.reward import dataset_loss, encode_groups, load_groups, score_encoded
 from nanollm.tokenizer import Tokenizer
 from nanollm.world import World
-from script_runner import run_script
+from script_runner import interrupt_after, run_script
 
 TINY = ["--batch_size=4", "--log_interval=1", "--warmup_iters=2", "--learning_rate=1e-3", "--dtype=float32",
         "--device=cpu"]
@@ -87,27 +87,33 @@ def test_demo_run_collects_trains_logs_and_saves_a_centred_reward_model(base, tm
 
 
 @pytest.mark.parametrize("likelihood_weight", [0.0, 1.0])
-def test_resume_continues_exactly(base, scored_data, tmp_path, likelihood_weight):
+def test_ctrl_c_checkpoints_and_the_run_resumes_exactly(base, scored_data, tmp_path, likelihood_weight):
     common = [f"--init_from={base}", f"--dataset={scored_data / 'train.jsonl'}",
               f"--eval_dataset={scored_data / 'heldout.jsonl'}", "--eval_interval=100", "--dropout=0.1",
-              "--gradient_accumulation_steps=2", f"--likelihood_weight={likelihood_weight}"]
-    run(common + [f"--out_dir={tmp_path / 'straight'}", "--max_iters=6"])
-    run(common + [f"--out_dir={tmp_path / 'split'}", "--max_iters=3"])
+              "--gradient_accumulation_steps=2", "--lr_decay_iters=20", f"--likelihood_weight={likelihood_weight}"]
+    split = tmp_path / "split"
+    code, output = interrupt_after("train_rm.py", TINY + common + [f"--out_dir={split}", "--max_iters=400"], split)
+    assert code == 130 and "stop requested" in output and "Traceback" not in output, output[-3000:]
+    stopped = load_checkpoint(str(split / "ckpt.pt"))["iter_num"]
+    assert 2 <= stopped == len(losses(split)) < 400  # the checkpoint is where the log ends
+    end = max(6, stopped + 2)
     # resuming reads the feature's presence from the checkpoint, not from the command line
-    run(common[1:-1] + [f"--out_dir={tmp_path / 'split'}", "--max_iters=6", "--init_from=resume"])
-    a, b = losses(tmp_path / "straight"), losses(tmp_path / "split")
-    assert sorted(a) == sorted(b) == list(range(6))
-    for it in range(6):  # dropout is on: RNG states must be restored too
+    run(common[1:-1] + [f"--out_dir={split}", f"--max_iters={end}", "--init_from=resume"])
+    run(common + [f"--out_dir={tmp_path / 'straight'}", f"--max_iters={end}"])
+    a, b = losses(tmp_path / "straight"), losses(split)
+    assert sorted(a) == sorted(b) == list(range(end))
+    for it in range(end):  # dropout is on: RNG states must be restored too
         assert abs(a[it] - b[it]) < 1e-6, (it, a[it], b[it])
-    model, _, _, checkpoint = load_model(str(tmp_path / "split" / "ckpt.pt"), kinds=("reward",))
+    model, _, _, checkpoint = load_model(str(split / "ckpt.pt"), kinds=("reward",))
     assert checkpoint["likelihood_weight"] == likelihood_weight
     assert hasattr(model, "likelihood_weight") == (likelihood_weight > 0)
     if likelihood_weight:  # learned: it moved from where it started
         assert model.likelihood_weight.item() != likelihood_weight
 
 
-def test_ddp_two_processes_match_one_process_with_accumulation(base, scored_data, tmp_path):
-    common = [f"--init_from={base}", f"--dataset={scored_data / 'pairs.jsonl'}", "--loss=pairwise", "--margin=0.5",
+@pytest.mark.parametrize("loss", ["ranking", "mse"])  # pairwise: the BERT backbone's test below
+def test_ddp_two_processes_match_one_process_with_accumulation(base, scored_data, tmp_path, loss):
+    common = [f"--init_from={base}", f"--dataset={scored_data / 'train.jsonl'}", f"--loss={loss}",
               "--eval_interval=100", "--max_iters=3", "--gradient_accumulation_steps=2"]
     run(common + [f"--out_dir={tmp_path / 'single'}"])
     run(common + [f"--out_dir={tmp_path / 'ddp'}"], nproc=2)
