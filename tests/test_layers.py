@@ -18,6 +18,7 @@ LEVELS = [
     {"evaluation", "serving", "annotators", "prune", "report"},  # tools built on the loader
     {"labeling"},  # people label replies: the annotators' sampling and dimensions, a page and its label file
     {"dpo", "best_of_n"},  # alignment methods beside PPO, reusing its rollout, scoring and held-out evaluation
+    {"grpo"},  # critic-free RL: PPO's pieces and the annotators' arithmetic questions
 ]
 LEVEL = {module: level for level, modules in enumerate(LEVELS) for module in modules}
 
