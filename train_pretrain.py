@@ -21,8 +21,8 @@ from nanollm.checkpoint import load_checkpoint, restore_training_state, save_che
 from nanollm.configurator import configure
 from nanollm.data import batch_seed, get_batch, unigram_perplexity
 from nanollm.optim import Schedule, configure_optimizer
-from nanollm.pretraining import (build_model, byte_lengths_for, check_settings, check_tokenizer, estimate_loss,
-                                 prepare_data, resumed_shape)
+from nanollm.pretraining import (ARCHITECTURE, build_model, byte_lengths_for, check_settings, check_tokenizer,
+                                 estimate_loss, prepare_data, resumed_shape)
 from nanollm.training import CheckpointRule, GracefulStop, GuardedStep, evaluation_due, setup_run
 
 # ------------------------------------------------------------------------------------------ settings
@@ -51,6 +51,12 @@ n_head = 4
 n_embd = 128
 dropout = 0.0
 bias = True
+position = "learned"  # 'learned' (GPT-2: a position table) | 'rope' (rotary: q and k rotated, Su et al. 2021)
+norm = "layernorm"  # 'layernorm' (GPT-2) | 'rmsnorm' (Zhang & Sennrich 2019)
+mlp = "gelu"  # 'gelu' (GPT-2) | 'swiglu' (Shazeer 2020) | 'relu2' (squared ReLU, So et al. 2021)
+n_kv_head = 0  # key/value heads: 0 = n_head; 1 = multi-query; a divisor of n_head = grouped-query (Ainslie 2023)
+qk_norm = False  # normalize queries and keys per head before attention
+tie_embeddings = True  # the output layer reuses the token embedding matrix (Press & Wolf 2017)
 attn_impl = "auto"  # 'manual' | 'sdpa' | 'triton' | 'auto' (sdpa): how attention runs, not saved with the weights
 init = "normal"  # 'normal' (GPT-2 style) | 'xavier' | 'he'
 # optimizer (AdamW) and schedule
@@ -79,20 +85,20 @@ config = configure(globals(), sys.argv[1:])
 runtime = setup_run(config, check_settings)  # settings and out_dir checked before any work; device, DDP, precision
 master, ctx = runtime.is_master, runtime.autocast()
 checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), runtime.device) if init_from == "resume" else None
+architecture = {key: config[key] for key in ARCHITECTURE}  # saved with the weights
 if checkpoint is not None:
-    n_layer, n_head, n_embd, block_size, bias = resumed_shape(checkpoint, model_type, out_dir)
+    architecture = resumed_shape(checkpoint, model_type, out_dir)  # a resumed run's is its checkpoint's
+block_size = architecture["block_size"]  # the context length batches are cut to
 accum_per_rank = dist_utils.micro_steps_per_rank(gradient_accumulation_steps, runtime)
 tokens_per_iter = accum_per_rank * runtime.world_size * batch_size * block_size
 
 # ---- data: clean, tokenize and cache once (rank 0), then every rank reads the .bin files
 data_dir, meta, tokenizer, tokenizer_path = prepare_data(dataset, data_dir, vocab_size, tokenizer_type, seed, runtime)
 check_tokenizer(model_type, tokenizer, tokenizer_path, data_dir, out_dir, init_from == "resume")
-config.update(dtype=runtime.dtype, data_dir=data_dir, n_layer=n_layer, n_head=n_head, n_embd=n_embd,  # saved as
-              block_size=block_size, bias=bias)  # resolved: one source of truth
+config.update(dtype=runtime.dtype, data_dir=data_dir, **architecture)  # saved as resolved: one source of truth
 
 # ---- model
-model_args = dict(vocab_size=meta["vocab_size"], block_size=block_size, n_layer=n_layer, n_head=n_head,
-                  n_embd=n_embd, dropout=dropout, bias=bias, attn_impl=attn_impl, init=init)
+model_args = dict(vocab_size=meta["vocab_size"], dropout=dropout, attn_impl=attn_impl, init=init, **architecture)
 torch.manual_seed(seed)  # same initial weights on every rank
 model = build_model(model_type, model_args).to(runtime.device)
 byte_lengths = byte_lengths_for(model, tokenizer, runtime.device)  # bits per byte: UTF-8 bytes of each token

@@ -17,11 +17,12 @@ from nanollm.data import load_meta, load_tokenizer, prepare_dataset, tokenizer_f
 from nanollm.distributed import barrier
 from nanollm.encdec import EncoderDecoder
 from nanollm.metrics import bits_per_byte, text_nll_and_bytes, token_byte_lengths
-from nanollm.model import GPT, GPTConfig
+from nanollm.model import GPT, MLPS, NORMS, POSITIONS, GPTConfig
 from nanollm.tokenizer import Tokenizer
 
 MODEL_TYPES = {"gpt": (GPT, GPTConfig), "bert": (BERT, BertConfig), "encdec": (EncoderDecoder, GPTConfig)}
-RESUMED = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # a resumed run's shape is its checkpoint's
+ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "position", "norm", "mlp", "n_kv_head", "qk_norm",
+                "tie_embeddings")  # settings saved with the weights: a resumed run's are its checkpoint's
 
 
 def check_settings(settings):
@@ -36,14 +37,25 @@ def check_settings(settings):
                  fraction=("dropout",))
     if settings["n_embd"] % settings["n_head"]:
         raise UserError(f"n_embd={settings['n_embd']} must be a multiple of n_head={settings['n_head']}")
+    for name, choices in (("position", POSITIONS), ("norm", NORMS), ("mlp", MLPS)):
+        if settings[name] not in choices:
+            raise UserError(f"{name}={settings[name]!r}: expected one of {choices}")
+    if settings["n_kv_head"] < 0 or settings["n_head"] % (settings["n_kv_head"] or settings["n_head"]):
+        raise UserError(f"n_kv_head={settings['n_kv_head']}: expected 0 (= n_head) or a divisor of n_head="
+                        f"{settings['n_head']}")
+    if settings["position"] == "rope" and settings["n_embd"] // settings["n_head"] % 2:
+        raise UserError(f"position='rope' rotates pairs: n_embd/n_head={settings['n_embd'] // settings['n_head']} "
+                        f"must be even")
 
 
 def resumed_shape(checkpoint, model_type, out_dir):
-    """The architecture settings of the run being resumed (one source of truth: the checkpoint's), in RESUMED order."""
+    """The ARCHITECTURE settings of the run being resumed, as a dict (one source of truth: the checkpoint's; a field
+    older checkpoints lack has its GPT-2 default)."""
     saved_type = checkpoint["config"].get("model_type", "gpt")
     if saved_type != model_type:
         raise UserError(f"{out_dir}/ckpt.pt holds a {saved_type!r} model, not model_type={model_type!r}")
-    return [checkpoint["model_args"][key] for key in RESUMED]
+    defaults = GPTConfig.__dataclass_fields__
+    return {key: checkpoint["model_args"].get(key, defaults[key].default) for key in ARCHITECTURE}
 
 
 def prepare_data(dataset, data_dir, vocab_size, tokenizer_type, seed, runtime):
