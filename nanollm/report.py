@@ -19,9 +19,16 @@ EVAL_KEYS = (("eval_score", "reward-model score", "{:+.3f}"), ("eval_gold", "gol
              ("eval_gold_gain", "gold gain over the SFT model (paired)", "{:+.3f}"),
              ("eval_gold_gain_se", "... its standard error", "{:.3f}"),
              ("eval_kl", "KL to the SFT model (nats per response)", "{:.3f}"),
-             ("eval_response_length", "response length (tokens)", "{:.1f}"), ("eval_eos_rate", "eos rate", "{:.2f}"))
+             ("eval_response_length", "response length (tokens)", "{:.1f}"), ("eval_eos_rate", "eos rate", "{:.2f}"),
+             ("eval_score_zh", "reward-model score, Chinese prompts", "{:+.3f}"),
+             ("eval_score_en", "reward-model score, English prompts", "{:+.3f}"),
+             ("eval_gold_zh", "gold score, Chinese prompts", "{:.3f}"), ("eval_gold_en", "gold score, English prompts",
+                                                                          "{:.3f}"))
+LANGUAGE_SUFFIXES = ("_zh", "_en")  # per-language rows: shown only for the languages a run's prompts have
 RM_KEYS = (("val_loss", "held-out loss", "{:.4f}"),
            ("val_pair_acc", "pairwise accuracy vs the labelers", "{:.1%}"),
+           ("val_pair_acc_zh", "... on Chinese prompts", "{:.1%}"),
+           ("val_pair_acc_en", "... on English prompts", "{:.1%}"),
            ("val_gold_pair_acc", "pairwise accuracy vs the gold annotator", "{:.1%}"),
            ("val_gold_fact_pair_acc", "... on pairs that differ in facts", "{:.1%}"),
            ("val_gold_form_pair_acc", "... on pairs equally accurate", "{:.1%}"),
@@ -173,10 +180,10 @@ def ppo_section(runs):
         first, last = evals[0], evals[-1]
         header += [f"{label}: iteration {first['iter']}", f"iteration {last['iter']}"]
         columns += [first, last]
-        notes.append(f"{label}: gold {first['eval_gold']:.3f} → {last['eval_gold']:.3f} "
-                     f"({last['eval_gold'] - first['eval_gold']:+.3f}), reward-model score "
-                     f"{first['eval_score']:+.3f} → {last['eval_score']:+.3f}, KL {last['eval_kl']:.3f} at "
-                     f"iteration {last['iter']}.")
+        gold = (f"gold {first['eval_gold']:.3f} → {last['eval_gold']:.3f} "
+                f"({last['eval_gold'] - first['eval_gold']:+.3f})") if "eval_gold" in last else "no gold judge"
+        notes.append(f"{label}: {gold}, reward-model score {first['eval_score']:+.3f} → {last['eval_score']:+.3f}, KL "
+                     f"{last['eval_kl']:.3f} at iteration {last['iter']}.")
         if "eval_gold_gain" in last:
             notes[-1] = notes[-1][:-1] + (f"; gold gain over the SFT model on the same seeded samples "
                                           f"{last['eval_gold_gain']:+.3f} ± {last['eval_gold_gain_se']:.3f}.")
@@ -191,7 +198,8 @@ def ppo_section(runs):
            "is the gold annotator's, which the policy never sees. The paired gain compares each prompt's mean gold " \
            "with the SFT model's on the same seeded samples.\n\n"
     if columns:
-        rows = [[label] + [fmt(column.get(key), spec) for column in columns] for key, label, spec in EVAL_KEYS]
+        rows = [[label] + [fmt(column.get(key), spec) for column in columns] for key, label, spec in EVAL_KEYS
+                if not key.endswith(LANGUAGE_SUFFIXES) or any(key in column for column in columns)]
         text += table(header, rows) + "\n\n"
     return text + "\n".join(f"- {note}" for note in notes) + "\n"
 

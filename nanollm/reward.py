@@ -20,7 +20,7 @@ from nanollm.checkpoint import load_checkpoint
 from nanollm.configurator import UserError, check_ranges
 from nanollm.data import batch_seed, last_token_index, pad_sequences
 from nanollm.metrics import pair_accuracy, pearson, preference_pairs, ranking_metrics
-from nanollm.sft import list_sft_files, read_records
+from nanollm.sft import language, list_sft_files, read_records
 from nanollm.tokenizer import Tokenizer, encode_content, prompt_ids
 
 FORMATS = ('scores: {"input", "outputs": [{"response", "score"}, ...]}', 'pairwise: {"prompt", "chosen", "rejected"}',
@@ -498,10 +498,12 @@ class HeldOutScores:
     """A reward model's held-out numbers: loss, agreement with the labels (pairwise accuracy, rank correlations) and,
     where a judge knows the prompts (the world's gold annotator), with the truth, split into fact pairs (replies that
     differ in factual accuracy) and form pairs; and the length bias: corr(reward, length) against the same for the
-    labels and for the truth. judge: an object with question(prompt) and judge(prompt, reply).overall/.accuracy."""
+    labels and for the truth. judge: an object with question(prompt) and judge(prompt, reply).overall/.accuracy.
+    The pairwise accuracy vs the labels is also given per language of the prompt (val_pair_acc_zh, _en)."""
 
     def __init__(self, groups, tokenizer, judge=None):
         self.groups = groups
+        self.languages = [language(" ".join(m["content"] for m in g.prompt if m["role"] == "user")) for g in groups]
         self.judged = [g for g, group in enumerate(groups) if judge is not None and judge.question(group.prompt) is not None]
         self.judgements = [[judge.judge(groups[g].prompt, r) for r in groups[g].responses] for g in self.judged]
         self.gold = [[judgement.overall for judgement in group] for group in self.judgements]
@@ -521,6 +523,10 @@ class HeldOutScores:
         flat = torch.tensor([r for group in rewards for r in group])
         scores = {"val_loss": dataset_loss(rewards, self.groups, loss, margin),
                   **ranking_metrics(rewards, [g.preference for g in self.groups], "val_")}
+        for name in sorted(set(self.languages)):  # agreement with the labels per language of the prompt: _zh, _en
+            rows = [g for g, group_language in enumerate(self.languages) if group_language == name]
+            scores[f"val_pair_acc_{name}"] = pair_accuracy([rewards[g] for g in rows],
+                                                           [self.groups[g].preference for g in rows])[0]
         if self.judged:
             judged_rewards = [rewards[g] for g in self.judged]
             scores.update(ranking_metrics(judged_rewards, self.gold, "val_gold_"))

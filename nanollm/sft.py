@@ -40,7 +40,7 @@ from nanollm.configurator import MissingFileError, UserError, check_ranges
 from nanollm.data import batch_seed, list_input_files, parse_dataset
 from nanollm.distributed import barrier
 from nanollm.instructions import write_demo_dataset
-from nanollm.metrics import classification_scores, generation_metrics
+from nanollm.metrics import accuracy, classification_scores, generation_metrics, mean_token_f1
 from nanollm.optim import OPTIMIZERS
 from nanollm.tokenizer import ROLES, Tokenizer, encode_messages, prompt_ids
 
@@ -432,6 +432,23 @@ def score_replies(conversations, replies):
     labels = [(reply, reference) for reply, reference, label in zip(replies, references, is_label) if label]
     if labels:
         scores.update(classification_scores([r for r, _ in labels], [ref for _, ref in labels]))
+    return {**scores, **scores_by_language(conversations, replies, references, is_label)}
+
+
+def scores_by_language(conversations, replies, references, is_label):
+    """The headline metrics per language of the prompt (its user text: 'zh' if it holds a CJK character, else 'en'),
+    for each language the set has: token_f1_zh/_en over text answers, accuracy_zh/_en over classification labels."""
+    prompt_language = [language(" ".join(m["content"] for m in c.messages[:-1] if m["role"] == "user"))
+                       for c in conversations]
+    scores = {}
+    for name in sorted(set(prompt_language)):
+        rows = [i for i, lang in enumerate(prompt_language) if lang == name]
+        text = [i for i in rows if not is_label[i]]
+        labels = [i for i in rows if is_label[i]]
+        if text:
+            scores[f"token_f1_{name}"] = mean_token_f1([replies[i] for i in text], [references[i] for i in text])
+        if labels:
+            scores[f"accuracy_{name}"] = accuracy([replies[i] for i in labels], [references[i] for i in labels])
     return scores
 
 
