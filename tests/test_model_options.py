@@ -19,6 +19,7 @@ from nanollm.gpt2 import config_to_gpt2
 from nanollm.loader import load_model
 from nanollm.model import (GPT, MLP, GPTConfig, SelfAttention, apply_rotary, attend, mlp_hidden_size, norm_layer,
                            rotary_angles)
+from nanollm.pretraining import resumed_shape
 from nanollm.tokenizer import train_tokenizer
 
 SHAPE = dict(vocab_size=97, block_size=48, n_layer=2, n_head=4, n_embd=32)
@@ -235,6 +236,14 @@ def test_gpt2_export_refuses_each_option(name):
     with pytest.raises(UserError, match=name):
         config_to_gpt2(config)
     config_to_gpt2(GPTConfig(**SHAPE))  # the GPT-2 block itself exports
+
+
+def test_a_resumed_run_takes_its_architecture_from_the_checkpoint():
+    saved = {"config": {"model_type": "gpt"}, "model_args": dict(SHAPE, bias=True, position="rope", n_kv_head=2)}
+    shape = resumed_shape(saved, "gpt", "out")
+    assert shape["position"] == "rope" and shape["n_kv_head"] == 2 and shape["block_size"] == 48
+    assert (shape["norm"], shape["mlp"], shape["qk_norm"], shape["tie_embeddings"]) == ("layernorm", "gelu", False,
+                                                                                        True)  # not saved: GPT-2's
 
 
 @pytest.mark.parametrize("setting, message", [
