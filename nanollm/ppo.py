@@ -641,7 +641,18 @@ class HeldOutEvaluation:
 
 
 def append_samples(path, iter_num, samples, count=6):
-    """A few held-out replies with their scores, appended to samples.txt at each evaluation."""
+    """A few held-out replies with their scores, appended to samples.txt at each evaluation. Blocks from iteration
+    iter_num on that are already there (a resumed run's evaluations after its checkpoint) are dropped first, as
+    metrics.jsonl drops those records, so that no evaluation appears twice."""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+        stale = [i for i, line in enumerate(lines) if line.startswith("=== iteration ")
+                 and int(line.split()[2].rstrip(":")) >= iter_num]
+        if stale:
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                f.writelines(lines[:stale[0]])
+            os.replace(path + ".tmp", path)  # atomic: a crash leaves the old file or the new one
     with open(path, "a", encoding="utf-8") as f:
         f.write(f"=== iteration {iter_num}: held-out prompts ===\n")
         for question, reply, score, gold_score in samples[:count]:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from nanollm.model import GPT, GPTConfig
-from nanollm.ppo import (AdaptiveKLController, Critic, FixedKLController, Rollout, compute_gae,
+from nanollm.ppo import (AdaptiveKLController, Critic, FixedKLController, Rollout, append_samples, compute_gae,
                          compute_gae_vectorized, compute_rewards, cut_after_eos, entropy_bonus, explained_variance,
                          k3_kl_loss, kl_estimate, leave_one_out, make_experience, masked_whiten, minibatches,
                          policy_loss, ppo_losses, reserved_ids_except_eos, response_logits, reward_scores, rollout,
@@ -412,3 +412,15 @@ def test_a_short_ppo_run_raises_a_hand_written_reward():
                     optimizer.zero_grad()
     assert shares[0] < 0.15  # about 1/16 at the start
     assert sum(shares[-3:]) / 3 > 0.4, shares  # 0.07 -> 0.79 when written
+
+
+def test_samples_of_a_resumed_run_replace_those_written_after_its_checkpoint(tmp_path):
+    path = str(tmp_path / "samples.txt")
+    for iteration in (0, 2, 4):  # a run evaluated at 0, 2 and 4, then crashed; its checkpoint is at iteration 2
+        append_samples(path, iteration, [(f"question {iteration}", "old reply", 0.5, None)])
+    append_samples(path, 2, [("question 2", "new reply", -0.25, 1.0)])  # the resumed run evaluates 2 again
+    assert open(path, encoding="utf-8").read() == (
+        "=== iteration 0: held-out prompts ===\nQ: question 0\nA: old reply\n   reward model +0.500\n"
+        "=== iteration 2: held-out prompts ===\nQ: question 2\nA: new reply\n   reward model -0.250, gold 1.00\n")
+    append_samples(path, 3, [("question 3", "reply", 0.0, None)])  # later evaluations append as usual
+    assert open(path, encoding="utf-8").read().count("=== iteration") == 3

@@ -15,7 +15,7 @@ from nanollm.model import GPT, GPTConfig
 from nanollm.reward import RewardModel
 from nanollm.tokenizer import train_tokenizer
 from nanollm.world import World
-from script_runner import REPO, run_script
+from script_runner import REPO, interrupt_after, run_script
 
 TINY = ["--batch_size=4", "--minibatch_size=2", "--ppo_epochs=2", "--max_new_tokens=8", "--eval_prompts=4",
         "--validation_prompts=3", "--train_prompts=12", "--eval_batch_size=4", "--learning_rate=1e-3", "--critic_learning_rate=1e-3",
@@ -113,18 +113,32 @@ def test_the_critic_warms_up_alone_and_groups_of_samples_share_a_prompt(checkpoi
     assert samples.count("Q: ") == 6  # 4 prompts x 3 samples; the first 6 written, the 4 prompts first
 
 
-def test_resume_continues_exactly(checkpoints, tmp_path):
+def test_resume_and_ctrl_c_continue_exactly_samples_included(checkpoints, tmp_path):
+    """A run to iteration 2 (evaluated there), resumed and stopped with Ctrl-C, then resumed to the end, equals a
+    straight run: training records, evaluations, and samples.txt (no evaluation written twice)."""
     sft, rm = checkpoints
     common = [f"--reward_model={rm}", "--eval_interval=2", "--target_kl=0.5"]
-    run(common + [f"--init_from={sft}", f"--out_dir={tmp_path / 'straight'}", "--max_iters=4"])
-    run(common + [f"--init_from={sft}", f"--out_dir={tmp_path / 'split'}", "--max_iters=2"])
-    run(common + ["--init_from=resume", f"--out_dir={tmp_path / 'split'}", "--max_iters=4"])
+    split = tmp_path / "split"
+    run(common + [f"--init_from={sft}", f"--out_dir={split}", "--max_iters=2"])
+    code, output = interrupt_after("train_ppo.py", TINY + common + ["--init_from=resume", f"--out_dir={split}",
+                                                                    "--max_iters=400"], split, '"score"', records=3)
+    assert code == 130 and "stop requested" in output and "Traceback" not in output, output[-3000:]
+    stopped = load_checkpoint(str(split / "ckpt.pt"))["iter_num"]
+    assert 3 <= stopped == len([r for r in metrics(split) if "phase" not in r]) < 400
+    end = max(4, stopped + 1)
+    run(common + ["--init_from=resume", f"--out_dir={split}", f"--max_iters={end}"])
+    run(common + [f"--init_from={sft}", f"--out_dir={tmp_path / 'straight'}", f"--max_iters={end}"])
     a = [r for r in metrics(tmp_path / "straight") if "phase" not in r]
-    b = [r for r in metrics(tmp_path / "split") if "phase" not in r]
-    assert [r["iter"] for r in a] == [r["iter"] for r in b] == [0, 1, 2, 3]
+    b = [r for r in metrics(split) if "phase" not in r]
+    assert [r["iter"] for r in a] == [r["iter"] for r in b] == list(range(end))
     for x, y in zip(a, b):
         for key in ("score", "kl", "beta", "policy_loss", "value_loss", "approx_kl"):
             assert x[key] == pytest.approx(y[key], abs=1e-6), (x["iter"], key)
+    evals = [[(r["iter"], r["eval_gold"], r["eval_score"]) for r in metrics(out) if r.get("phase") == "eval"]
+             for out in (tmp_path / "straight", split)]
+    assert evals[0] == evals[1] and [it for it, _, _ in evals[0]] == sorted({*range(0, end, 2), end})
+    assert (split / "samples.txt").read_text(encoding="utf-8") == \
+        (tmp_path / "straight" / "samples.txt").read_text(encoding="utf-8")
 
 
 DISAGREEING_RANKS = """
