@@ -40,6 +40,7 @@ log_interval = 1  # write a metrics.jsonl line every this many iterations
 tensorboard = False  # also write every metrics.jsonl number as TensorBoard scalars in out_dir/tensorboard/
 eval_only = False  # evaluate the starting policy once and exit
 # prompts: three disjoint sets fixed by what they ask (world.question_split); 'arithmetic': arithmetic questions only
+operations = "plus,minus,times"  # reward='arithmetic': the questions' operations ('times': the ones SFT sometimes gets)
 prompts = ""  # reward='model': or a file of yours, .jsonl lines {"prompt": ...} or {"messages": [...]}, or a .json list
 prompts_heldout_fraction = 0.2  # of a prompts file's distinct prompts, the last held out (eval_), as train_rm.py does
 world_seed = 0  # the world the gold annotator checks facts against (pretraining uses World(0))
@@ -83,7 +84,7 @@ ctx = runtime.autocast()
 if reward == "arithmetic":
     gold = GoldAnnotator(World(world_seed))
     held_out, train_questions = arithmetic_prompt_sets(gold.world, prompt_seed, eval_prompts, validation_prompts,
-                                                       train_prompts)
+                                                       train_prompts, operations.split(","))
 else:
     held_out, train_questions, gold = ppo_prompts(prompts, prompts_heldout_fraction, world_seed, prompt_seed,
                                                   eval_prompts, validation_prompts, train_prompts,

@@ -21,6 +21,7 @@ from nanollm.world import PROMPT_SPLITS, ZH_OPERATIONS, question_split
 
 BASELINES = ("group", "leave_one_out")  # GRPO | RLOO
 REWARDS = ("model", "arithmetic")  # the reward model's score | 1 for the right number, else 0
+OPERATION_NAMES = ("plus", "minus", "times")  # of the world's arithmetic questions (two numbers 0-99, or 0-12 for times)
 ARITHMETIC_POOL = 4000  # arithmetic questions generated before the split (about 680 distinct ones in each held-out set)
 
 
@@ -72,12 +73,13 @@ def arithmetic_reward(question, reply):
     return float(bool(numbers) and numbers[-1] == answer and all(n in (a, b, answer) for n in numbers))
 
 
-def arithmetic_prompt_sets(world, seed, test, validation, train):
-    """Three disjoint sets of the world's arithmetic questions, split by what they ask (world.question_split, as
-    annotators.ppo_prompt_sets splits all questions): ({'eval_': test, 'val_': validation}, training questions)."""
+def arithmetic_prompt_sets(world, seed, test, validation, train, operations=OPERATION_NAMES):
+    """Three disjoint sets of the world's arithmetic questions (of the given operations), split by what they ask
+    (world.question_split, as annotators.ppo_prompt_sets splits all questions): ({'eval_': test, 'val_': validation},
+    training questions)."""
     by_split = {split: [] for split in PROMPT_SPLITS}
     for pair in world.qa_pairs(seed, n_arithmetic=ARITHMETIC_POOL):
-        if not pair.entity:
+        if not pair.entity and pair.attribute in operations:
             by_split[question_split(pair)].append(pair.question)
     sets = {}
     for setting, split, n in (("eval_prompts", "test", test), ("validation_prompts", "validation", validation),
@@ -151,6 +153,9 @@ def check_settings(settings):
         raise UserError(f"batch_size={s['batch_size']} must be a multiple of group_size={s['group_size']}")
     if s["minibatch_size"] > s["batch_size"]:
         raise UserError(f"minibatch_size={s['minibatch_size']} must be between 1 and batch_size={s['batch_size']}")
+    unknown = set(s["operations"].split(",")) - set(OPERATION_NAMES)
+    if unknown or not s["operations"]:
+        raise UserError(f"operations={s['operations']!r}: expected a comma-separated subset of {OPERATION_NAMES}")
     if s["reward"] == "arithmetic" and s["prompts"]:
         raise UserError(f"prompts={s['prompts']!r}: reward='arithmetic' trains on the world's arithmetic questions; a "
                         f"prompts file goes with reward='model'")

@@ -85,6 +85,8 @@ def test_arithmetic_prompt_sets_are_disjoint_arithmetic_questions():
     assert not what["test"] & what["train"] and not what["validation"] & what["train"]
     pairs = {p.question: p for p in World(0).qa_pairs(1337, n_arithmetic=4000)}
     assert all(question_split(pairs[q]) == split for split, questions in sets.items() for q in questions)
+    held_out, train = arithmetic_prompt_sets(World(0), 1337, 20, 20, 100, ("times",))
+    assert all(pairs[q].attribute == "times" for q in held_out["eval_"] + held_out["val_"] + train)
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -191,11 +193,13 @@ def test_settings_that_cannot_work_are_refused_before_any_work():
     good = dict(batch_size=16, minibatch_size=8, epochs=1, eval_interval=1, log_interval=1, max_new_tokens=8,
                 eval_batch_size=8, eval_samples=2, train_prompts=12, eval_prompts=4, validation_prompts=4, group_size=4,
                 temperature=1.0, max_iters=1, learning_rate=1e-3, weight_decay=0.0, grad_clip=1.0, kl_coef=0.1,
-                clip_range=0.2, baseline="group", reward="model", reward_model="out-rm", prompts="")
+                clip_range=0.2, baseline="group", reward="model", reward_model="out-rm", prompts="",
+                operations="plus,minus,times")
     check_settings(good)
     for change, message in ((dict(group_size=1), "group_size=1"), (dict(batch_size=18), "multiple of group_size"),
                             (dict(baseline="critic"), "baseline='critic'"), (dict(reward="gold"), "reward='gold'"),
                             (dict(reward_model=""), "needs reward_model"), (dict(train_prompts=3), "train_prompts=3"),
-                            (dict(reward="arithmetic", prompts="mine.jsonl"), "prompts file goes with")):
+                            (dict(reward="arithmetic", prompts="mine.jsonl"), "prompts file goes with"),
+                            (dict(operations="times,divide"), "operations='times,divide'")):
         with pytest.raises(UserError, match=message):
             check_settings({**good, **change})
