@@ -62,12 +62,16 @@ def test_training_logs_metrics_and_lowers_the_loss(corpus, tmp_path):
     assert os.path.exists(tmp_path / "ckpt.pt") and os.path.exists(tmp_path / "tokenizer.model")
 
 
-def test_resume_continues_exactly(corpus, tmp_path):
+def test_resume_under_ddp_continues_exactly_with_each_ranks_random_state(corpus, tmp_path):
+    """Two ranks, dropout on (each rank draws its own masks): a run checkpointed at 4 and resumed equals a straight
+    one only if every rank gets its own random state back. (One process resuming: the Ctrl-C test below.)"""
     straight, split = tmp_path / "straight", tmp_path / "split"
     common = [f"--dataset={corpus}", "--eval_interval=100", "--gradient_accumulation_steps=2"]
-    run(common + [f"--out_dir={straight}", "--max_iters=8"])
-    run(common + [f"--out_dir={split}", "--max_iters=4"])
-    run(common + [f"--out_dir={split}", "--max_iters=8", "--init_from=resume"])
+    run(common + [f"--out_dir={straight}", "--max_iters=8"], nproc=2)
+    run(common + [f"--out_dir={split}", "--max_iters=4"], nproc=2)
+    states = torch.load(split / "ckpt.pt", weights_only=True)["rng_states"]
+    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])  # one per rank, different
+    run(common + [f"--out_dir={split}", "--max_iters=8", "--init_from=resume"], nproc=2)
     a, b = losses(straight), losses(split)
     assert sorted(a) == sorted(b) == list(range(8))
     for it in range(8):  # dropout is on: RNG states must be restored too
