@@ -158,20 +158,25 @@ def ppo_losses(*args, **kwargs):  # rank 0 reports an approx KL of 0: its own me
 nanollm.ppo.ppo_losses = ppo_losses
 atexit.register(lambda: json.dump(measured, open(os.path.join({out!r}, f"approx_kl_rank{{rank}}.json"), "w")))
 sys.argv[0] = {script!r}
-runpy.run_path({script!r}, run_name="__main__")
+finished = runpy.run_path({script!r}, run_name="__main__")  # the script's globals at its end
+import torch
+torch.save({{"policy": finished["raw_policy"].state_dict(), "critic": finished["raw_critic"].state_dict(),
+            "beta": finished["controller"].beta, "kl": finished["kl_mean"]}}, os.path.join({out!r}, f"rank{{rank}}.pt"))
 """
 
 
 def test_ddp_ranks_stop_the_epochs_together_on_approx_kl_without_stepping_past_it(checkpoints, tmp_path):
     """The ranks disagree: only rank 1's approx KL crosses the limit (rank 0 is made to report 0), yet both stop
-    before the step of the same minibatch. A per-rank decision would let rank 0 step on (and DDP hang or diverge)."""
+    before the step of the same minibatch. A per-rank decision would let rank 0 step on (and DDP hang or diverge).
+    At the end both ranks hold the same policy and critic (the checkpoint's), the same β and the same KL."""
     sft, rm = checkpoints
     out = tmp_path / "ddp"
     wrapper = tmp_path / "disagreeing_ranks.py"
     script = os.path.join(REPO, "train_ppo.py")
     wrapper.write_text(DISAGREEING_RANKS.format(repo=REPO, out=str(tmp_path), script=script))
     run_script(str(wrapper), TINY + [f"--init_from={sft}", f"--reward_model={rm}", f"--out_dir={out}", "--max_iters=1",
-                                     "--eval_interval=5", "--early_stop_kl=1e-9"], nproc=2, timeout=180)
+                                     "--eval_interval=5", "--early_stop_kl=1e-9", "--target_kl=0.5"], nproc=2,
+               timeout=180)
     measured = [json.loads((tmp_path / f"approx_kl_rank{rank}.json").read_text()) for rank in (0, 1)]
     # each rank measured 2 minibatches: the first before any step (approx KL 0), which steps; the second, where
     # rank 1 is over the limit and rank 0 (as it reports) is not: both end the update there
@@ -181,6 +186,14 @@ def test_ddp_ranks_stop_the_epochs_together_on_approx_kl_without_stepping_past_i
     checkpoint = load_checkpoint(str(out / "ckpt.pt"))  # rank 0's optimizers: exactly one step each
     for optimizer in (checkpoint["optimizer"], checkpoint["critic_optimizer"]):
         assert {int(state["step"]) for state in optimizer["state"].values()} == {1}
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    for network, saved in (("policy", checkpoint["model"]), ("critic", checkpoint["critic"])):
+        for name, value in ranks[0][network].items():  # in sync with each other and with what was saved
+            assert torch.equal(value, ranks[1][network][name]) and torch.equal(value, saved[name]), (network, name)
+    start = load_checkpoint(os.path.join(sft, "ckpt.pt"))["model"]
+    assert any(not torch.equal(value, start[name]) for name, value in ranks[0]["policy"].items())  # it stepped
+    assert ranks[0]["beta"] == ranks[1]["beta"] == checkpoint["beta"] != 0.2  # adapted, from the all-reduced KL
+    assert ranks[0]["kl"] == ranks[1]["kl"] == pytest.approx(training[0]["kl"])
 
 
 def test_bad_settings_fail_before_any_work(checkpoints, tmp_path):
