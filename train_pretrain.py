@@ -4,8 +4,9 @@ One process (CPU, one GPU, or Apple MPS):
     python train_pretrain.py
     python train_pretrain.py --model_type=bert     # or encdec: the other two architectures, same data and loop
     python train_pretrain.py --dataset=my_texts/ --max_iters=5000 --n_layer=6 --n_embd=384
-N processes with DDP (one per GPU; gloo on CPU):
+N processes with DDP (one per GPU; gloo on CPU), or the model split over them (docs/parallelism.md):
     torchrun --standalone --nproc_per_node=4 train_pretrain.py
+    torchrun --standalone --nproc_per_node=4 train_pretrain.py --parallelism=fsdp   # or tp
 Resume after a crash or Ctrl-C:
     python train_pretrain.py --init_from=resume
 Settings below are plain variables; override them with a config file (python train_pretrain.py my_config.py)
@@ -76,6 +77,7 @@ device = "auto"  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 dtype = "auto"  # 'auto' (bfloat16 on a GPU that has it, else float32) | 'float32' | 'bfloat16' | 'float16'
 backend = "auto"  # DDP backend: 'auto' (nccl on CUDA, gloo on CPU) | 'nccl' | 'gloo'
 compile = False  # torch.compile the model
+parallelism = "ddp"  # 'ddp' (a whole copy per process) | 'fsdp' (sharded) | 'tp' (matrices split): nanollm/parallel.py
 seed = 1337  # initial weights, batches and dropout
 # the sample printed at the end
 sample_prompt = "Talo"
@@ -90,7 +92,7 @@ if checkpoint is not None:
     architecture = resumed_shape(checkpoint, model_type, out_dir)  # a resumed run's is its checkpoint's
 block_size = architecture["block_size"]  # the context length batches are cut to
 accum_per_rank = dist_utils.micro_steps_per_rank(gradient_accumulation_steps, runtime)
-tokens_per_iter = accum_per_rank * runtime.world_size * batch_size * block_size
+tokens_per_iter = accum_per_rank * runtime.data_ranks * batch_size * block_size
 
 # ---- data: clean, tokenize and cache once (rank 0), then every rank reads the .bin files
 data_dir, meta, tokenizer, tokenizer_path = prepare_data(dataset, data_dir, vocab_size, tokenizer_type, seed, runtime)
@@ -105,18 +107,18 @@ byte_lengths = byte_lengths_for(model, tokenizer, runtime.device)  # bits per by
 if master:
     print(f"[nanollm] {type(model).__name__}, attn_impl={model.config.attn_impl}, {tokens_per_iter:,} tokens per "
           f"iteration:\n{model.parameter_report()}")
+model = runtime.wrap(torch.compile(model) if compile else model)  # DDP, or split in place (fsdp, tp)
+raw_model = unwrap(model)
 scaler = runtime.grad_scaler()
-optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), runtime.device_type, master)
+optimizer = configure_optimizer(raw_model, weight_decay, learning_rate, (beta1, beta2), runtime.device_type, master)
 schedule = Schedule(learning_rate, warmup_iters, lr_decay_iters, max_iters, min_lr, lr_schedule if decay_lr else
                     "constant")  # warmup, then cosine (or polynomial) decay to min_lr
 iter_num, best_val_loss = 0, float("inf")
 if checkpoint is not None:
     iter_num, best_val_loss = restore_training_state(checkpoint, model, optimizer, scaler, runtime)
 else:
-    torch.manual_seed(seed + runtime.rank)  # dropout differs per rank
+    torch.manual_seed(seed + runtime.data_rank)  # dropout differs per rank (tensor-parallel ranks agree)
 checkpoint = None  # free memory
-model = runtime.wrap(torch.compile(model) if compile else model)  # DDP when several processes
-raw_model = unwrap(model)
 
 
 def batch(split, seed_base, step, micro_step):
@@ -141,7 +143,7 @@ while not stop.requested(runtime, iter_num):
     # evaluate (rank 0, the plain model, fixed batches) and checkpoint
     if evaluation_due(iter_num, eval_interval, max_iters, eval_only):
         scores = estimate_loss(raw_model, lambda split, k: batch(split, seed + 1, k, 0), eval_iters, ctx,
-                               byte_lengths) if master else {}
+                               byte_lengths) if runtime.evaluates else {}  # rank 0, or all for a split model
         log.say(f"iter {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         log.write({"iter": iter_num, **scores})
         if should_save(scores.get("val_loss"), runtime) and iter_num > 0 and not eval_only:
@@ -156,7 +158,7 @@ while not stop.requested(runtime, iter_num):
     # forward/backward over micro-batches; gradients are all-reduced only on the last one
     loss_sum = torch.zeros((), device=runtime.device)  # summed on the device: one read-back per step, not per micro
     for micro in range(accum_per_rank):
-        inputs = batch("train", seed, iter_num, runtime.rank * accum_per_rank + micro)
+        inputs = batch("train", seed, iter_num, runtime.data_rank * accum_per_rank + micro)
         with dist_utils.no_sync_unless(model, sync=(micro == accum_per_rank - 1)):
             with ctx:
                 _, loss = model(**inputs)
@@ -180,6 +182,8 @@ elif master and not eval_only:  # the end: numbers and a sample
           f"{unigram_perplexity(data_dir):.2f})")
     if tokenizer is None:
         print(f"[nanollm] no sample: {data_dir} has no tokenizer (nanoGPT's GPT-2 token files); sampling needs one")
+    elif runtime.sharded:  # rank 0 alone cannot run a split model; sample.py reads the checkpoint whole
+        print(f"[nanollm] a sample: python sample.py --out_dir={out_dir}")
     else:
         print("[nanollm] sample:", raw_model.sample_text(tokenizer, sample_prompt, sample_tokens))
 dist_utils.teardown(runtime)

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from nanollm.configurator import MissingFileError, UserError
 from nanollm.model import architecture_args
+from nanollm.parallel import gather_state, load_state
 
 TENSORBOARD_DIR = "tensorboard"  # event files of MetricsLog(tensorboard=True), under out_dir
 RUN_FILES = ("ckpt.pt", "metrics.jsonl", "samples.txt", "tokenizer.model", "meta.pkl")  # what a run writes in out_dir
@@ -80,11 +81,16 @@ def save_checkpoint(path, runtime, model, optimizer, scaler, iter_num, best_val_
     """Every rank calls this (RNG states are gathered from all); rank 0 writes the file. model_args is saved
     without its runtime fields (attn_impl, dropout): those are chosen again by whoever loads the checkpoint."""
     rng_states = gather_rng_states(runtime)
+    if runtime.sharded:  # every rank takes part in gathering the full tensors; rank 0 receives them
+        model_state, optimizer_state = gather_state(unwrap(model), optimizer, runtime.parallelism == "tp")
+    elif runtime.is_master:
+        model_state = unwrap(model).state_dict()
+        optimizer_state = optimizer.state_dict() if optimizer is not None else None
     if not runtime.is_master:
         return
     atomic_save({
-        "model": unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "model": model_state,
+        "optimizer": optimizer_state,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "iter_num": iter_num,
         "best_val_loss": best_val_loss,
@@ -96,9 +102,13 @@ def save_checkpoint(path, runtime, model, optimizer, scaler, iter_num, best_val_
 
 
 def restore_training_state(checkpoint, model, optimizer, scaler, runtime):
-    """Load weights, optimizer and scaler state and this rank's RNG state; return (iter_num, best_val_loss)."""
-    unwrap(model).load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    """Load weights, optimizer and scaler state and this rank's RNG state; return (iter_num, best_val_loss). A split
+    model (runtime.sharded) keeps its own shard of each full tensor."""
+    if runtime.sharded:
+        load_state(unwrap(model), optimizer, checkpoint["model"], checkpoint["optimizer"], runtime.parallelism == "tp")
+    else:
+        unwrap(model).load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
     scaler.load_state_dict(checkpoint["scaler"])
     rng_states = checkpoint["rng_states"]
     set_rng_state(rng_states[runtime.rank if len(rng_states) == runtime.world_size else 0])

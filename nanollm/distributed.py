@@ -1,7 +1,8 @@
 """Devices, distributed data parallel (DDP) and mixed precision, written once for every training script.
 
 Under `torchrun --nproc_per_node=N` each process holds a full model copy; gradients are averaged with an
-all-reduce after backward (Li et al. 2020, "PyTorch Distributed"). AMP runs matmuls in bf16/fp16 while
+all-reduce after backward (Li et al. 2020, "PyTorch Distributed"). parallelism='fsdp' or 'tp' splits the model over
+the processes instead (nanollm/parallel.py). AMP runs matmuls in bf16/fp16 while
 the weights stay fp32 (Micikevicius et al. 2018); fp16 needs loss scaling (a GradScaler) to avoid underflow.
 """
 import contextlib
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from nanollm import parallel
 from nanollm.configurator import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -25,10 +27,33 @@ class Runtime:
     local_rank: int = 0
     world_size: int = 1
     dtype: str = "float32"  # 'float32' | 'bfloat16' | 'float16': autocast's dtype (weights stay float32)
+    parallelism: str = "ddp"  # 'ddp' (whole copies) | 'fsdp' | 'tp' (the model split over the processes)
+    mesh: object = None  # the processes as a DeviceMesh when the model is split, else None
 
     @property
     def ddp(self):
+        """Several processes (whatever the parallelism): collectives are needed."""
         return self.world_size > 1
+
+    @property
+    def sharded(self):
+        """The model is split over the processes (fsdp, tp): every forward pass needs every rank."""
+        return self.mesh is not None
+
+    @property
+    def data_rank(self):
+        """Which share of each batch this process reads: tensor-parallel ranks compute one batch together."""
+        return 0 if self.sharded and self.parallelism == "tp" else self.rank
+
+    @property
+    def data_ranks(self):
+        """How many different shares of a batch the processes read (the data-parallel degree)."""
+        return 1 if self.sharded and self.parallelism == "tp" else self.world_size
+
+    @property
+    def evaluates(self):
+        """This process runs the held-out evaluation: rank 0 with a whole model, every rank with a split one."""
+        return self.is_master or self.sharded
 
     @property
     def is_master(self):
@@ -43,8 +68,16 @@ class Runtime:
         return grad_scaler(self.device_type, self.dtype)
 
     def wrap(self, model):
-        """The model under DDP when there are several processes (gradients averaged after backward), else itself."""
+        """With several processes: the model under DDP (gradients averaged after backward), or split in place by
+        FSDP2 or tensor parallelism (parallel.py; a torch.compile wrapper stays outside). Else the model itself."""
         if not self.ddp:
+            return model
+        if self.sharded:
+            plain = getattr(model, "_orig_mod", model)  # under torch.compile: split the module it compiles
+            if self.parallelism == "fsdp":
+                parallel.shard_fully(plain, self.mesh, self.dtype)
+            else:
+                parallel.split_tensors(plain, self.mesh)
             return model
         from torch.nn.parallel import DistributedDataParallel
 
@@ -62,9 +95,10 @@ def pick_device(device="auto"):
     return "cpu"
 
 
-def setup(device="auto", backend="auto", dtype="auto", announce=False):
-    """Start DDP when launched by torchrun (RANK is set), else run as one process; resolve the dtype. Returns a
-    Runtime; with announce, rank 0 prints what it chose."""
+def setup(device="auto", backend="auto", dtype="auto", announce=False, parallelism="ddp"):
+    """Start DDP when launched by torchrun (RANK is set), else run as one process; resolve the dtype. parallelism
+    'fsdp' or 'tp' with several processes also makes their DeviceMesh. Returns a Runtime; with announce, rank 0
+    prints what it chose."""
     device = pick_device(device)
     device_type = device.split(":")[0]
     dtype = resolve_dtype(dtype, device_type)
@@ -79,10 +113,12 @@ def setup(device="auto", backend="auto", dtype="auto", announce=False):
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        mesh = parallel.device_mesh(device_type, world_size, parallelism) if parallelism != "ddp" else None
         runtime = Runtime(device=device, device_type=device_type, rank=rank, local_rank=local_rank,
-                          world_size=world_size, dtype=dtype)
+                          world_size=world_size, dtype=dtype, parallelism=parallelism, mesh=mesh)
     if announce and runtime.is_master:
-        print(f"[nanollm] device={runtime.device} dtype={dtype} world_size={runtime.world_size}")
+        split = f" parallelism={parallelism}" if runtime.sharded else ""
+        print(f"[nanollm] device={runtime.device} dtype={dtype} world_size={runtime.world_size}{split}")
     return runtime
 
 
@@ -143,17 +179,22 @@ def grad_scaler(device_type, dtype):
 
 
 def no_sync_unless(model, sync):
-    """Skip DDP's gradient all-reduce on micro-steps that are not the last of an accumulation."""
-    if sync or not hasattr(model, "no_sync"):
+    """Skip DDP's gradient all-reduce (FSDP's reduce-scatter) on micro-steps that are not the last of an
+    accumulation."""
+    if sync:
         return contextlib.nullcontext()
-    return model.no_sync()
+    if hasattr(model, "no_sync"):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: gradients accumulate unsharded until the last one
+        return parallel.no_gradient_sync(model)
+    return contextlib.nullcontext()
 
 
 def micro_steps_per_rank(gradient_accumulation_steps, runtime):
     """gradient_accumulation_steps counts the micro-steps of one optimizer step over all ranks together, split evenly
     over the ranks. With fewer micro-steps than ranks (the default 1 under torchrun) every rank does one: the global
     batch grows with the number of processes, as in plain data parallelism. Returns the micro-steps per rank."""
-    world_size = runtime.world_size
+    world_size = runtime.data_ranks  # tensor-parallel ranks share their micro-batches
     if gradient_accumulation_steps < world_size:
         if runtime.is_master:
             print(f"[nanollm] gradient_accumulation_steps={gradient_accumulation_steps} < {world_size} processes: "

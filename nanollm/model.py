@@ -245,14 +245,16 @@ class SelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.causal = config.n_head, config.kv_heads, causal
         self.attn_impl, self.dropout = config.attn_impl, config.dropout
         self.kv_size = config.kv_heads * config.head_dim  # width of k and of v
+        self.head_dim = config.head_dim
         self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * self.kv_size, bias=config.bias)  # q, k, v at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.q_norm, self.k_norm = qk_norms(config)
         self.resid_dropout = dropout_layer(config.dropout)
 
     def forward(self, x, key_padding_mask=None, kv_cache=None, layer=0, segment_ids=None, rotary=None):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split([C, self.kv_size, self.kv_size], dim=2)  # views of one matmul's output
+        # widths from the head counts: all heads, or this rank's share under tensor parallelism (nanollm/parallel.py)
+        q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.c_attn(x).split([q_size, kv_size, kv_size], dim=2)  # views of one matmul's output
         q, k, v = split_heads(q, self.n_head), split_heads(k, self.n_kv_head), split_heads(v, self.n_kv_head)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)  # (B, H, T, D), (B, H_kv, T, D)
@@ -551,7 +553,8 @@ class GPT(nn.Module):
     def new_kv_cache(self, batch_size, max_len, device=None, dtype=None):
         c = self.config
         weight = self.wte.weight
-        return KVCache(c.n_layer, batch_size, c.kv_heads, max_len, c.head_dim, device or weight.device,
+        kv_heads = self.blocks[0].attn.n_kv_head  # the heads this process computes (all but under tensor parallelism)
+        return KVCache(c.n_layer, batch_size, kv_heads, max_len, c.head_dim, device or weight.device,
                        dtype or weight.dtype)
 
     # ----------------------------------------------------------------------------------- generation

@@ -18,6 +18,7 @@ from nanollm.distributed import barrier
 from nanollm.encdec import EncoderDecoder
 from nanollm.metrics import bits_per_byte, text_nll_and_bytes, token_byte_lengths
 from nanollm.model import GPT, MLPS, NORMS, POSITIONS, GPTConfig
+from nanollm.parallel import check_parallelism
 from nanollm.tokenizer import Tokenizer
 
 MODEL_TYPES = {"gpt": (GPT, GPTConfig), "bert": (BERT, BertConfig), "encdec": (EncoderDecoder, GPTConfig)}
@@ -37,6 +38,7 @@ def check_settings(settings):
                  fraction=("dropout",))
     if settings["n_embd"] % settings["n_head"]:
         raise UserError(f"n_embd={settings['n_embd']} must be a multiple of n_head={settings['n_head']}")
+    check_parallelism(settings, settings["n_head"], settings["n_embd"])
     for name, choices in (("position", POSITIONS), ("norm", NORMS), ("mlp", MLPS)):
         if settings[name] not in choices:
             raise UserError(f"{name}={settings[name]!r}: expected one of {choices}")

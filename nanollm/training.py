@@ -60,7 +60,8 @@ def setup_run(settings, check_settings):
     Returns the Runtime."""
     check_settings(settings)
     check_out_dir(settings["out_dir"], settings["init_from"] == "resume", settings["overwrite"])
-    return setup(settings["device"], settings["backend"], settings["dtype"], announce=True)
+    return setup(settings["device"], settings["backend"], settings["dtype"], announce=True,
+                 parallelism=settings.get("parallelism", "ddp"))
 
 
 def evaluation_due(iter_num, eval_interval, max_iters, eval_only=False):

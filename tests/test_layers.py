@@ -8,7 +8,7 @@ NANOLLM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Lower levels first; a module may import its own level or any lower one, never a higher one.
 LEVELS = [
     {"configurator", "records", "clean", "world"},  # plain Python: settings, files, text, the simulated world
-    {"tokenizer", "metrics", "distributed", "optim", "sampling", "instructions"},
+    {"tokenizer", "metrics", "parallel", "distributed", "optim", "sampling", "instructions"},
     {"data", "model"},  # token files -> batches; transformer blocks and the GPT
     {"bert", "encdec", "gpt2", "checkpoint", "training", "export", "export_hf", "quantize", "pretraining"},  # other architectures, file formats
     {"sft"},
