@@ -60,7 +60,8 @@ qk_norm = False  # normalize queries and keys per head before attention
 tie_embeddings = True  # the output layer reuses the token embedding matrix (Press & Wolf 2017)
 attn_impl = "auto"  # 'manual' | 'sdpa' | 'triton' | 'auto' (sdpa): how attention runs, not saved with the weights
 init = "normal"  # 'normal' (GPT-2 style) | 'xavier' | 'he'
-# optimizer (AdamW) and schedule
+# optimizer and schedule
+optimizer = "adamw"  # 'adamw' | 'lamb' | 'lars' (layer-wise trust ratio, large batches) | 'muon' (nanollm/optim.py)
 learning_rate = 2e-3  # the peak, after warmup: a small model takes large steps
 max_iters = 600  # optimizer steps of tokens_per_iter tokens each
 weight_decay = 0.1  # AdamW's decoupled decay of the 2-D weights (Loshchilov & Hutter 2019)
@@ -110,7 +111,8 @@ if master:
 model = runtime.wrap(torch.compile(model) if compile else model)  # DDP, or split in place (fsdp, tp)
 raw_model = unwrap(model)
 scaler = runtime.grad_scaler()
-optimizer = configure_optimizer(raw_model, weight_decay, learning_rate, (beta1, beta2), runtime.device_type, master)
+optimizer = configure_optimizer(raw_model, weight_decay, learning_rate, (beta1, beta2), runtime.device_type, master,
+                                name=optimizer)  # the setting names the optimizer built here
 schedule = Schedule(learning_rate, warmup_iters, lr_decay_iters, max_iters, min_lr, lr_schedule if decay_lr else
                     "constant")  # warmup, then cosine (or polynomial) decay to min_lr
 iter_num, best_val_loss = 0, float("inf")
