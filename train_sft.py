@@ -3,8 +3,9 @@
 After pretraining (python train_pretrain.py writes out/), one process (CPU, one GPU, or Apple MPS):
     python train_sft.py                                   # built-in demo set: out/ -> out-sft/, before/after table
     python train_sft.py --dataset=my_data/ --eval_dataset=my_eval.jsonl --max_iters=1000 --packing=True
-N processes with DDP (one per GPU; gloo on CPU):
+N processes with DDP (one per GPU; gloo on CPU), or the model split over them (docs/parallelism.md):
     torchrun --standalone --nproc_per_node=4 train_sft.py
+    torchrun --standalone --nproc_per_node=4 train_sft.py --parallelism=fsdp   # or tp
 Resume after a crash or Ctrl-C:
     python train_sft.py --init_from=resume
 See what is trained on (the loss mask) in any data file:
@@ -76,6 +77,7 @@ device = "auto"  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 dtype = "auto"  # 'auto' (bfloat16 on a GPU that has it, else float32) | 'float32' | 'bfloat16' | 'float16'
 backend = "auto"  # DDP backend: 'auto' (nccl on CUDA, gloo on CPU) | 'nccl' | 'gloo'
 compile = False  # torch.compile the model
+parallelism = "ddp"  # 'ddp' (a whole copy per process) | 'fsdp' (sharded) | 'tp' (matrices split): nanollm/parallel.py
 seed = 1337  # batches, the held-out split of a custom dataset, dropout
 # ----------------------------------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])
@@ -104,8 +106,12 @@ if master:
 
 # ---- model
 model = GPT(GPTConfig(**model_args)).to(runtime.device)
+if init_from != "resume":
+    model.load_state_dict(checkpoint["model"])  # the base model, loaded whole before it is wrapped or split
+model = runtime.wrap(torch.compile(model) if compile else model)  # DDP, or split in place (fsdp, tp)
+raw_model = unwrap(model)
 scaler = runtime.grad_scaler()
-optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), runtime.device_type, master,
+optimizer = configure_optimizer(raw_model, weight_decay, learning_rate, (beta1, beta2), runtime.device_type, master,
                                 name=optimizer)  # the setting names the optimizer built here
 schedule = Schedule(learning_rate, warmup_iters, lr_decay_iters, max_iters, min_lr, lr_schedule if decay_lr else
                     "constant")  # warmup, then cosine (or polynomial) decay to min_lr
@@ -113,17 +119,14 @@ iter_num, best_val_loss = 0, float("inf")
 if init_from == "resume":
     iter_num, best_val_loss = restore_training_state(checkpoint, model, optimizer, scaler, runtime)
 else:
-    model.load_state_dict(checkpoint["model"])
-    torch.manual_seed(seed + runtime.rank)  # dropout differs per rank
+    torch.manual_seed(seed + runtime.data_rank)  # dropout differs per rank (tensor-parallel ranks agree)
 if master:
-    print(f"[nanollm] from {start_dir}/ckpt.pt at iteration {iter_num} ({model.num_parameters() / 1e6:.2f} M)")
+    print(f"[nanollm] from {start_dir}/ckpt.pt at iteration {iter_num} ({raw_model.num_parameters() / 1e6:.2f} M)")
 checkpoint = None  # free memory
 teacher_model = None
 if teacher:  # frozen, in eval mode: its next-token distributions on the same batches are the soft targets
     teacher_model, teacher_tokenizer, _, _ = load_model(teacher, runtime.device, attn_impl)
     check_teacher(teacher_model, teacher_tokenizer, tokenizer, block_size, teacher)
-model = runtime.wrap(torch.compile(model) if compile else model)  # DDP when several processes
-raw_model = unwrap(model)
 
 
 def run_evaluation(with_generation):
@@ -142,10 +145,10 @@ def save(iter_num):
 # ---- before training: the base model on the held-out set (skipped on resume: it is in metrics.jsonl)
 log = start_run(out_dir, runtime, init_from == "resume", iter_num, tokenizer_path, tensorboard, max_iters,
                 log_interval)  # out_dir is written from here on
-if master and (iter_num == 0 or eval_only):
+if runtime.evaluates and (iter_num == 0 or eval_only):  # rank 0, or every rank of a split model
     before, _ = run_evaluation(with_generation=eval_examples > 0)
     log.write({"iter": iter_num, "phase": "before", **before})
-    print("[nanollm] before SFT: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
+    log.say("[nanollm] before SFT: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
 
 # ---- the training loop
 stop = GracefulStop()  # Ctrl-C: finish the step, checkpoint, exit
@@ -155,7 +158,7 @@ t_start = time.time()
 while not eval_only and not stop.requested(runtime, iter_num):
     # held-out loss and checkpoint (the first evaluation was the "before" one)
     if iter_num > 0 and evaluation_due(iter_num, eval_interval, max_iters):
-        scores = run_evaluation(with_generation=False)[0] if master else {}
+        scores = run_evaluation(with_generation=False)[0] if runtime.evaluates else {}
         log.say(f"iter {iter_num}: held-out assistant tokens: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         log.write({"iter": iter_num, **scores})
         if should_save(scores.get("val_loss"), runtime):
@@ -169,7 +172,8 @@ while not eval_only and not stop.requested(runtime, iter_num):
     # this rank's micro-batches; the loss is a mean over every target token of the global batch
     t0 = time.time()
     batches = [get_sft_batch(train_examples, rows, batch_size, tokenizer.pad_id, seed, iter_num,
-                             runtime.rank * accum_per_rank + micro, runtime.device) for micro in range(accum_per_rank)]
+                             runtime.data_rank * accum_per_rank + micro, runtime.device)
+               for micro in range(accum_per_rank)]
     n_targets = dist_utils.all_reduce_mean(sum(b.n_targets for b in batches), runtime) * runtime.world_size
     loss_sum = 0.0
     for micro, batch in enumerate(batches):
@@ -209,5 +213,7 @@ elif master and not eval_only:  # the end: held-out metrics before and after, an
     for conversation, reply in samples[:: max(1, len(samples) // 6)][:6]:
         print(f"  Q: {conversation.messages[-2]['content']}\n  A: {reply}\n  (reference: "
               f"{conversation.messages[-1]['content']})")
+elif runtime.evaluates and not eval_only:  # the other ranks of a split model take part in rank 0's evaluation
+    run_evaluation(with_generation=eval_examples > 0)
 dist_utils.teardown(runtime)
 stop.exit_if_stopped()

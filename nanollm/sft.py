@@ -42,6 +42,7 @@ from nanollm.distributed import barrier
 from nanollm.instructions import write_demo_dataset
 from nanollm.metrics import accuracy, classification_scores, generation_metrics, mean_token_f1
 from nanollm.optim import OPTIMIZERS
+from nanollm.parallel import check_parallelism
 from nanollm.tokenizer import ROLES, Tokenizer, encode_messages, prompt_ids
 
 IGNORE_INDEX = -100  # targets equal to this are not trained on (F.cross_entropy's ignore_index)
@@ -520,6 +521,7 @@ def check_settings(settings):
                  fraction=("dropout", "val_fraction"))
     if settings["optimizer"] not in OPTIMIZERS:
         raise UserError(f"optimizer={settings['optimizer']!r}: expected one of {OPTIMIZERS}")
+    check_parallelism(settings)  # the heads are the base model's: their split is checked when the model is split
     if settings.get("teacher"):
         check_ranges(settings, positive=("distill_temperature",))
         if not 0 <= settings["distill_alpha"] <= 1:

@@ -9,11 +9,12 @@ import torch
 import torch.multiprocessing as mp
 
 from nanollm.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, unwrap
+from nanollm.configurator import UserError
 from nanollm.distributed import Runtime, all_reduce_mean, setup, teardown
 from nanollm.loader import load_model
 from nanollm.model import GPT, GPTConfig
 from nanollm.optim import configure_optimizer
-from nanollm.parallel import device_mesh, rows_for_ranks
+from nanollm.parallel import check_parallelism, device_mesh, rows_for_ranks
 from nanollm.training import GuardedStep
 from script_runner import run_script, write_corpus
 
@@ -146,3 +147,13 @@ def losses(out_dir):
     import json
     with open(out_dir / "metrics.jsonl") as f:
         return {r["iter"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def test_parallelism_settings_are_checked_before_any_work():
+    with pytest.raises(UserError, match="parallelism='zero3'"):
+        check_parallelism({"parallelism": "zero3"})
+    with pytest.raises(UserError, match="n_head=6.*multiple of 4"):
+        check_parallelism({"parallelism": "tp"}, n_head=6, n_embd=48, world_size=4)
+    with pytest.raises(UserError, match="optimizer='lamb'"):
+        check_parallelism({"parallelism": "fsdp", "optimizer": "lamb"})
+    check_parallelism({"parallelism": "tp"}, n_head=8, n_embd=64, world_size=4)  # 2 heads per process
