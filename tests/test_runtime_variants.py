@@ -1,6 +1,6 @@
 """Runtime choices that must not change what is computed: train_pretrain.py under --dtype=bfloat16 (CPU autocast),
 --attn_impl=triton (our kernel, through the Triton interpreter on a CPU) and --compile=True gives the float32 run's
-losses; KV-cache decoding with attn_impl='triton' equals the full forward pass."""
+losses; KV-cache decoding with attn_impl='triton', or under bfloat16 autocast, equals the full forward pass."""
 import json
 import os
 
@@ -64,6 +64,37 @@ def test_triton_attention_on_a_cpu_needs_no_triton_interpret_setting(data_dir, f
     losses, out = train(data_dir, tmp_path, "--dtype=float32", "--attn_impl=triton", unset=("TRITON_INTERPRET",))
     assert "attn_impl=triton" in out and "error" not in out
     assert losses == pytest.approx(float32_losses, abs=1e-4)
+
+
+@pytest.mark.slow  # the compiler's first run: about half a minute of C++ compilation on a CPU
+def test_compiled_model_trains_like_eager_and_saves_plain_parameter_names(data_dir, float32_losses, tmp_path):
+    losses, out = train(data_dir, tmp_path, "--dtype=float32", "--compile=True")
+    assert losses == pytest.approx(float32_losses, abs=1e-4)  # the same arithmetic, fused
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]
+    assert not any(name.startswith(("_orig_mod.", "module.")) for name in state)  # the unwrapped module's names
+    model = GPT(GPTConfig(**torch.load(tmp_path / "ckpt.pt", weights_only=True)["model_args"]))
+    model.load_state_dict(state)  # strict: every name matches a plain GPT
+
+
+def test_kv_cache_decoding_under_bfloat16_autocast_equals_uncached_decoding():
+    """The CPU autocast of --dtype=bfloat16 around cached decoding: the cache holds bfloat16 keys and values, and
+    greedy tokens and per-step logits agree with the full forward under the same autocast."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, block_size=24, n_layer=2, n_head=2, n_embd=32, dropout=0.0)).eval()
+    idx = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full_logits, _ = model(idx)
+        assert full_logits.dtype == torch.bfloat16  # autocast did run
+        cache = model.new_kv_cache(2, 12)
+        step_logits = [model(idx[:, :5], kv_cache=cache)[0]] + [model(idx[:, t:t + 1], kv_cache=cache)[0]
+                                                                  for t in range(5, 12)]
+        cached = model.generate(idx[:, :4], 12, temperature=0)
+        uncached = model.generate(idx[:, :4], 12, temperature=0, use_cache=False)
+    # bfloat16 keeps 8 bits: a cached step and the full pass may round differently, by a few units of 2^-8·max|logit|
+    # (the logits here spread ~0.1: a wrong position or mask would be off by that much)
+    bound = 4 * 2 ** -8 * full_logits.float().abs().max().item()
+    torch.testing.assert_close(torch.cat(step_logits, dim=1).float(), full_logits.float(), rtol=0, atol=bound)
+    assert torch.equal(cached, uncached)
 
 
 def test_kv_cache_decoding_with_triton_attention_equals_the_full_forward():
