@@ -3,13 +3,16 @@ reward-model checkpoint written here in the formats train_sft.py and train_rm.py
 import dataclasses
 import json
 import os
+import runpy
 import shutil
+import sys
 
 import pytest
 import torch
 
 from nanollm.annotators import feedback_prompts
 from nanollm.checkpoint import load_checkpoint
+from nanollm.configurator import UserError
 from nanollm.loader import load_model
 from nanollm.model import GPT, GPTConfig
 from nanollm.reward import RewardModel
@@ -196,28 +199,30 @@ def test_ddp_ranks_stop_the_epochs_together_on_approx_kl_without_stepping_past_i
     assert ranks[0]["kl"] == ranks[1]["kl"] == pytest.approx(training[0]["kl"])
 
 
-def test_bad_settings_fail_before_any_work(checkpoints, tmp_path):
+def test_a_bad_setting_is_one_line_and_exit_code_2(checkpoints, tmp_path):
     sft, rm = checkpoints
-    unknown = run([f"--out_dir={tmp_path / 'a'}", "--no_such_setting=1"], check=False)
-    assert unknown.returncode != 0 and "unknown setting 'no_such_setting'" in unknown.stderr
-    estimator = run([f"--init_from={sft}", f"--reward_model={rm}", f"--out_dir={tmp_path / 'b'}",
-                     "--kl_estimator=k2"], check=False)
-    assert estimator.returncode != 0 and "kl_estimator='k2'" in estimator.stderr
     k3 = run([f"--init_from={sft}", f"--reward_model={rm}", f"--out_dir={tmp_path / 'b3'}", "--kl_estimator=k3"],
              check=False)
     assert k3.returncode == 2 and "k3 belongs in a loss" in k3.stderr and "Traceback" not in k3.stderr
-    swapped = run([f"--init_from={rm}", f"--reward_model={rm}", f"--out_dir={tmp_path / 'c'}"], check=False)
-    assert swapped.returncode != 0 and "holds a reward model" in swapped.stderr
-    assert not os.path.exists(tmp_path / "c" / "metrics.jsonl")
-    odd = run([f"--init_from={sft}", f"--reward_model={rm}", f"--out_dir={tmp_path / 'd'}",
-               "--samples_per_prompt=3"], check=False)
-    assert odd.returncode != 0 and "must be a multiple of samples_per_prompt=3" in odd.stderr
-    lonely = run([f"--init_from={sft}", f"--reward_model={rm}", f"--out_dir={tmp_path / 'e'}",
-                  "--score_baseline=others_mean"], check=False)
-    assert lonely.returncode != 0 and "samples_per_prompt >= 2" in lonely.stderr
-    renamed = run([f"--init_from={sft}", f"--reward_model={rm}", f"--out_dir={tmp_path / 'f'}",
-                   "--score_baseline=leave_one_out", "--samples_per_prompt=2"], check=False)
-    assert renamed.returncode == 2 and "is now 'others_mean'" in renamed.stderr and "not RLOO" in renamed.stderr
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["--no_such_setting=1"], "unknown setting 'no_such_setting'"),
+    (["--kl_estimator=k2"], "kl_estimator='k2'"),
+    (["--samples_per_prompt=3"], "must be a multiple of samples_per_prompt=3"),
+    (["--score_baseline=others_mean"], "samples_per_prompt >= 2"),
+    (["--score_baseline=leave_one_out", "--samples_per_prompt=2"], "is now 'others_mean'.*not RLOO"),
+    (["--swapped"], "holds a reward model"),  # the reward model given as the SFT model
+], ids=["unknown", "k2", "multiple", "lonely", "renamed", "swapped"])
+def test_bad_settings_fail_before_any_work(checkpoints, tmp_path, monkeypatch, settings, message):
+    """In this process (each fails before the loop, as the subprocess above shows for one): no file is written."""
+    sft, rm = checkpoints
+    start = [f"--init_from={rm}"] if settings == ["--swapped"] else [f"--init_from={sft}"] + settings
+    script = os.path.join(REPO, "train_ppo.py")
+    monkeypatch.setattr(sys, "argv", [script] + TINY + start + [f"--reward_model={rm}", f"--out_dir={tmp_path}"])
+    with pytest.raises(UserError, match=message):
+        runpy.run_path(script, run_name="__main__")
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_reward_model_that_trained_on_a_test_or_validation_prompt_is_refused(checkpoints, tmp_path):
