@@ -1,6 +1,6 @@
 """Benchmark: AdamW, LAMB, LARS and Muon at a large batch, on the same data and the same token budget.
 
-    python bench/bench_optimizers.py                      # world corpus, 8x the default batch, ~10 min of CPU
+    python bench/bench_optimizers.py --jobs=4             # world corpus, 8x the default batch, ~10 min of CPU
     python bench/bench_optimizers.py --max_iters=600 --extra="--n_layer=4 --n_embd=128" --device=cuda
 Every optimizer trains train_pretrain.py with gradient_accumulation_steps=8 (8 x the default 16 x 128 tokens per step)
 for max_iters steps, once per learning rate of its small grid (min_lr = learning rate / 10). The learning rate of each
@@ -10,17 +10,19 @@ prints two markdown tables (the chosen runs, then the whole grid); it is not a t
 """
 import json
 import os
-import resource
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from nanollm.configurator import UserError, configure  # noqa: E402
 
-# optimizer:learning rates (slash-separated), comma-separated; LAMB's step is lr·‖w‖ and LARS's at most lr·‖w‖
-# per matrix, so their rates sit higher than AdamW's; Muon's update has AdamW's RMS (nanollm/optim.py)
-grid = "adamw:2e-3/4e-3/8e-3,lamb:5e-3/1e-2/2e-2,lars:5e-3/1e-2/2e-2,muon:2e-3/4e-3/8e-3"
+# optimizer:learning rates (slash-separated), comma-separated. In 60 steps the best rates are high. LAMB moves each
+# matrix by lr·‖w‖ per step, about lr·0.02 per weight at the initial scale, where AdamW moves a weight by up to lr, so
+# its rates sit higher; LARS moves a matrix by at most lr·‖w‖ before momentum (~10x that after); Muon's update has
+# AdamW's RMS (nanollm/optim.py). A first grid (AdamW 2e-3/4e-3/8e-3, LAMB 5e-3) had its best at the top edge.
+grid = "adamw:8e-3/1.6e-2/3.2e-2,lamb:5e-2/1e-1/2e-1,lars:2e-2/5e-2/1e-1,muon:8e-3/1.6e-2/3.2e-2"
 max_iters = 60  # optimizer steps per run: every run sees max_iters x 16,384 tokens
 gradient_accumulation_steps = 8  # 8 micro-batches of 16 x 128 tokens per step: 8 x the default batch
 warmup_iters = 6  # a tenth of the steps
@@ -28,6 +30,7 @@ dataset = "world"
 work_dir = "/tmp/bench_optimizers"  # prepared data and runs go here
 device = "cpu"
 extra = "--n_layer=2 --n_embd=64 --n_head=2"  # more train_pretrain.py arguments, space-separated
+jobs = 1  # runs at once (each one process with its own CPU time measured; the numbers do not depend on it)
 configure(globals(), sys.argv[1:])
 
 
@@ -41,7 +44,7 @@ def parse_grid(text):
 
 
 def train(optimizer, learning_rate):
-    """Run train_pretrain.py; returns (its final evaluation record, the CPU seconds it took)."""
+    """Run train_pretrain.py; returns (its final evaluation record, the CPU seconds that process used)."""
     out_dir = os.path.join(work_dir, f"{optimizer}_{learning_rate:g}")
     command = [sys.executable, os.path.join(REPO, "train_pretrain.py"), f"--dataset={dataset}",
                f"--data_dir={os.path.join(work_dir, 'data')}", f"--out_dir={out_dir}", f"--optimizer={optimizer}",
@@ -49,14 +52,17 @@ def train(optimizer, learning_rate):
                f"--eval_interval={max_iters}", f"--warmup_iters={warmup_iters}", "--eval_iters=16",
                f"--gradient_accumulation_steps={gradient_accumulation_steps}", f"--device={device}",
                "--overwrite=True", "--sample_tokens=1", "--log_interval=1"] + extra.split()
-    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if result.returncode != 0:
-        sys.exit(f"train_pretrain.py failed for {optimizer} at lr {learning_rate}:\n{result.stderr[-2000:]}")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "bench_output.txt"), "w") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, cwd=REPO)
+        _, status, usage = os.wait4(process.pid, 0)  # this child's own CPU time, even with other runs in parallel
+        process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        with open(os.path.join(out_dir, "bench_output.txt")) as output:
+            sys.exit(f"train_pretrain.py failed for {optimizer} at lr {learning_rate}:\n{output.read()[-2000:]}")
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         final = [r for r in map(json.loads, f) if "val_loss" in r][-1]
-    return final, (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
+    return final, usage.ru_utime + usage.ru_stime
 
 
 def table(rows):
@@ -67,13 +73,22 @@ def table(rows):
     return "\n".join(lines)
 
 
-runs = []
-for optimizer, learning_rates in parse_grid(grid).items():
-    for learning_rate in learning_rates:
-        final, cpu_seconds = train(optimizer, learning_rate)
-        runs.append({"optimizer": optimizer, "learning rate": f"{learning_rate:g}", "train loss": final["train_loss"],
-                     "val loss": final["val_loss"], "val bpb": final["val_bpb"], "CPU s": cpu_seconds})
-        print(f"[bench] {runs[-1]}", flush=True)
+def run(job):
+    optimizer, learning_rate = job
+    final, cpu_seconds = train(optimizer, learning_rate)
+    row = {"optimizer": optimizer, "learning rate": f"{learning_rate:g}", "train loss": final["train_loss"],
+           "val loss": final["val_loss"], "val bpb": final["val_bpb"], "CPU s": cpu_seconds}
+    print(f"[bench] {row}", flush=True)
+    return row
+
+
+subprocess.run([sys.executable, os.path.join(REPO, "train_pretrain.py"), f"--dataset={dataset}", "--eval_only=True",
+                f"--data_dir={os.path.join(work_dir, 'data')}", f"--out_dir={os.path.join(work_dir, 'prepare')}",
+                "--overwrite=True", f"--device={device}"] + extra.split(), check=True,
+               capture_output=True)  # the data is prepared once, before runs start in parallel
+jobs_list = [(name, lr) for name, rates in parse_grid(grid).items() for lr in rates]
+with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads only wait for their subprocess
+    runs = list(pool.map(run, jobs_list))
 
 chosen = [min((run for run in runs if run["optimizer"] == name), key=lambda run: run["train loss"])
           for name in parse_grid(grid)]  # the learning rate picked on the training split
