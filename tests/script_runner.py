@@ -1,5 +1,6 @@
 """Run a repository script as a user does: a subprocess on the CPU with one thread, optionally under torchrun."""
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -50,3 +51,11 @@ def interrupt_after(script, args, out_dir, key='"loss"', records=2, timeout=300)
     process.send_signal(signal.SIGINT)
     output = process.communicate(timeout=timeout)[0]
     return process.returncode, output
+
+
+def run_in_process(script, args, monkeypatch):
+    """Run a script in this process, for a failure before its loop (no interpreter start-up): argv set through
+    pytest's monkeypatch, so it is restored after the test."""
+    path = os.path.join(REPO, script)
+    monkeypatch.setattr(sys, "argv", [path] + list(args))
+    runpy.run_path(path, run_name="__main__")

@@ -1,17 +1,19 @@
 """End-to-end checks of train_rm.py, run as a user runs it (subprocesses, CPU, a tiny pretrained model)."""
 import json
 import os
+import re
 
 import pytest
 import torch
 
 from nanollm.annotators import GoldAnnotator, feedback_prompts
 from nanollm.checkpoint import load_checkpoint
+from nanollm.configurator import UserError
 from nanollm.loader import load_model
 from nanollm.reward import dataset_loss, encode_groups, load_groups, score_encoded
 from nanollm.tokenizer import Tokenizer
 from nanollm.world import World
-from script_runner import interrupt_after, run_script
+from script_runner import interrupt_after, run_in_process, run_script
 
 TINY = ["--batch_size=4", "--log_interval=1", "--warmup_iters=2", "--learning_rate=1e-3", "--dtype=float32",
         "--device=cpu"]
@@ -123,21 +125,22 @@ def test_ddp_two_processes_match_one_process_with_accumulation(base, scored_data
         assert abs(a[it] - b[it]) < 1e-5, (it, a[it], b[it])
 
 
-def test_mse_trains_on_scores_and_is_refused_on_pairs(base, scored_data, tmp_path):
+def test_mse_trains_on_scores_and_is_refused_on_pairs(base, scored_data, tmp_path, monkeypatch):
     result = run([f"--init_from={base}", f"--dataset={scored_data / 'train.jsonl'}", "--loss=mse", "--max_iters=2",
                   f"--out_dir={tmp_path / 'mse'}"])
     assert "loss=mse" in result.stdout and sorted(losses(tmp_path / "mse")) == [0, 1]
-    refused = run([f"--init_from={base}", f"--dataset={scored_data / 'pairs.jsonl'}", "--loss=mse",
-                   f"--out_dir={tmp_path / 'refused'}"], check=False)
-    assert refused.returncode != 0 and "pairs.jsonl:1: loss='mse' needs the scores format" in refused.stderr
+    with pytest.raises(UserError, match="pairs.jsonl:1: loss='mse' needs the scores format"):
+        run_in_process("train_rm.py", TINY + [f"--init_from={base}", f"--dataset={scored_data / 'pairs.jsonl'}",
+                                              "--loss=mse", f"--out_dir={tmp_path / 'refused'}"], monkeypatch)
+    assert not os.path.exists(tmp_path / "refused" / "metrics.jsonl")
 
 
-def test_a_bad_record_stops_the_run_before_training(base, scored_data, tmp_path):
+def test_a_bad_record_stops_the_run_before_training(base, scored_data, tmp_path, monkeypatch):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "response": "r"}\n')
-    result = run([f"--init_from={base}", f"--dataset={bad}", f"--out_dir={tmp_path / 'out'}"], check=False)
-    assert result.returncode != 0
-    assert f"{bad}:2: record matches no reward-data format" in result.stderr
+    with pytest.raises(UserError, match=re.escape(f"{bad}:2: record matches no reward-data format")):
+        run_in_process("train_rm.py", TINY + [f"--init_from={base}", f"--dataset={bad}",
+                                              f"--out_dir={tmp_path / 'out'}"], monkeypatch)
     assert not os.path.exists(tmp_path / "out" / "metrics.jsonl")
 
 
@@ -167,10 +170,11 @@ def test_a_bert_backbone_trains_on_one_and_two_ranks_and_loads_back(base, bert_b
     assert not torch.equal(model.backbone.blocks[0].attn.c_attn.weight, bert_state["blocks.0.attn.c_attn.weight"])
 
 
-def test_a_gpt_folder_as_the_backbone_is_refused(base, scored_data, tmp_path):
-    result = run([f"--init_from={base}", f"--backbone={base}", f"--dataset={scored_data / 'pairs.jsonl'}",
-                  "--loss=pairwise", "--max_iters=1", f"--out_dir={tmp_path / 'out'}"], check=False)
-    assert result.returncode != 0 and "--model_type=bert out_dir" in result.stderr
+def test_a_gpt_folder_as_the_backbone_is_refused(base, scored_data, tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="--model_type=bert out_dir"):
+        run_in_process("train_rm.py", TINY + [f"--init_from={base}", f"--backbone={base}", "--loss=pairwise",
+                                              f"--dataset={scored_data / 'pairs.jsonl'}", "--max_iters=1",
+                                              f"--out_dir={tmp_path / 'out'}"], monkeypatch)
 
 
 def test_a_custom_file_is_split_by_prompt_and_the_model_records_its_training_prompts(base, tmp_path):

@@ -1,12 +1,14 @@
 """End-to-end checks of train_sft.py, run as a user runs it (subprocesses, CPU, a tiny pretrained model)."""
 import json
 import os
+import re
 
 import pytest
 import torch
 
+from nanollm.configurator import UserError
 from nanollm.instructions import demo_records
-from script_runner import interrupt_after, run_script
+from script_runner import interrupt_after, run_in_process, run_script
 
 TINY = ["--batch_size=4", "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", "--dtype=float32",
         "--device=cpu", "--max_new_tokens=6", "--eval_examples=6"]
@@ -107,13 +109,13 @@ def test_ddp_two_processes_match_one_process_with_accumulation_and_packing(base,
         assert abs(a[it] - b[it]) < 1e-5, (it, a[it], b[it])
 
 
-def test_a_bad_record_stops_the_run_before_training(base, custom_data, tmp_path):
+def test_a_bad_record_stops_the_run_before_training(base, custom_data, tmp_path, monkeypatch):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "a"}\n{"prompt": "p", "response": "r"}\n')
-    result = run([f"--init_from={base}", f"--dataset={custom_data},{bad}", f"--out_dir={tmp_path / 'out'}"],
-                 check=False)
-    assert result.returncode != 0
-    assert f"{bad}:2: record matches no SFT format; keys seen: ['prompt', 'response']" in result.stderr
+    message = f"{bad}:2: record matches no SFT format; keys seen: ['prompt', 'response']"
+    with pytest.raises(UserError, match=re.escape(message)):
+        run_in_process("train_sft.py", TINY + [f"--init_from={base}", f"--dataset={custom_data},{bad}",
+                                               f"--out_dir={tmp_path / 'out'}"], monkeypatch)
     assert not os.path.exists(tmp_path / "out" / "metrics.jsonl")
 
 
