@@ -12,6 +12,7 @@ from nanollm.labeling import (LabelStore, agreement_report, items_path, make_rec
                               prepare_items)
 from nanollm.reward import load_groups
 from nanollm.world import World
+from script_runner import run_script
 
 ITEMS = [{"input": "火星与地球相比有何不同?", "responses": ["火星更冷。", "不知道。", "火星是红色的。"]},
          {"input": "Say hi.", "responses": ["Hi.", "Hello there, friend.", "No."]},
@@ -66,7 +67,7 @@ def test_the_label_file_is_rewritten_whole_and_resumes_each_labeler(tmp_path):
         LabelStore(path, ITEMS[1:])
 
 
-def test_agreement_and_kendall_tau_against_hand_computed_values():
+def test_agreement_and_kendall_tau_against_hand_computed_values(tmp_path):
     assert places([2, 3, 1]) == [-2, 0, -1]
     assert pair_agreement([0, -1, -2], [0, -2, -1]) == (2, 3)
     records = [make_record(ITEMS, 0, "ana", SCORES, [1, 2, 3]), make_record(ITEMS, 0, "ben", SCORES, [1, 3, 2]),
@@ -76,6 +77,10 @@ def test_agreement_and_kendall_tau_against_hand_computed_values():
     # item 0: pairs (1,2) (1,3) agree, (2,3) not: 2/3, τ = (2 - 1)/3; item 1: reversed: 0/3, τ = -1
     assert (a, b, items) == ("ana", "ben", 2)
     assert agreement == pytest.approx(2 / 6) and tau == pytest.approx((1 / 3 - 1) / 2)
+    path = tmp_path / "labels.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    printed = run_script("label.py", ["--report=True", f"--labels={path}"]).stdout
+    assert "| ana / ben | 2 | 33.3% | -0.333 |" in printed
 
 
 def test_agreement_with_the_gold_annotator_on_world_prompts():
