@@ -4,6 +4,7 @@ It shows what each stage reached on held-out data, and the lesson of RLHF in one
 penalty the gold score (the truth the policy never sees) rises; without one (β = 0) the reward-model score keeps
 rising while the gold score peaks and falls and the KL runs away: reward hacking (Gao et al. 2023, "Scaling Laws
 for Reward Model Overoptimization"; the KL penalty of Ziegler et al. 2019 and InstructGPT, Ouyang et al. 2022).
+After pipeline.py --methods=all, one more table and plot: every method against best-of-N at matched KL.
 Rebuild from existing runs: python -m nanollm.report --pipeline_dir=out-pipeline   (or --ppo=out-ppo ...)
 """
 import json
@@ -11,10 +12,15 @@ import math
 import os
 import sys
 
+from nanollm.comparison import (FAMILIES, METHODS, final_eval, plot_gold_vs_kl, read_best_of_n, run_row,
+                                versus_best_of_n)
+
 STAGE_DIRS = {"pretrain": "pretrain", "sft": "sft", "rm": "rm", "ppo": "ppo", "ppo_beta0": "ppo-beta0"}  # in a
 # pipeline_dir: the out_dir of each stage
+ALL_STAGE_DIRS = {**STAGE_DIRS, **{name: method.folder for name, method in METHODS.items()}}  # with every method
 MARKER = "pipeline.json"  # written by pipeline.py in a stage's out_dir: its command, finished or not, wall time
 PLOT_NAME = "ppo_curves.png"
+COMPARISON_PLOT = "gold_vs_kl.png"
 EVAL_KEYS = (("eval_score", "reward-model score", "{:+.3f}"), ("eval_gold", "gold score (1-5)", "{:.3f}"),
              ("eval_gold_gain", "gold gain over the SFT model (paired)", "{:+.3f}"),
              ("eval_gold_gain_se", "... its standard error", "{:.3f}"),
@@ -245,10 +251,72 @@ def plot_ppo(runs, path):
     return True
 
 
-def build_report(stage_dirs, report_dir, notes=None):
-    """Write report_dir/report.md (and report_dir/ppo_curves.png when matplotlib is there); return the markdown.
+def plus_minus(value, se, spec="{:+.3f}"):
+    return "n/a" if value is None else f"{spec.format(value)} ± {fmt(se, '{:.3f}')}"
 
-    stage_dirs: {'pretrain', 'sft', 'rm', 'ppo', 'ppo_beta0'} -> out_dir (a missing key or folder reads 'missing').
+
+def comparison_section(stage_dirs, report_dir):
+    """Every method's final evaluation on the test prompts beside best-of-N's, and gold_vs_kl.png (nanollm/
+    comparison.py); '' when nothing beyond the pipeline's two PPO runs has run."""
+    runs, markers = [], {}
+    for name in METHODS:
+        folder = stage_dirs.get(name)
+        markers[name] = read_marker(folder) if folder else None
+        records = read_run(folder) if folder and name != "best_of_n" else None
+        if final_eval(records):
+            runs.append(run_row(name, records, markers[name]))
+    best_rows = read_best_of_n(stage_dirs["best_of_n"]) if stage_dirs.get("best_of_n") else None
+    if not best_rows and all(r["stage"] in STAGE_DIRS for r in runs):
+        return ""
+    arithmetic = [r for r in runs if "eval_accuracy" in r["last"]]  # its own test prompts: arithmetic questions
+    compared = sorted((r for r in runs if r not in arithmetic), key=lambda r: (FAMILIES.index(r["family"]), r["kl"]))
+    header = ["method", "iterations", "gold gain over SFT (± SE)", "vs best-of-N at the same KL (± SE)",
+              "reward-model score", "KL to SFT", "length", "wall time (s)"]
+    rows = []
+    if compared:  # iteration 0 of any run is the SFT model itself
+        start = compared[0]["first"]
+        rows.append(["SFT model (the start)", "0", "0", "", fmt(start.get("eval_score"), "{:+.3f}"), "0",
+                     fmt(start.get("eval_response_length"), "{:.1f}"), ""])
+    for r in compared:
+        versus = versus_best_of_n(r, best_rows)
+        beyond = best_rows and r["kl"] is not None and r["kl"] > max(row["kl"] for row in best_rows)
+        unfinished = "" if (markers[r["stage"]] or {}).get("finished", True) else " (unfinished)"
+        rows.append([r["label"] + unfinished, str(r["iter"]), plus_minus(r["gain"], r["gain_se"]),
+                     f"{plus_minus(*versus[:2])} ({versus[2]})" if versus else
+                     f"n/a (KL beyond N = {max(row['n'] for row in best_rows)})" if beyond else "n/a",
+                     fmt(r["score"], "{:+.3f}"), fmt(r["kl"], "{:.3f}"), fmt(r["length"], "{:.1f}"),
+                     fmt(r["wall_s"], "{:.0f}")])
+    wall = (markers.get("best_of_n") or {}).get("wall_s")
+    for index, row in enumerate(best_rows or []):
+        rows.append([f"best-of-N, N = {row['n']}", "0", plus_minus(row["gold_gain"], row["gold_gain_se"]), "",
+                     fmt(row["score"], "{:+.3f}"), f"{row['kl']:.3f}", fmt(row["response_length"], "{:.1f}"),
+                     f"{fmt(wall, '{:.0f}')} (all N)" if index == 0 else ""])
+    text = "## The methods side by side\n\nEach from the same SFT model, reward model, preference data and seeds, at " \
+           "its last evaluation on the same test prompts: gold gain over the SFT model on the same seeded samples " \
+           "(paired, ± standard error over prompts), KL to the SFT model in nats per response (best-of-N: " \
+           "log N − (N−1)/N, an upper bound). 'vs best-of-N': the gain minus best-of-N's at the same KL (linear " \
+           "between the measured N), the two standard errors combined as independent; 'above' / 'below' when the " \
+           "difference is more than 2 standard errors.\n\n" + table(header, rows) + "\n"
+    if arithmetic:
+        rows = [[r["label"], plus_minus(r["first"]["eval_accuracy"], r["first"].get("eval_accuracy_se"), "{:.3f}"),
+                 plus_minus(r["last"]["eval_accuracy"], r["last"].get("eval_accuracy_se"), "{:.3f}"),
+                 plus_minus(r["gain"], r["gain_se"]), fmt(r["kl"], "{:.3f}")] for r in arithmetic]
+        text += "\nVerifiable reward, on held-out arithmetic questions (its own test prompts):\n\n" + table(
+            ["run", "accuracy before (± SE)", "accuracy after (± SE)", "gold gain (± SE)", "KL to SFT"], rows) + "\n"
+    if compared or best_rows:
+        if plot_gold_vs_kl(compared, best_rows, os.path.join(report_dir, COMPARISON_PLOT)):
+            text += f"\n![gold gain and reward-model score against KL to the SFT model]({COMPARISON_PLOT})\n"
+        else:
+            text += "\n_Plot skipped: matplotlib is not installed (pip install matplotlib)._\n"
+    return text
+
+
+def build_report(stage_dirs, report_dir, notes=None):
+    """Write report_dir/report.md (and report_dir/ppo_curves.png, gold_vs_kl.png when matplotlib is there); return
+    the markdown.
+
+    stage_dirs: {'pretrain', 'sft', 'rm', 'ppo', 'ppo_beta0'} -> out_dir (a missing key or folder reads 'missing'),
+    and any of comparison.METHODS' stages -> out_dir.
     notes: optional {stage: note} for the wall-time table (e.g. 'skipped: already done')."""
     notes = notes or {}
     records = {stage: read_run(stage_dirs[stage]) if stage_dirs.get(stage) else None for stage in STAGE_DIRS}
@@ -256,7 +324,8 @@ def build_report(stage_dirs, report_dir, notes=None):
     runs = [("ppo", records["ppo"], where["ppo"], False),
             ("ppo-beta0", records["ppo_beta0"], where["ppo_beta0"], True)]
     sections = ["# nanollm pipeline report\n", pretrain_section(records["pretrain"], where["pretrain"]),
-                sft_section(records["sft"], where["sft"]), rm_section(records["rm"], where["rm"]), ppo_section(runs)]
+                sft_section(records["sft"], where["sft"]), rm_section(records["rm"], where["rm"]), ppo_section(runs),
+                comparison_section(stage_dirs, report_dir)]
     plotted = [(run_label(name, r), r) for name, r, _, _ in runs if r is not None and ppo_evals(r)]
     if plotted:
         if plot_ppo(plotted, os.path.join(report_dir, PLOT_NAME)):
@@ -264,7 +333,8 @@ def build_report(stage_dirs, report_dir, notes=None):
         else:
             sections.append("_Plot skipped: matplotlib is not installed (pip install matplotlib)._\n")
     timings, recorded = [], False
-    for stage in STAGE_DIRS:
+    methods = [name for name in METHODS if name not in STAGE_DIRS and stage_dirs.get(name)]
+    for stage in list(STAGE_DIRS) + [name for name in methods if read_marker(stage_dirs[name])]:
         marker = read_marker(stage_dirs[stage]) if stage_dirs.get(stage) else None
         if marker is None:
             timings.append((stage, None, notes.get(stage, "no pipeline record")))
@@ -277,7 +347,7 @@ def build_report(stage_dirs, report_dir, notes=None):
         timings.append((stage, marker.get("wall_s"), notes.get(stage, note)))
     if recorded:  # the wall-time table needs pipeline.py's records
         sections.append(timing_section(timings))
-    markdown = "\n".join(sections)
+    markdown = "\n".join(section for section in sections if section)
     os.makedirs(report_dir, exist_ok=True)
     with open(os.path.join(report_dir, "report.md"), "w", encoding="utf-8") as f:
         f.write(markdown)
@@ -288,7 +358,7 @@ def main(argv=None):
     from nanollm.configurator import UserError, configure_command
 
     settings = dict(
-        pipeline_dir="",  # a pipeline.py folder: its stages in pretrain/, sft/, rm/, ppo/, ppo-beta0/
+        pipeline_dir="",  # a pipeline.py folder: its stages in pretrain/, sft/, rm/, ppo/, ppo-beta0/, dpo/, ...
         **{stage: "" for stage in STAGE_DIRS},  # one stage's out_dir (overrides the one in pipeline_dir)
         report_dir="",  # where report.md and the plot go ('' = pipeline_dir, else 'report')
     )
@@ -298,7 +368,7 @@ def main(argv=None):
         raise UserError(f"command line: unexpected argument '{words[0]}' (a pipeline folder: "
                         f"--pipeline_dir={words[0]})")
     pipeline_dir = settings["pipeline_dir"]
-    stage_dirs = {stage: os.path.join(pipeline_dir, folder) for stage, folder in STAGE_DIRS.items()} \
+    stage_dirs = {stage: os.path.join(pipeline_dir, folder) for stage, folder in ALL_STAGE_DIRS.items()} \
         if pipeline_dir else {}
     stage_dirs.update({stage: settings[stage] for stage in STAGE_DIRS if settings[stage]})
     if not stage_dirs:

@@ -15,7 +15,7 @@ LEVELS = [
     {"reward"},
     {"loader"},  # opens every kind of model file the stages before it write (PPO's policy is a GPT)
     {"ppo"},
-    {"evaluation", "serving", "annotators", "prune", "report"},  # tools built on the loader
+    {"evaluation", "serving", "annotators", "prune", "report", "comparison"},  # tools built on the loader
     {"labeling"},  # people label replies: the annotators' sampling and dimensions, a page and its label file
     {"dpo", "best_of_n"},  # alignment methods beside PPO, reusing its rollout, scoring and held-out evaluation
     {"grpo"},  # critic-free RL: PPO's pieces and the annotators' arithmetic questions

@@ -6,6 +6,8 @@ import shutil
 
 import pytest
 
+from nanollm.comparison import METHODS, check_arguments, method_stages, parse_methods
+from nanollm.configurator import UserError
 from nanollm.report import MARKER, PLOT_NAME, STAGE_DIRS
 from nanollm.world import World
 from script_runner import run_script
@@ -85,14 +87,14 @@ def test_a_second_invocation_skips_every_finished_stage(finished, tmp_path):
     assert all(section in report for section in SECTIONS) and "skipped: already done" in report
 
 
-def test_an_interrupted_stage_resumes_and_the_stages_after_it_rerun(finished, tmp_path):
+def test_an_interrupted_stage_resumes_and_only_the_stages_that_read_it_rerun(finished, tmp_path):
     settings = copy_of(finished, tmp_path)
     marker_path = tmp_path / "run" / "ppo" / MARKER
     marker = json.load(open(marker_path))
     json.dump(dict(marker, finished=False), open(marker_path, "w"))  # as if stopped after its last checkpoint
     output = run(tmp_path, settings).stdout
-    assert "[pipeline] ppo: resuming" in output and "[pipeline] ppo_beta0: running" in output
-    for stage in ("pretrain", "sft", "rm"):
+    assert "[pipeline] ppo: resuming" in output
+    for stage in ("pretrain", "sft", "rm", "ppo_beta0"):  # ppo_beta0 reads the SFT and reward models, not ppo/
         assert f"[pipeline] {stage}: already done" in output
     assert open(tmp_path / "run" / "ppo.log").read().count("$ ") == 2  # the log is appended to
     assert "--init_from=resume" in output and json.load(open(marker_path))["finished"]
@@ -135,3 +137,59 @@ def test_a_typo_in_any_stage_is_refused_before_any_stage_is_touched(finished, tm
 def test_bad_stage_arguments_are_refused_before_any_stage_runs(tmp_path):
     result = run(tmp_path, ["--sft_args=--max_iters='4"], check=False)
     assert result.returncode != 0 and "sft_args=" in result.stderr and not os.path.exists(tmp_path / "out-pipeline")
+    result = run(tmp_path, ["--methods=ppo,dpoo"], check=False)
+    assert result.returncode != 0 and result.stderr.strip().splitlines() == [
+        f"[pipeline] methods='ppo,dpoo': unknown method 'dpoo'; choose from {', '.join(METHODS)} or all"]
+    assert not os.path.exists(tmp_path / "out-pipeline")
+
+
+# ---- the methods after the reward model (nanollm/comparison.py)
+def test_methods_are_named_ones_or_all_and_run_in_the_listed_order():
+    assert parse_methods("all") == list(METHODS) and parse_methods("") == []
+    assert parse_methods(" dpo, ppo,,dpo") == ["ppo", "dpo"]  # METHODS order, each once
+    with pytest.raises(UserError, match="unknown method 'DPO'"):
+        parse_methods("ppo,DPO")
+
+
+def test_every_method_stage_reads_the_pipelines_models_and_passes_its_scripts_checks():
+    stages = method_stages(parse_methods("all"), "run", "cpu", {"train_dpo.py": ["--max_iters=7"]},
+                           {"ppo_beta0": ["--max_iters=40"]})
+    assert [stage for stage, _, _ in stages] == list(METHODS)
+    folders = {args[0] if script != "nanollm/best_of_n.py" else args[2] for _, script, args in stages}
+    assert len(folders) == len(METHODS) and not folders & {"--out_dir=run/sft", "--out_dir=run/rm"}
+    for stage, script, args in stages:
+        check_arguments(stage, script, args)  # every name and type against the script's own settings
+        assert "--reward_model=run/rm" in args and ("--init_from=run/sft" in args or "--out_dir=run/sft" in args)
+        assert ("--data_dir=run/data/rm_demo" in args) == (script == "train_dpo.py")
+        assert ("--max_iters=7" in args) == (script == "train_dpo.py")  # the user's extras reach their script only
+    with pytest.raises(UserError, match=r"^best_of_n \(nanollm/best_of_n.py\): .*unknown setting 'nn'"):
+        check_arguments("best_of_n", "nanollm/best_of_n.py", ["--nn=2"])
+    # the pipeline's two PPO runs keep the commands they always had: earlier pipeline folders stay 'done'
+    assert method_stages(["ppo", "ppo_beta0"], "out", "auto", {}, {"ppo_beta0": ["--max_iters=40"]}) == [
+        ("ppo", "train_ppo.py", ["--out_dir=out/ppo", "--init_from=out/sft", "--reward_model=out/rm", "--device=auto"]),
+        ("ppo_beta0", "train_ppo.py", ["--out_dir=out/ppo-beta0", "--init_from=out/sft", "--reward_model=out/rm",
+                                       "--device=auto", "--init_kl_coef=0", "--max_iters=40"])]
+
+
+@pytest.mark.slow
+def test_more_methods_run_after_the_finished_stages_and_the_report_compares_them(finished, tmp_path):
+    settings = copy_of(finished, tmp_path) + [
+        "--methods=ppo,ppo_beta0,best_of_n,dpo,grpo",
+        "--best_of_n_args=--n=1,2 --prompts=8 --max_new_tokens=8 --batch_size=16",
+        "--dpo_args=--max_iters=2 --eval_interval=2 --eval_prompts=8 --validation_prompts=8 --eval_batch_size=8 "
+        "--batch_size=4 --max_new_tokens=8 --eval_pairs=8 --warmup_iters=1",
+        "--grpo_args=--max_iters=1 --eval_interval=1 --eval_prompts=8 --validation_prompts=8 --eval_batch_size=8 "
+        "--train_prompts=16 --batch_size=8 --group_size=4 --minibatch_size=4 --epochs=1 --max_new_tokens=8"]
+    output = run(tmp_path, settings).stdout
+    for stage in ("pretrain", "sft", "rm", "ppo", "ppo_beta0"):
+        assert f"[pipeline] {stage}: already done" in output
+    for stage in ("best_of_n", "dpo", "grpo"):
+        assert f"[pipeline] {stage}: running" in output and f"[pipeline] {stage}: done in" in output
+    assert "-m nanollm.best_of_n --out_dir=run/sft --reward_model=run/rm --report_dir=run/best-of-n" in output
+    report = open(tmp_path / "run" / "report.md").read()
+    assert "## The methods side by side" in report and "| best-of-N, N = 2 |" in report
+    dpo_final = [r for r in metrics(tmp_path / "run" / "dpo" / "metrics.jsonl") if r.get("phase") == "eval"][-1]
+    assert f"| DPO, β = 0.1 | 2 | {dpo_final['eval_gold_gain']:+.3f} ± " in report
+    assert os.path.exists(tmp_path / "run" / "gold_vs_kl.png")
+    again = run(tmp_path, settings).stdout  # everything done: nothing runs
+    assert ": running " not in again and again.count(": already done in ") == 8

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import sys
 
 import pytest
@@ -178,3 +179,72 @@ def test_a_broken_metrics_line_names_the_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON line"):
         read_run(str(tmp_path))
     assert read_run(str(tmp_path / "absent")) is None
+
+
+# ---- the methods side by side (nanollm/comparison.py): hand-written runs whose cells are known
+def method_run(folder, kl, gain, se, score, command, wall_s, iterations=20, **extra):
+    """A training run whose last evaluation (iteration `iterations`) has these numbers; iteration 0 is the SFT model."""
+    start = {"iter": 0, "phase": "eval", "eval_score": 0.5, "eval_gold": 3.0, "eval_kl": 0.0, "eval_gold_gain": 0.0,
+             "eval_gold_gain_se": 0.0, "eval_response_length": 9.0}
+    last = {"iter": iterations, "phase": "eval", "eval_score": score, "eval_gold": 3.0 + gain, "eval_kl": kl,
+            "eval_gold_gain": gain,
+            "eval_gold_gain_se": se, "eval_response_length": 8.0}
+    first_extra = {key: value[0] for key, value in extra.items()}
+    last_extra = {key: value[1] for key, value in extra.items()}
+    return write_run(folder, [dict(start, **first_extra), {"iter": 1, "loss": 1.0}, dict(last, **last_extra)],
+                     marker={"command": command, "finished": True, "wall_s": wall_s, "resumed": False})
+
+
+@pytest.fixture
+def methods(tmp_path):
+    """PPO at two β, DPO, GRPO, GRPO on the arithmetic reward and best-of-N for N = 1, 2, 4 (KL 0, 0.5, 1.5)."""
+    folder = tmp_path / "methods"
+    method_run(folder / "ppo", 1.0, 0.3, 0.05, 0.9, ["train_ppo.py"], 150.0)  # β: train_ppo.py's default
+    method_run(folder / "ppo-beta0.05", 2.0, 0.5, 0.05, 1.2, ["train_ppo.py", "--init_kl_coef=0.05"], 160.0)
+    method_run(folder / "dpo", 0.25, -0.1, 0.02, 0.4, ["train_dpo.py", "--beta=0.1", "--beta=0.3"], 90.0, 120)
+    method_run(folder / "grpo", 0.5, 0.3, 0.03, 0.8, ["train_grpo.py"], 120.0)
+    method_run(folder / "grpo-arithmetic", 0.7, 0.2, 0.05, 0.1, ["train_grpo.py", "--reward=arithmetic"], 110.0,
+               eval_accuracy=(0.1, 0.4), eval_accuracy_se=(0.02, 0.04))
+    os.makedirs(folder / "best-of-n")
+    rows = [{"n": 1, "kl": 0.0, "gold_gain": 0.0, "gold_gain_se": 0.0, "score": 0.5, "response_length": 9.0},
+            {"n": 2, "kl": 0.5, "gold_gain": 0.1, "gold_gain_se": 0.02, "score": 0.7, "response_length": 9.5},
+            {"n": 4, "kl": 1.5, "gold_gain": 0.3, "gold_gain_se": 0.04, "score": 0.9, "response_length": 10.0}]
+    json.dump({"rows": rows}, open(folder / "best-of-n" / "best_of_n.json", "w"))
+    json.dump({"command": [], "finished": True, "wall_s": 80.0}, open(folder / "best-of-n" / MARKER, "w"))
+    return folder
+
+
+def test_the_comparison_table_has_the_hand_known_cells(methods, tmp_path):
+    main([f"--pipeline_dir={methods}"])
+    markdown = open(methods / "report.md").read()
+    assert "## The methods side by side" in markdown
+    assert "| SFT model (the start) | 0 | 0 |  | +0.500 | 0 | 9.0 |  |" in markdown
+    # best-of-N at KL 1.0: halfway between N = 2 and N = 4, gain 0.2 ± 0.03; 0.3 − 0.2 ± √(0.05² + 0.03²)
+    assert "| PPO, β = 0.2 | 20 | +0.300 ± 0.050 | +0.100 ± 0.058 (within 2 SE) | +0.900 | 1.000 | 8.0 | 150 |" \
+        in markdown
+    assert "| PPO, β = 0.05 | 20 | +0.500 ± 0.050 | n/a (KL beyond N = 4) | +1.200 | 2.000 | 8.0 | 160 |" in markdown
+    # at KL 0.25: 0.05 ± 0.01; −0.1 − 0.05 = −0.15 ± 0.022: below; the last --beta of the command is the one used
+    assert "| DPO, β = 0.3 | 120 | -0.100 ± 0.020 | -0.150 ± 0.022 (below) | +0.400 | 0.250 | 8.0 | 90 |" in markdown
+    assert "| GRPO, β = 0.1 | 20 | +0.300 ± 0.030 | +0.200 ± 0.036 (above) |" in markdown
+    assert "| best-of-N, N = 1 | 0 | +0.000 ± 0.000 |  | +0.500 | 0.000 | 9.0 | 80 (all N) |" in markdown
+    assert "| best-of-N, N = 4 | 0 | +0.300 ± 0.040 |  | +0.900 | 1.500 | 10.0 |  |" in markdown
+    # rows by family, then by KL; the arithmetic run only in its own table (other test prompts)
+    order = [markdown.index(f"| {label} |") for label in ("PPO, β = 0.2", "PPO, β = 0.05", "DPO, β = 0.3",
+                                                            "GRPO, β = 0.1", "best-of-N, N = 1")]
+    assert order == sorted(order)
+    assert "| GRPO, arithmetic reward, β = 0.1 | 0.100 ± 0.020 | 0.400 ± 0.040 | +0.200 ± 0.050 | 0.700 |" in markdown
+    assert markdown.count("GRPO, arithmetic reward, β = 0.1") == 1
+    # the wall-time table lists the methods that ran, by their stage names
+    assert "| ppo_beta0.05 | 160.0 | finished |" in markdown and "| best_of_n | 80.0 | finished |" in markdown
+    with open(methods / "gold_vs_kl.png", "rb") as f:
+        assert f.read(8) == PNG_MAGIC
+    assert os.path.getsize(methods / "gold_vs_kl.png") > 10_000 and "](gold_vs_kl.png)" in markdown
+
+
+def test_without_best_of_n_the_comparison_says_n_a_and_the_default_report_has_none(methods, stages, tmp_path):
+    shutil.rmtree(methods / "best-of-n")
+    markdown = build_report({name: str(methods / name.replace("_", "-")) for name in ("ppo", "dpo")},
+                            str(tmp_path / "report"))
+    assert "| DPO, β = 0.3 | 120 | -0.100 ± 0.020 | n/a | +0.400 | 0.250 | 8.0 | 90 |" in markdown
+    default = build_report(stage_dirs(stages), str(tmp_path / "default"))  # the pipeline's two PPO runs only
+    assert "## The methods side by side" not in default and not os.path.exists(tmp_path / "default" / "gold_vs_kl.png")
