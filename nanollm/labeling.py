@@ -112,7 +112,8 @@ class LabelStore:
         self.records = [record for _, record in read_jsonl(path)] if os.path.exists(path) else []
         for number, record in enumerate(self.records, start=1):
             item = record.get("item") if isinstance(record, dict) else None
-            if not isinstance(item, int) or not 0 <= item < len(items) or record.get("input") != items[item]["input"]:
+            if not isinstance(item, int) or not 0 <= item < len(items) or record.get("input") != items[item]["input"] \
+                    or not isinstance(record.get("labeler"), str):
                 raise UserError(f"{path}:{number}: this label is not about an item of {len(items)} being labeled "
                                 f"(another prompt list?); label into another file")
 
