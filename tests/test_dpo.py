@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from nanollm.annotators import feedback_prompts
-from nanollm.configurator import UserError
+from nanollm.configurator import MissingFileError, UserError
 from nanollm.dpo import (check_settings, dpo_loss, encode_pairs, ipo_loss, load_preference_pairs, pair_rollout,
-                         pairs_from_groups, preference_loss, reward_accuracy, sequence_logprobs)
+                         pairs_from_groups, preference_files, preference_loss, reward_accuracy, sequence_logprobs)
 from nanollm.loader import load_model
 from nanollm.model import GPT, GPTConfig
 from nanollm.reward import RewardModel, parse_record
@@ -133,6 +133,18 @@ def test_training_pairs_must_not_ask_a_held_out_prompt(tmp_path):
     train_pairs, held_out_pairs = load_preference_pairs(str(tmp_path / "b.jsonl"), "", 0.25, "all", test)
     assert len(train_pairs) == 9 and len(held_out_pairs) == 3  # the last of 4 prompts held out, 3 pairs each
     assert {p.prompt[0]["content"] for p in held_out_pairs} == {train[3]}
+
+
+def test_the_demo_reads_the_feedback_train_rm_wrote(tmp_path):
+    with pytest.raises(MissingFileError, match="run python train_rm.py first"):
+        preference_files("demo", "", str(tmp_path), "out-sft")
+    for name in ("train.jsonl", "heldout.jsonl"):
+        (tmp_path / name).write_text("")
+    (tmp_path / "meta.json").write_text(json.dumps({"checkpoint": os.path.abspath("out-sft")}))
+    assert preference_files("demo", "", str(tmp_path), "out-sft") == (str(tmp_path / "train.jsonl"),
+                                                                      str(tmp_path / "heldout.jsonl"), None)
+    assert "sampled from" in preference_files("demo", "", str(tmp_path), "other-sft")[2]  # another SFT model's replies
+    assert preference_files("a.jsonl", "b.jsonl", str(tmp_path), "out-sft") == ("a.jsonl", "b.jsonl", None)
 
 
 def test_bad_settings_are_one_line_errors():
