@@ -52,14 +52,15 @@ def transformer_blocks(model):
 # ------------------------------------------------------------------------------------------------------- FSDP
 def shard_fully(model, mesh, dtype="float32"):
     """FSDP2 in place: every block is one unit (its weights gathered just before it runs, freed after), then the
-    whole model (embeddings, final norm, head). With bfloat16 the gathered weights are cast to bf16 for the matmuls
+    whole model (embeddings, final norm, head, and the encoder-decoder's decoder blocks). With bfloat16 the gathered weights are cast to bf16 for the matmuls
     and gradients are reduced in fp32 (a MixedPrecisionPolicy); the sharded weights and moments stay fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if dtype == "bfloat16" else MixedPrecisionPolicy()
     for _, block in transformer_blocks(model):
-        fully_shard(block, mesh=mesh, mp_policy=policy)
+        if getattr(block, "cross_attn", None) is None:  # a decoder block's cross-attention keys and values are
+            fully_shard(block, mesh=mesh, mp_policy=policy)  # computed outside its forward (encdec.py): root unit
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 

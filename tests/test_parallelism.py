@@ -1,5 +1,6 @@
 """FSDP2 and tensor parallelism (nanollm/parallel.py) on two CPU processes (gloo) against one process: the same losses
 on the same batches, checkpoints a single process reads, exact resume. Two-process runs take seconds: marked slow."""
+import copy
 import dataclasses
 import os
 import socket
@@ -14,7 +15,8 @@ from nanollm.distributed import Runtime, all_reduce_mean, setup, teardown
 from nanollm.loader import load_model
 from nanollm.model import GPT, GPTConfig
 from nanollm.optim import configure_optimizer
-from nanollm.parallel import check_parallelism, device_mesh, rows_for_ranks
+from nanollm.parallel import check_parallelism, device_mesh, rows_for_ranks, shard_fully
+from nanollm.pretraining import build_model
 from nanollm.training import GuardedStep
 from script_runner import run_script, write_corpus
 
@@ -157,3 +159,18 @@ def test_parallelism_settings_are_checked_before_any_work():
     with pytest.raises(UserError, match="optimizer='lamb'"):
         check_parallelism({"parallelism": "fsdp", "optimizer": "lamb"})
     check_parallelism({"parallelism": "tp"}, n_head=8, n_embd=64, world_size=4)  # 2 heads per process
+
+
+def test_fsdp_runs_the_encoder_decoder_whose_cross_attention_is_used_outside_its_block(tmp_path):
+    """encdec.py computes the decoder blocks' cross-attention keys/values outside the blocks' forward, so those blocks
+    cannot be FSDP units of their own (their weights would still be shards there). One process is enough to see it."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        reference = build_model("encdec", dict(CONFIG, mlp="gelu", n_kv_head=0))
+        model = shard_fully(copy.deepcopy(reference), device_mesh("cpu", 1, "fsdp"))
+        x, y = batch(0)
+        inputs = reference.objective_batch(x, y, torch.Generator().manual_seed(0))
+        assert torch.allclose(model(**inputs)[1], reference(**inputs)[1], rtol=0, atol=1e-6)
+    finally:
+        torch.distributed.destroy_process_group()
