@@ -52,8 +52,9 @@ def transformer_blocks(model):
 # ------------------------------------------------------------------------------------------------------- FSDP
 def shard_fully(model, mesh, dtype="float32"):
     """FSDP2 in place: every block is one unit (its weights gathered just before it runs, freed after), then the
-    whole model (embeddings, final norm, head, and the encoder-decoder's decoder blocks). With bfloat16 the gathered weights are cast to bf16 for the matmuls
-    and gradients are reduced in fp32 (a MixedPrecisionPolicy); the sharded weights and moments stay fp32."""
+    whole model (embeddings, final norm, head, and the encoder-decoder's decoder blocks). With bfloat16 the gathered
+    weights are cast to bf16 for the matmuls and gradients are reduced in fp32 (a MixedPrecisionPolicy); the sharded
+    weights and moments stay fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
