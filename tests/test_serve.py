@@ -610,6 +610,8 @@ def test_serve_script_answers_like_greedy_decoding_and_stops_on_ctrl_c(checkpoin
                                 "--port=0", "--quiet=True", "--device=cpu"], cwd=REPO, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    watchdog = threading.Timer(120, process.kill)  # a server that never prints its banner fails, not hangs
+    watchdog.start()
     try:
         banner = process.stdout.readline()
         port = re.search(r"http://127\.0\.0\.1:(\d+)/", banner)
@@ -622,6 +624,7 @@ def test_serve_script_answers_like_greedy_decoding_and_stops_on_ctrl_c(checkpoin
         stdout, stderr = process.communicate(timeout=60)
         assert process.returncode == 0 and "[nanollm] stopped" in stdout and "Traceback" not in stderr
     finally:
+        watchdog.cancel()
         if process.poll() is None:
             process.kill()
             process.communicate()
