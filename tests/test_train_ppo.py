@@ -69,6 +69,7 @@ def metrics(out_dir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_run_logs_every_metric_and_saves_a_policy_in_the_sft_format(checkpoints, tmp_path):
     sft, rm = checkpoints
     out = tmp_path / "out"
@@ -95,6 +96,7 @@ def test_run_logs_every_metric_and_saves_a_policy_in_the_sft_format(checkpoints,
     assert os.path.exists(out / "tokenizer.model")
 
 
+@pytest.mark.slow
 def test_the_critic_warms_up_alone_and_groups_of_samples_share_a_prompt(checkpoints, tmp_path):
     sft, rm = checkpoints
     out = tmp_path / "warmup"
@@ -116,6 +118,7 @@ def test_the_critic_warms_up_alone_and_groups_of_samples_share_a_prompt(checkpoi
     assert samples.count("Q: ") == 6  # 4 prompts x 3 samples; the first 6 written, the 4 prompts first
 
 
+@pytest.mark.slow
 def test_resume_and_ctrl_c_continue_exactly_samples_included(checkpoints, tmp_path):
     """A run to iteration 2 (evaluated there), resumed and stopped with Ctrl-C, then resumed to the end, equals a
     straight run: training records, evaluations, and samples.txt (no evaluation written twice)."""
@@ -168,6 +171,7 @@ torch.save({{"policy": finished["raw_policy"].state_dict(), "critic": finished["
 """
 
 
+@pytest.mark.slow
 def test_ddp_ranks_stop_the_epochs_together_on_approx_kl_without_stepping_past_it(checkpoints, tmp_path):
     """The ranks disagree: only rank 1's approx KL crosses the limit (rank 0 is made to report 0), yet both stop
     before the step of the same minibatch. A per-rank decision would let rank 0 step on (and DDP hang or diverge).
@@ -199,6 +203,7 @@ def test_ddp_ranks_stop_the_epochs_together_on_approx_kl_without_stepping_past_i
     assert ranks[0]["kl"] == ranks[1]["kl"] == pytest.approx(training[0]["kl"])
 
 
+@pytest.mark.slow
 def test_a_bad_setting_is_one_line_and_exit_code_2(checkpoints, tmp_path):
     sft, rm = checkpoints
     k3 = run([f"--init_from={sft}", f"--reward_model={rm}", f"--out_dir={tmp_path / 'b3'}", "--kl_estimator=k3"],
@@ -225,6 +230,7 @@ def test_bad_settings_fail_before_any_work(checkpoints, tmp_path, monkeypatch, s
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_a_reward_model_that_trained_on_a_test_or_validation_prompt_is_refused(checkpoints, tmp_path):
     sft, rm = checkpoints
     model, checkpoint = load_model(sft).model, load_checkpoint(os.path.join(rm, "ckpt.pt"))

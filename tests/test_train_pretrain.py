@@ -47,6 +47,7 @@ def losses(out_dir):
     return {r["iter"]: r["loss"] for r in records if "loss" in r}
 
 
+@pytest.mark.slow
 def test_training_logs_metrics_and_lowers_the_loss(corpus, tmp_path):
     out = run([f"--dataset={corpus}", f"--out_dir={tmp_path}", "--max_iters=8", "--eval_interval=4"])
     assert "sample:" in out and "unigram baseline" in out
@@ -62,6 +63,7 @@ def test_training_logs_metrics_and_lowers_the_loss(corpus, tmp_path):
     assert os.path.exists(tmp_path / "ckpt.pt") and os.path.exists(tmp_path / "tokenizer.model")
 
 
+@pytest.mark.slow
 def test_resume_under_ddp_continues_exactly_with_each_ranks_random_state(corpus, tmp_path):
     """Two ranks, dropout on (each rank draws its own masks): a run checkpointed at 4 and resumed equals a straight
     one only if every rank gets its own random state back. (One process resuming: the Ctrl-C test below.)"""
@@ -78,6 +80,7 @@ def test_resume_under_ddp_continues_exactly_with_each_ranks_random_state(corpus,
         assert abs(a[it] - b[it]) < 1e-6, (it, a[it], b[it])
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process_with_accumulation(corpus, tmp_path):
     common = [f"--dataset={corpus}", "--eval_interval=100", "--max_iters=4", "--dropout=0.0"]
     run(common + [f"--out_dir={tmp_path / 'single'}", "--gradient_accumulation_steps=2"])
@@ -90,6 +93,7 @@ def test_ddp_two_processes_match_one_process_with_accumulation(corpus, tmp_path)
         assert abs(a[it] - b[it]) < 1e-5 and abs(a[it] - c[it]) < 1e-5, (it, a[it], b[it], c[it])
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_and_the_run_resumes_exactly(corpus, tmp_path):
     common = TINY + [f"--dataset={corpus}", "--eval_interval=1000", "--max_iters=400", "--lr_decay_iters=400"]
     straight = tmp_path / "straight"
@@ -125,6 +129,7 @@ def _lines(path):
         return []
 
 
+@pytest.mark.slow
 def test_non_finite_loss_skips_the_step_and_stops_with_a_clear_message(corpus, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, SCRIPT] + TINY + [
@@ -168,6 +173,7 @@ def test_a_non_finite_step_leaves_the_weights_and_the_optimizer_state_untouched(
     assert untouched(gradients_cleared=False)  # the run stops here; its gradients do not matter
 
 
+@pytest.mark.slow
 def test_unknown_setting_is_rejected_before_any_work(tmp_path):
     result = subprocess.run([sys.executable, SCRIPT, "--max_iter=5", f"--out_dir={tmp_path}"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
@@ -184,6 +190,7 @@ def readme_command(prefix):
     return lines[0].split()
 
 
+@pytest.mark.slow
 def test_the_readme_ddp_command_runs_at_the_defaults(tmp_path):
     command = readme_command("torchrun --standalone --nproc_per_node=2 train_pretrain.py")
     command[command.index("train_pretrain.py")] = SCRIPT  # run from a scratch folder: data/ and out/ land there
@@ -200,6 +207,7 @@ def snapshot(folder):
     return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
 
 
+@pytest.mark.slow
 def test_a_failed_run_leaves_the_out_dir_as_it_was(corpus, tmp_path):
     out = tmp_path / "out"
     run([f"--dataset={corpus}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2"])
@@ -246,6 +254,7 @@ def test_a_bad_setting_is_refused_naming_it_before_any_work(tmp_path, monkeypatc
     assert os.listdir(tmp_path) == []  # no data prepared, no out_dir made
 
 
+@pytest.mark.slow
 def test_a_user_error_is_one_line_and_exit_code_2(tmp_path):
     result = subprocess.run([sys.executable, SCRIPT, "--batch_size=0"], cwd=tmp_path, capture_output=True, text=True,
                             timeout=120)

@@ -29,6 +29,7 @@ def records(out_dir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", ["bert", "encdec"])
 def test_variant_trains_and_its_metrics_improve(corpus, tmp_path, model_type):
     result = run([f"--dataset={corpus}", f"--out_dir={tmp_path}", f"--model_type={model_type}", "--max_iters=60",
@@ -48,6 +49,7 @@ def test_variant_trains_and_its_metrics_improve(corpus, tmp_path, model_type):
     assert os.path.exists(tmp_path / "ckpt.pt")
 
 
+@pytest.mark.slow
 def test_bert_resume_continues_exactly_and_a_wrong_model_type_is_refused(corpus, tmp_path):
     common = [f"--dataset={corpus}", "--model_type=bert", "--eval_interval=100", "--max_iters=6",
               "--lr_decay_iters=6", "--dropout=0.1"]
@@ -64,6 +66,7 @@ def test_bert_resume_continues_exactly_and_a_wrong_model_type_is_refused(corpus,
     assert wrong.returncode != 0 and "holds a 'bert' model" in wrong.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type, resumed", [("bert", False), ("encdec", True)])
 def test_two_ranks_match_one_process_with_accumulation(corpus, tmp_path, model_type, resumed):
     """DDP for the masked-LM and infilling objectives: two ranks give the losses of one process accumulating the same

@@ -64,6 +64,7 @@ def losses(out_dir):
     return {r["iter"]: r["loss"] for r in metrics(out_dir) if "loss" in r}
 
 
+@pytest.mark.slow
 def test_demo_run_collects_trains_logs_and_saves_a_centred_reward_model(base, tmp_path):
     demo = ["--demo_prompts=24", "--demo_k=3", "--demo_max_new_tokens=8", f"--data_dir={tmp_path / 'demo'}"]
     result = run([f"--init_from={base}", f"--out_dir={tmp_path / 'out'}", "--max_iters=6", "--eval_interval=3"] + demo)
@@ -88,6 +89,7 @@ def test_demo_run_collects_trains_logs_and_saves_a_centred_reward_model(base, tm
     assert "collected" not in again.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("likelihood_weight", [0.0, 1.0])
 def test_ctrl_c_checkpoints_and_the_run_resumes_exactly(base, scored_data, tmp_path, likelihood_weight):
     common = [f"--init_from={base}", f"--dataset={scored_data / 'train.jsonl'}",
@@ -113,6 +115,7 @@ def test_ctrl_c_checkpoints_and_the_run_resumes_exactly(base, scored_data, tmp_p
         assert model.likelihood_weight.item() != likelihood_weight
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["ranking", "mse"])  # pairwise: the BERT backbone's test below
 def test_ddp_two_processes_match_one_process_with_accumulation(base, scored_data, tmp_path, loss):
     common = [f"--init_from={base}", f"--dataset={scored_data / 'train.jsonl'}", f"--loss={loss}",
@@ -125,6 +128,7 @@ def test_ddp_two_processes_match_one_process_with_accumulation(base, scored_data
         assert abs(a[it] - b[it]) < 1e-5, (it, a[it], b[it])
 
 
+@pytest.mark.slow
 def test_mse_trains_on_scores_and_is_refused_on_pairs(base, scored_data, tmp_path, monkeypatch):
     result = run([f"--init_from={base}", f"--dataset={scored_data / 'train.jsonl'}", "--loss=mse", "--max_iters=2",
                   f"--out_dir={tmp_path / 'mse'}"])
@@ -135,6 +139,7 @@ def test_mse_trains_on_scores_and_is_refused_on_pairs(base, scored_data, tmp_pat
     assert not os.path.exists(tmp_path / "refused" / "metrics.jsonl")
 
 
+@pytest.mark.slow
 def test_a_bad_record_stops_the_run_before_training(base, scored_data, tmp_path, monkeypatch):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "response": "r"}\n')
@@ -154,6 +159,7 @@ def bert_base(base):
     return os.path.join(folder, "bert")
 
 
+@pytest.mark.slow
 def test_a_bert_backbone_trains_on_one_and_two_ranks_and_loads_back(base, bert_base, scored_data, tmp_path):
     common = [f"--init_from={base}", f"--backbone={bert_base}", f"--dataset={scored_data / 'pairs.jsonl'}",
               "--loss=pairwise", "--eval_interval=100", "--max_iters=3", "--gradient_accumulation_steps=2"]
@@ -170,6 +176,7 @@ def test_a_bert_backbone_trains_on_one_and_two_ranks_and_loads_back(base, bert_b
     assert not torch.equal(model.backbone.blocks[0].attn.c_attn.weight, bert_state["blocks.0.attn.c_attn.weight"])
 
 
+@pytest.mark.slow
 def test_a_gpt_folder_as_the_backbone_is_refused(base, scored_data, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="--model_type=bert out_dir"):
         run_in_process("train_rm.py", TINY + [f"--init_from={base}", f"--backbone={base}", "--loss=pairwise",
@@ -177,6 +184,7 @@ def test_a_gpt_folder_as_the_backbone_is_refused(base, scored_data, tmp_path, mo
                                               f"--out_dir={tmp_path / 'out'}"], monkeypatch)
 
 
+@pytest.mark.slow
 def test_a_custom_file_is_split_by_prompt_and_the_model_records_its_training_prompts(base, tmp_path):
     """10 prompts with 3 pairs each: holding out 15% of the records would cut a prompt in two; 15% of the prompts
     (2 of them, every pair of theirs) are held out instead."""
@@ -192,6 +200,7 @@ def test_a_custom_file_is_split_by_prompt_and_the_model_records_its_training_pro
     assert checkpoint["trained_prompts"] == [[{"role": "user", "content": p}] for p in prompts[:8]]
 
 
+@pytest.mark.slow
 def test_the_demo_with_another_seed_trains_on_no_prompt_that_ppo_holds_out(base, tmp_path):
     demo = ["--demo_prompts=30", "--demo_k=2", "--demo_max_new_tokens=4", f"--data_dir={tmp_path / 'demo'}",
             "--seed=42"]
@@ -212,6 +221,7 @@ def test_the_demo_with_another_seed_trains_on_no_prompt_that_ppo_holds_out(base,
                                       f"--out_dir={tmp_path / 'ppo'}"])
 
 
+@pytest.mark.slow
 def test_always_save_checkpoint_false_ends_with_the_best_model_not_the_last(base, scored_data, tmp_path):
     """Held-out labels that reverse the training ones: the more the model learns, the worse its held-out loss."""
     reversed_file = tmp_path / "reversed.jsonl"
@@ -237,6 +247,7 @@ def test_always_save_checkpoint_false_ends_with_the_best_model_not_the_last(base
     assert dataset_loss(rewards, groups, "ranking") == pytest.approx(best, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_a_block_size_that_cuts_most_replies_is_refused_before_training(base, scored_data, tmp_path, monkeypatch):
     import runpy
     import sys

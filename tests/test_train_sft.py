@@ -59,6 +59,7 @@ def losses(out_dir):
     return {r["iter"]: r["loss"] for r in metrics(out_dir) if "loss" in r}
 
 
+@pytest.mark.slow
 def test_demo_run_reports_before_and_after_and_lowers_the_loss(base, tmp_path):
     result = run([f"--init_from={base}", f"--out_dir={tmp_path / 'out'}", f"--data_dir={tmp_path / 'demo'}",
                   "--max_iters=12", "--eval_interval=6"])
@@ -79,6 +80,7 @@ def test_demo_run_reports_before_and_after_and_lowers_the_loss(base, tmp_path):
     assert {"qa.jsonl", "chat.jsonl", "knowledge.json"} <= set(os.listdir(tmp_path / "demo" / "train"))
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_and_the_run_resumes_exactly(base, custom_data, tmp_path):
     common = [f"--init_from={base}", f"--dataset={custom_data}", "--eval_interval=100", "--dropout=0.1",
               "--gradient_accumulation_steps=2", "--eval_examples=0", "--lr_decay_iters=20"]
@@ -97,6 +99,7 @@ def test_ctrl_c_checkpoints_and_the_run_resumes_exactly(base, custom_data, tmp_p
     assert [r["phase"] for r in metrics(split) if "phase" in r] == ["before", "after"]
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process_with_accumulation_and_packing(base, custom_data, tmp_path):
     common = [f"--init_from={base}", f"--dataset={custom_data}", "--eval_interval=100", "--max_iters=3",
               "--gradient_accumulation_steps=2", "--packing=True", "--eval_examples=0"]
@@ -109,6 +112,7 @@ def test_ddp_two_processes_match_one_process_with_accumulation_and_packing(base,
         assert abs(a[it] - b[it]) < 1e-5, (it, a[it], b[it])
 
 
+@pytest.mark.slow
 def test_a_bad_record_stops_the_run_before_training(base, custom_data, tmp_path, monkeypatch):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "a"}\n{"prompt": "p", "response": "r"}\n')
@@ -119,6 +123,7 @@ def test_a_bad_record_stops_the_run_before_training(base, custom_data, tmp_path,
     assert not os.path.exists(tmp_path / "out" / "metrics.jsonl")
 
 
+@pytest.mark.slow
 def test_gpt2_init_is_a_clear_error_while_there_is_no_gpt2_tokenizer(tmp_path):
     result = run(["--init_from=gpt2", f"--out_dir={tmp_path}"], check=False)
     assert result.returncode == 2 and "GPT-2 weights load" in result.stderr and "tokenizer" in result.stderr
