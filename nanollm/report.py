@@ -235,10 +235,11 @@ def plot_ppo(runs, path):
         color = f"C{index}"
         evals = ppo_evals(records)
         training = [r for r in records if "phase" not in r and "score" in r]
-        for axis, (eval_key, train_key, title) in zip(axes, panels):
-            axis.plot([r["iter"] for r in training], [r[train_key] for r in training], color=color, alpha=0.2,
+        for axis, (eval_key, train_key, title) in zip(axes, panels):  # no gold judge: an empty gold panel
+            trained, evaluated = [r for r in training if train_key in r], [r for r in evals if eval_key in r]
+            axis.plot([r["iter"] for r in trained], [r[train_key] for r in trained], color=color, alpha=0.2,
                       linewidth=1)
-            axis.plot([r["iter"] for r in evals], [r[eval_key] for r in evals], color=color, marker="o",
+            axis.plot([r["iter"] for r in evaluated], [r[eval_key] for r in evaluated], color=color, marker="o",
                       markersize=3, label=label)
             axis.set_title(title)
             axis.set_xlabel("PPO iteration")
