@@ -5,7 +5,8 @@ import os
 import pytest
 
 from nanollm.reward import HeldOutScores, load_groups, parse_record
-from nanollm.report import ppo_section, rm_section
+from conftest import require
+from nanollm.report import plot_ppo, ppo_section, rm_section
 from nanollm.sft import Conversation, load_conversations, read_prompts, score_replies
 
 SEED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "seed_examples")
@@ -67,9 +68,12 @@ def test_reward_model_pair_accuracy_per_language(monkeypatch):
     assert "| ... on Chinese prompts | 66.7%" in text and "| ... on English prompts | 0.0%" in text
 
 
-def test_the_ppo_report_has_language_rows_only_for_the_languages_run_and_no_gold_without_a_judge():
+def test_the_ppo_report_has_language_rows_only_for_the_languages_run_and_no_gold_without_a_judge(tmp_path):
     evals = [{"iter": i, "phase": "eval", "eval_score": s, "eval_score_zh": s, "eval_kl": 0.1 * i,
               "eval_response_length": 5.0, "eval_eos_rate": 1.0} for i, s in ((0, 0.25), (2, 0.5))]
-    text = ppo_section([("PPO", evals, "out-ppo", False)])
+    training = [{"iter": i, "score": 0.1, "kl": 0.0} for i in (0, 1)]  # no gold either
+    text = ppo_section([("PPO", evals + training, "out-ppo", False)])
     assert "reward-model score, Chinese prompts | +0.250 | +0.500" in text and "English prompts" not in text
     assert "no gold judge" in text
+    require("matplotlib")
+    assert plot_ppo([("PPO", evals + training)], str(tmp_path / "curves.png")) and (tmp_path / "curves.png").exists()
