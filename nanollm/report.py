@@ -264,7 +264,7 @@ def comparison_section(stage_dirs, report_dir):
         folder = stage_dirs.get(name)
         markers[name] = read_marker(folder) if folder else None
         records = read_run(folder) if folder and name != "best_of_n" else None
-        if final_eval(records):
+        if (final_eval(records) or {}).get("iter"):  # a run still at iteration 0 has nothing to show yet
             runs.append(run_row(name, records, markers[name]))
     best_rows = read_best_of_n(stage_dirs["best_of_n"]) if stage_dirs.get("best_of_n") else None
     if not best_rows and all(r["stage"] in STAGE_DIRS for r in runs):
@@ -325,14 +325,14 @@ def build_report(stage_dirs, report_dir, notes=None):
     runs = [("ppo", records["ppo"], where["ppo"], False),
             ("ppo-beta0", records["ppo_beta0"], where["ppo_beta0"], True)]
     sections = ["# nanollm pipeline report\n", pretrain_section(records["pretrain"], where["pretrain"]),
-                sft_section(records["sft"], where["sft"]), rm_section(records["rm"], where["rm"]), ppo_section(runs),
-                comparison_section(stage_dirs, report_dir)]
+                sft_section(records["sft"], where["sft"]), rm_section(records["rm"], where["rm"]), ppo_section(runs)]
     plotted = [(run_label(name, r), r) for name, r, _, _ in runs if r is not None and ppo_evals(r)]
     if plotted:
         if plot_ppo(plotted, os.path.join(report_dir, PLOT_NAME)):
             sections.append(f"![reward-model score, gold score and KL against PPO iteration]({PLOT_NAME})\n")
         else:
             sections.append("_Plot skipped: matplotlib is not installed (pip install matplotlib)._\n")
+    sections.append(comparison_section(stage_dirs, report_dir))
     timings, recorded = [], False
     methods = [name for name in METHODS if name not in STAGE_DIRS and stage_dirs.get(name)]
     for stage in list(STAGE_DIRS) + [name for name in methods if read_marker(stage_dirs[name])]:

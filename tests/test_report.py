@@ -203,6 +203,7 @@ def methods(tmp_path):
     method_run(folder / "ppo-beta0.05", 2.0, 0.5, 0.05, 1.2, ["train_ppo.py", "--init_kl_coef=0.05"], 160.0)
     method_run(folder / "dpo", 0.25, -0.1, 0.02, 0.4, ["train_dpo.py", "--beta=0.1", "--beta=0.3"], 90.0, 120)
     method_run(folder / "grpo", 0.5, 0.3, 0.03, 0.8, ["train_grpo.py"], 120.0)
+    method_run(folder / "rloo", 0.0, 0.0, 0.0, 0.5, ["train_grpo.py"], None, 0)  # started: iteration 0 only
     method_run(folder / "grpo-arithmetic", 0.7, 0.2, 0.05, 0.1, ["train_grpo.py", "--reward=arithmetic"], 110.0,
                eval_accuracy=(0.1, 0.4), eval_accuracy_se=(0.02, 0.04))
     os.makedirs(folder / "best-of-n")
@@ -226,6 +227,7 @@ def test_the_comparison_table_has_the_hand_known_cells(methods, tmp_path):
     # at KL 0.25: 0.05 ± 0.01; −0.1 − 0.05 = −0.15 ± 0.022: below; the last --beta of the command is the one used
     assert "| DPO, β = 0.3 | 120 | -0.100 ± 0.020 | -0.150 ± 0.022 (below) | +0.400 | 0.250 | 8.0 | 90 |" in markdown
     assert "| GRPO, β = 0.1 | 20 | +0.300 ± 0.030 | +0.200 ± 0.036 (above) |" in markdown
+    assert "RLOO" not in markdown and markdown.index("## PPO (RLHF)") < markdown.index("## The methods side by side")
     assert "| best-of-N, N = 1 | 0 | +0.000 ± 0.000 |  | +0.500 | 0.000 | 9.0 | 80 (all N) |" in markdown
     assert "| best-of-N, N = 4 | 0 | +0.300 ± 0.040 |  | +0.900 | 1.500 | 10.0 |  |" in markdown
     # rows by family, then by KL; the arithmetic run only in its own table (other test prompts)
