@@ -35,8 +35,9 @@ from nanollm.model import GPT, GPTConfig  # noqa: E402
 from nanollm.optim import Schedule, configure_optimizer  # noqa: E402
 from nanollm.pretraining import estimate_loss  # noqa: E402
 
-runs = "classic,rope,rmsnorm,swiglu,relu2,gqa,qk_norm,untied,no_bias,muon,vocab8k"  # names in RUNS, or 'best'
-best = "position=rope,norm=rmsnorm,mlp=swiglu"  # the run 'best': options chosen from the single-option runs
+runs = "classic,rope,rmsnorm,swiglu,relu2,gqa,qk_norm,untied,muon,vocab8k"  # names in RUNS, 'best', or options
+best = "position=rope,mlp=relu2,qk_norm=True,tie_embeddings=False"  # the run 'best': the single options that won
+# a run may also be its options joined by '+', e.g. position=rope+optimizer=muon
 seeds = "1,2,3"
 cpu_seconds = 30.0  # training budget of each run in process CPU seconds (evaluation not counted)
 work_dir = "/tmp/bench_blocks"  # the downloaded package, the prepared data and results.jsonl
@@ -105,7 +106,8 @@ def prepare(vocab):
 
 def train(run, seed):
     """One run: its options, the budget of CPU seconds, then the held-out scores; returns its result record."""
-    options = dict(parse_options(best) if run == "best" else RUNS[run])
+    options = dict(parse_options(best) if run == "best" else RUNS[run] if run in RUNS
+                   else parse_options(run.replace("+", ",")))
     optimizer_name, vocab = options.pop("optimizer", "adamw"), options.pop("vocab_size", vocab_size)
     data_dir = prepare(vocab)
     torch.manual_seed(seed)
@@ -171,7 +173,7 @@ if __name__ == "__main__":
     if not report_only:
         torch.set_num_threads(1)  # one thread: CPU seconds are the model's, not a thread pool's spinning
         names = [name for name in runs.split(",") if name]
-        unknown = [name for name in names if name not in RUNS and name != "best"]
+        unknown = [name for name in names if name not in RUNS and name != "best" and "=" not in name]
         if unknown:
             raise UserError(f"runs: unknown {unknown}; expected names from {tuple(RUNS)} or 'best'")
         for vocab in sorted({RUNS.get(name, {}).get("vocab_size", vocab_size) for name in names} | {vocab_size}):
