@@ -3,7 +3,7 @@ combination, against GPT-2's block at equal process CPU time on real public-doma
 decides (it does not depend on the tokenizer). It prints a markdown table; it is not a test.
 
     python bench/bench_blocks.py                                    # fetch the text, then every run, 3 seeds, in turn
-    python bench/bench_blocks.py --prepare_only=True && for s in 1 2 3; do python bench/bench_blocks.py --seeds=$s & done
+    python bench/bench_blocks.py --prepare_only=True; for s in 1 2 3; do python bench/bench_blocks.py --seeds=$s & done
     python bench/bench_blocks.py --seeds=2 --runs=classic,rope      # a subset; results add to work_dir/results.jsonl
     python bench/bench_blocks.py --report_only=True                 # the table of everything in results.jsonl
 Text: the four English texts of the Canterbury corpus, which the `brotli` package's source distribution ships as test
@@ -152,7 +152,8 @@ def report():
     def mean_std(values):
         return f"{statistics.mean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0:.4f}"
 
-    print("| run | options | seeds | val bpb | Δ vs classic (paired) | train bpb | steps | tokens / CPU-s | parameters |")
+    print("| run | options | seeds | val bpb | Δ vs classic (paired) | train bpb | steps | tokens / CPU-s | "
+          "parameters |")
     print("|---|---|---|---|---|---|---|---|---|")
     classic = by_run.get("classic", {})
     for run, records in sorted(by_run.items(), key=lambda item: statistics.mean(r["val_bpb"]
