@@ -165,7 +165,8 @@ def report():
         shared = [seed for seed in records if seed in classic]
         delta = mean_std([records[s]["val_bpb"] - classic[s]["val_bpb"] for s in shared]) if shared else "-"
         column = lambda key: [r[key] for r in records.values()]  # noqa: E731
-        print(f"| {run} | {', '.join(options) or 'GPT-2 block'} | {len(records)} | {mean_std(column('val_bpb'))} | "
+        name = run if "=" not in run else "combination"  # its options are in the next column
+        print(f"| {name} | {', '.join(options) or 'GPT-2 block'} | {len(records)} | {mean_std(column('val_bpb'))} | "
               f"{delta if run != 'classic' else '-'} | {mean_std(column('train_bpb'))} | "
               f"{statistics.mean(column('steps')):.0f} | {statistics.mean(column('tokens_per_cpu_second')):,.0f} | "
               f"{first['parameters']:,} |")
