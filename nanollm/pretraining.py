@@ -18,7 +18,6 @@ from nanollm.distributed import barrier
 from nanollm.encdec import EncoderDecoder
 from nanollm.metrics import bits_per_byte, text_nll_and_bytes, token_byte_lengths
 from nanollm.model import GPT, MLPS, NORMS, POSITIONS, GPTConfig
-from nanollm.optim import OPTIMIZERS
 from nanollm.parallel import check_parallelism
 from nanollm.tokenizer import Tokenizer
 
@@ -33,6 +32,8 @@ def check_settings(settings):
         raise UserError(f"model_type={settings['model_type']!r}: expected one of {tuple(MODEL_TYPES)}")
     if settings["init_from"] not in ("scratch", "resume"):
         raise UserError(f"init_from={settings['init_from']!r}: expected 'scratch' or 'resume'")
+    from nanollm.optim import OPTIMIZERS  # imported here: the loader imports this module and no training code
+
     if settings["optimizer"] not in OPTIMIZERS:
         raise UserError(f"optimizer={settings['optimizer']!r}: expected one of {OPTIMIZERS}")
     check_ranges(settings, positive=("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval",
