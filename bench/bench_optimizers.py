@@ -1,6 +1,6 @@
 """Benchmark: AdamW, LAMB, LARS and Muon at a large batch, on the same data and the same token budget.
 
-    python bench/bench_optimizers.py --jobs=12            # world corpus, 8x the default batch, ~7 min of CPU
+    python bench/bench_optimizers.py --jobs=15            # world corpus, 8x the default batch, ~8 min of CPU
     python bench/bench_optimizers.py --max_iters=600 --extra="--n_layer=4 --n_embd=128" --device=cuda
 Every optimizer trains train_pretrain.py with gradient_accumulation_steps=8 (8 x the default 16 x 128 tokens per step)
 for max_iters steps, once per learning rate of its small grid (min_lr = learning rate / 10). The learning rate of each
@@ -23,7 +23,8 @@ from nanollm.configurator import UserError, configure  # noqa: E402
 # its rates sit higher; LARS moves a matrix by at most lr·‖w‖ before momentum (~10x that after); Muon's update has
 # AdamW's RMS (nanollm/optim.py). A first grid at 60 steps put AdamW's best at 8e-3 and LAMB at 5e-3 far too low
 # (docs/optimizers.md).
-grid = "adamw:4e-3/8e-3/1.6e-2,lamb:1e-1/2e-1/4e-1,lars:2e-2/5e-2/1e-1,muon:8e-3/1.6e-2/3.2e-2"
+grid = ("adamw:4e-3/8e-3/1.6e-2,lamb:5e-2/1e-1/2e-1/4e-1,lars:2e-2/5e-2/1e-1,"
+        "muon:8e-3/1.6e-2/3.2e-2/6.4e-2/1.28e-1")
 max_iters = 40  # optimizer steps per run: every run sees max_iters x 16,384 tokens
 gradient_accumulation_steps = 8  # 8 micro-batches of 16 x 128 tokens per step: 8 x the default batch
 warmup_iters = 4  # a tenth of the steps
