@@ -609,7 +609,10 @@ def test_serve_script_answers_like_greedy_decoding_and_stops_on_ctrl_c(checkpoin
     process = subprocess.Popen([sys.executable, os.path.join(REPO, "serve.py"), f"--out_dir={checkpoint}",
                                 "--port=0", "--quiet=True", "--device=cpu"], cwd=REPO, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+                               env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
+                               # Ctrl-C as in a terminal, even where pytest itself runs with SIGINT ignored (a
+                               # background job): Python turns SIGINT into KeyboardInterrupt only if it is not ignored
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     watchdog = threading.Timer(120, process.kill)  # a server that never prints its banner fails, not hangs
     watchdog.start()
     try:
