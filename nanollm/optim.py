@@ -92,6 +92,20 @@ def trust_ratio(weight_norm, update_norm, max_ratio=MAX_TRUST_RATIO):
     return torch.where((weight_norm > 0) & (update_norm > 0), ratio, torch.ones_like(ratio))
 
 
+def adam_direction(state, grad, betas, eps):
+    """Adam's step direction m̂ / (√v̂ + ε) (Kingma & Ba 2015), its moments kept in `state` (one parameter's):
+    m = β1·m + (1 − β1)·g, v = β2·v + (1 − β2)·g², bias-corrected m̂ = m / (1 − β1^t), v̂ = v / (1 − β2^t).
+    LAMB rescales it per matrix; Muon's AdamW groups step along it."""
+    beta1, beta2 = betas
+    if not state:
+        state["step"], state["exp_avg"], state["exp_avg_sq"] = 0, torch.zeros_like(grad), torch.zeros_like(grad)
+    state["step"] += 1
+    m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+    m.lerp_(grad, 1 - beta1)  # m = β1·m + (1 − β1)·g
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # v = β2·v + (1 − β2)·g²
+    return (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + eps)
+
+
 class LAMB(torch.optim.Optimizer):
     """LAMB (You et al. 2019, Algorithm 2): Adam's direction plus decoupled weight decay, each matrix's step rescaled
     so that its length is lr·‖w‖ (the trust ratio ‖w‖/‖u‖): every layer moves by the same fraction of its size."""
@@ -106,20 +120,11 @@ class LAMB(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if not state:
-                    state["step"], state["exp_avg"], state["exp_avg_sq"] = 0, torch.zeros_like(p), torch.zeros_like(p)
-                state["step"] += 1
-                m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
-                m.lerp_(p.grad, 1 - beta1)  # m = β1·m + (1 − β1)·g
-                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)  # v = β2·v + (1 − β2)·g²
-                # u = m̂ / (√v̂ + ε) + λ·w, with m̂ = m / (1 − β1^t), v̂ = v / (1 − β2^t)
-                update = (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + group["eps"])
-                update.add_(p, alpha=group["weight_decay"])
+                update = adam_direction(self.state[p], p.grad, group["betas"], group["eps"])
+                update.add_(p, alpha=group["weight_decay"])  # u = m̂ / (√v̂ + ε) + λ·w
                 if group["layer_adaptation"]:
                     update.mul_(trust_ratio(p.norm(), update.norm()))  # w ← w − lr·(‖w‖/‖u‖)·u
                 p.add_(update, alpha=-group["lr"])
@@ -217,15 +222,8 @@ class Muon(torch.optim.Optimizer):
         p.add_(update, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape)))  # w ← w − lr·0.2·√max(m, n)·O
 
     def _adamw_update(self, p, group):
-        state, (beta1, beta2) = self.state[p], group["betas"]
-        if not state:
-            state["step"], state["exp_avg"], state["exp_avg_sq"] = 0, torch.zeros_like(p), torch.zeros_like(p)
-        state["step"] += 1
-        m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
-        m.lerp_(p.grad, 1 - beta1)  # m = β1·m + (1 − β1)·g
-        v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)  # v = β2·v + (1 − β2)·g²
-        # w ← w − lr·m̂ / (√v̂ + ε), with the bias corrections m̂ = m / (1 − β1^t), v̂ = v / (1 − β2^t)
-        p.sub_((m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + group["eps"]), alpha=group["lr"])
+        # w ← w − lr·m̂ / (√v̂ + ε)
+        p.sub_(adam_direction(self.state[p], p.grad, group["betas"], group["eps"]), alpha=group["lr"])
 
 
 class Schedule:
