@@ -181,12 +181,36 @@ def orthogonalize(matrix, steps=NEWTON_SCHULZ_STEPS):
     return (x.T if tall else x).to(matrix.dtype)
 
 
+def is_split(tensor):
+    """Whether the tensor is a DTensor (split over processes by FSDP or tensor parallelism). None exists before
+    torch.distributed is set up, and a single process does not pay the DTensor module's import."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def orthogonalize_split(matrix):
+    """orthogonalize for a matrix split over processes (a DTensor under FSDP or tensor parallelism): every process
+    gathers the whole matrix, orthogonalizes it (the same result everywhere) and keeps its own slice, with no further
+    communication. Under tensor parallelism a fused layer's rows are in the per-rank order (parallel.rows_for_ranks):
+    a row permutation P commutes with the iteration, NS(P·X) = P·NS(X) (the Gram matrix becomes P·X·Xᵀ·Pᵀ and the
+    Frobenius norm is unchanged), so the update equals one process's, rows permuted alike."""
+    from torch.distributed.tensor import distribute_tensor
+
+    whole = orthogonalize(matrix.full_tensor())  # (m, n) on every process
+    return distribute_tensor(whole, matrix.device_mesh, matrix.placements, src_data_rank=None)  # local slice
+
+
 class Muon(torch.optim.Optimizer):
     """Muon (Jordan et al. 2024) for the groups marked use_muon (the hidden matrices): Nesterov momentum, then the
     update orthogonalized (orthogonalize), with decoupled weight decay. The update is scaled by 0.2·√max(m, n)
     (Liu et al. 2025, "Muon is Scalable for LLM Training") to have the RMS of a typical AdamW update, so one
     learning_rate and weight_decay serve all groups. The other groups (embeddings, head, norms, biases) take AdamW.
-    Under DDP every rank holds the same all-reduced gradient, so every rank computes the same update."""
+    Under DDP every rank holds the same all-reduced gradient, so every rank computes the same update; under FSDP and
+    tensor parallelism (DTensor parameters) the momentum stays split like its matrix, and each matrix's update is
+    orthogonalized whole (orthogonalize_split)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, momentum=0.95):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum,
@@ -218,8 +242,10 @@ class Muon(torch.optim.Optimizer):
             state["momentum_buffer"] = torch.zeros_like(p)
         buffer, mu = state["momentum_buffer"], group["momentum"]
         buffer.mul_(mu).add_(p.grad)  # B = μ·B + G
-        update = orthogonalize(p.grad + mu * buffer)  # Nesterov: orthogonalize G + μ·B
-        p.add_(update, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape)))  # w ← w − lr·0.2·√max(m, n)·O
+        direction = p.grad + mu * buffer  # Nesterov: orthogonalize G + μ·B
+        update = orthogonalize_split(direction) if is_split(direction) else orthogonalize(direction)
+        # w ← w − lr·0.2·√max(m, n)·O (a DTensor's shape is the whole matrix's)
+        p.add_(update, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape)))
 
     def _adamw_update(self, p, group):
         # w ← w − lr·m̂ / (√v̂ + ε)

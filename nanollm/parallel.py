@@ -26,8 +26,8 @@ def check_parallelism(settings, n_head=None, n_embd=None, world_size=None):
     parallelism = settings.get("parallelism", "ddp")
     if parallelism not in PARALLELISMS:
         raise UserError(f"parallelism={parallelism!r}: expected one of {PARALLELISMS}")
-    if parallelism != "ddp" and settings.get("optimizer", "adamw") != "adamw":
-        raise UserError(f"parallelism={parallelism!r} is tested with optimizer='adamw' only (layer-wise optimizers "
+    if parallelism != "ddp" and settings.get("optimizer", "adamw") not in ("adamw", "muon"):
+        raise UserError(f"parallelism={parallelism!r} is tested with optimizer='adamw' or 'muon' only (LAMB and LARS "
                         f"take norms of whole matrices, which are split here); got optimizer={settings['optimizer']!r}")
     world_size = world_size or int(os.environ.get("WORLD_SIZE", 1))
     kv_heads = settings.get("n_kv_head") or n_head
@@ -118,7 +118,8 @@ def reorder_fused(state, model, parts, inverse=False):
 
 
 def reorder_fused_moments(state, model, parts, inverse=False):
-    """The same for an optimizer's state {parameter name: {moment name: tensor}} (a step count is left alone)."""
+    """The same for an optimizer's state {parameter name: {moment name: tensor}}: AdamW's moments, Muon's momentum
+    buffers (a step count is left alone)."""
     keys = fused_state_keys(model)
     return {name: {key: rows_for_ranks(value, keys[name], parts, inverse)
                    if name in keys and torch.is_tensor(value) and value.dim() > 0 else value

@@ -166,6 +166,15 @@ def test_newton_schulz_keeps_singular_vectors_and_pushes_singular_values_towards
     torch.testing.assert_close(orthogonalize(g.T), o.T)  # a tall matrix is done as its transpose
 
 
+@pytest.mark.parametrize("shape", [(4, 6), (8, 3)])
+def test_newton_schulz_commutes_with_a_row_permutation(shape):
+    """NS(P·X) = P·NS(X): tensor parallelism may orthogonalize a fused layer with its rows in the per-rank order."""
+    torch.manual_seed(0)
+    g = torch.randn(shape)
+    rows = torch.randperm(shape[0])
+    torch.testing.assert_close(orthogonalize(g[rows]), orthogonalize(g)[rows], rtol=0, atol=1e-6)
+
+
 def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16))
     optimizer = configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95), "cpu", verbose=False, name="muon")

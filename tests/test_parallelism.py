@@ -2,6 +2,7 @@
 on the same batches, checkpoints a single process reads, exact resume. Two-process runs take seconds: marked slow."""
 import copy
 import dataclasses
+import itertools
 import os
 import socket
 
@@ -23,6 +24,7 @@ from script_runner import run_script, write_corpus
 # grouped-query attention and a SwiGLU MLP: both fused layers ([q | k | v] of unequal widths, [gate | value]) are split
 CONFIG = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32, n_kv_head=2, mlp="swiglu")
 STEPS, SAVED_AT, ROWS = 10, 5, 8  # optimizer steps, the step checkpointed and resumed from, rows per global batch
+OPTIMIZERS = ("adamw", "muon")  # the element-wise optimizer, and the one that needs whole matrices
 PROBE = torch.arange(2 * CONFIG["block_size"]).view(2, -1) % CONFIG["vocab_size"]  # (2, 16) ids for the logits
 
 
@@ -34,16 +36,17 @@ def batch(step, share=0, shares=1):
     return rows[:, :-1], rows[:, 1:]
 
 
-def build(runtime):
-    """The same initial GPT on every process, wrapped by the runtime; AdamW and the guarded step (clipping at 0.5)."""
+def build(runtime, optimizer_name="adamw"):
+    """The same initial GPT on every process, wrapped by the runtime; the optimizer (AdamW, or Muon with AdamW for the
+    embeddings and norms) and the guarded step (clipping at 0.5)."""
     torch.manual_seed(0)
     model = runtime.wrap(GPT(GPTConfig(**CONFIG)))
-    optimizer = configure_optimizer(unwrap(model), 0.1, 1e-2, (0.9, 0.95), "cpu", verbose=False)
+    optimizer = configure_optimizer(unwrap(model), 0.1, 1e-2, (0.9, 0.95), "cpu", verbose=False, name=optimizer_name)
     return model, optimizer, GuardedStep(optimizer, runtime.grad_scaler(), 0.5, runtime)
 
 
 def train(model, guarded_step, runtime, steps):
-    """The scripts' step on each batch: forward, backward, clip, AdamW. Returns the global mean losses."""
+    """The scripts' step on each batch: forward, backward, clip, optimizer step. Returns the global mean losses."""
     losses = []
     for step in steps:
         x, y = batch(step, runtime.data_rank, runtime.data_ranks)
@@ -55,39 +58,43 @@ def train(model, guarded_step, runtime, steps):
 
 
 def split_runs(rank, port, folder):
-    """One of two processes, for each parallelism: train STEPS steps split, checkpoint at SAVED_AT; then a fresh split
-    model resumes from the checkpoint. Rank 0 writes the losses and the probe's logits at the checkpoint to
-    folder/<parallelism>/result.pt."""
+    """One of two processes, for each optimizer and parallelism: train STEPS steps split, checkpoint at SAVED_AT; then
+    a fresh split model resumes from the checkpoint. Rank 0 writes the losses and the probe's logits at the checkpoint
+    to folder/<optimizer>-<parallelism>/result.pt."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     first = setup("cpu", "gloo", "float32", parallelism="fsdp")
-    for runtime in (first, dataclasses.replace(first, parallelism="tp", mesh=device_mesh("cpu", 2, "tp"))):
-        model, optimizer, guarded_step = build(runtime)
+    runtimes = (first, dataclasses.replace(first, parallelism="tp", mesh=device_mesh("cpu", 2, "tp")))
+    for optimizer_name, runtime in itertools.product(OPTIMIZERS, runtimes):
+        model, optimizer, guarded_step = build(runtime, optimizer_name)
         losses = train(model, guarded_step, runtime, range(SAVED_AT))
-        path = os.path.join(folder, runtime.parallelism, "ckpt.pt")
+        run_folder = os.path.join(folder, f"{optimizer_name}-{runtime.parallelism}")
+        path = os.path.join(run_folder, "ckpt.pt")
         save_checkpoint(path, runtime, model, optimizer, guarded_step.scaler, SAVED_AT, float("inf"),
                         {"model_type": "gpt"}, CONFIG)
         with torch.no_grad():
             logits = model(PROBE)[0]  # (2, 16, 64), whole on every rank
         losses += train(model, guarded_step, runtime, range(SAVED_AT, STEPS))
         torch.distributed.barrier()  # the file is written
-        model, optimizer, guarded_step = build(runtime)
+        model, optimizer, guarded_step = build(runtime, optimizer_name)
         restore_training_state(load_checkpoint(path), model, optimizer, guarded_step.scaler, runtime)
         resumed = train(model, guarded_step, runtime, range(SAVED_AT, STEPS))
         if rank == 0:
             torch.save({"losses": losses, "resumed": resumed, "logits": logits},
-                       os.path.join(folder, runtime.parallelism, "result.pt"))
+                       os.path.join(run_folder, "result.pt"))
     teardown(first)
 
 
 @pytest.fixture(scope="module")
 def split_results(tmp_path_factory):
-    """{parallelism: its two-process run's results, and the folder of its checkpoint} for fsdp and tp (one launch)."""
+    """{(optimizer, parallelism): its two-process run's results, and the folder of its checkpoint} for AdamW and Muon
+    under fsdp and tp (one launch)."""
     folder = tmp_path_factory.mktemp("split")
     mp.spawn(split_runs, args=(free_port(), str(folder)), nprocs=2)
-    return {parallelism: dict(torch.load(folder / parallelism / "result.pt"), folder=folder / parallelism)
-            for parallelism in ("fsdp", "tp")}
+    return {(name, parallelism): dict(torch.load(folder / f"{name}-{parallelism}" / "result.pt"),
+                                      folder=folder / f"{name}-{parallelism}")
+            for name, parallelism in itertools.product(OPTIMIZERS, ("fsdp", "tp"))}
 
 
 def free_port():
@@ -106,11 +113,20 @@ def test_fused_rows_reorder_so_each_rank_holds_whole_heads_and_back():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("parallelism", ["fsdp", "tp"])
-def test_two_split_processes_match_one_process_and_resume_exactly(parallelism, split_results):
+@pytest.mark.parametrize("optimizer_name", OPTIMIZERS)
+def test_two_split_processes_match_one_process_and_resume_exactly(parallelism, optimizer_name, split_results):
+    """Muon orthogonalizes each hidden matrix whole (gathered from its shards; under tp with the fused rows in the
+    per-rank order), and its momentum buffers, sharded and reordered like AdamW's moments, resume exactly."""
     runtime = Runtime("cpu", "cpu")
-    model, _, guarded_step = build(runtime)
-    reference = train(model, guarded_step, runtime, range(STEPS))  # one process, whole batches
-    result = split_results[parallelism]
+    model, optimizer, guarded_step = build(runtime, optimizer_name)
+    reference = train(model, guarded_step, runtime, range(SAVED_AT))  # one process, whole batches
+    result = split_results[(optimizer_name, parallelism)]
+    saved = load_checkpoint(result["folder"] / "ckpt.pt")["optimizer"]["state"]  # gathered, in the model's own layout
+    for index, values in optimizer.state_dict()["state"].items():  # AdamW's moments, Muon's momentum buffers
+        for key, value in values.items():
+            if torch.is_tensor(value) and value.dim() > 0:  # not the step counts
+                assert torch.allclose(saved[index][key], value, rtol=0, atol=1e-5), (index, key)
+    reference += train(model, guarded_step, runtime, range(SAVED_AT, STEPS))
     assert max(abs(a - b) for a, b in zip(result["losses"], reference)) < 1e-5, (result["losses"], reference)
     assert result["resumed"] == result["losses"][SAVED_AT:]  # resume is exact
 
@@ -118,7 +134,7 @@ def test_two_split_processes_match_one_process_and_resume_exactly(parallelism, s
 @pytest.mark.slow
 @pytest.mark.parametrize("parallelism", ["fsdp", "tp"])
 def test_a_split_checkpoint_loads_whole_into_one_process_with_the_same_logits(parallelism, split_results):
-    result = split_results[parallelism]
+    result = split_results[("adamw", parallelism)]
     loaded = load_model(result["folder"] / "ckpt.pt").model  # the one loader, an ordinary checkpoint
     with torch.no_grad():
         logits = loaded(PROBE)[0]
@@ -158,6 +174,10 @@ def test_parallelism_settings_are_checked_before_any_work():
         check_parallelism({"parallelism": "tp"}, n_head=6, n_embd=48, world_size=4)
     with pytest.raises(UserError, match="optimizer='lamb'"):
         check_parallelism({"parallelism": "fsdp", "optimizer": "lamb"})
+    with pytest.raises(UserError, match="optimizer='lars'"):
+        check_parallelism({"parallelism": "tp", "optimizer": "lars"})
+    for parallelism in ("fsdp", "tp"):  # Muon gathers each matrix whole
+        check_parallelism({"parallelism": parallelism, "optimizer": "muon"}, n_head=8, n_embd=64, world_size=4)
     check_parallelism({"parallelism": "tp"}, n_head=8, n_embd=64, world_size=4)  # 2 heads per process
 
 
