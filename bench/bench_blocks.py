@@ -46,7 +46,8 @@ work_dir = "/tmp/bench_blocks"  # the downloaded package, the prepared data and 
 eval_iters = 20  # held-out batches per split (16 x 128 tokens each)
 report_only = False  # True: print the table of results.jsonl and stop
 prepare_only = False  # True: fetch and prepare the data, then stop (before starting several seeds side by side)
-# train_pretrain.py's defaults
+# train_pretrain.py's default sizes and schedule; the block is GPTConfig's (GPT-2's, train_pretrain.py --preset=gpt2)
+# with a run's options on top, and the optimizer AdamW unless a run names one: train_pretrain.py's defaults changed
 vocab_size, block_size, batch_size, n_layer, n_head, n_embd = 2048, 128, 16, 4, 4, 128
 learning_rate, min_lr, warmup, weight_decay, beta1, beta2, grad_clip = 2e-3, 2e-4, 0.05, 0.1, 0.9, 0.95, 1.0
 configure(globals(), sys.argv[1:])

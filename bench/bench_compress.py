@@ -1,7 +1,8 @@
 """Benchmark: what int8 quantization and magnitude pruning save and cost, all measured in one run on this machine.
 
-    python bench/bench_compress.py                  # out/ (made by python train_pretrain.py) on data/world's val split
+    python bench/bench_compress.py                  # out/ (python train_pretrain.py --preset=gpt2) on data/world val
     python bench/bench_compress.py --out_dir=out-sft --sparsities=0,0.5,0.9 --finetune_iters=0
+docs/results.md measured out/ of `python train_pretrain.py --preset=gpt2`: GPT-2's block and AdamW, then the defaults.
 Table 1: fp32 vs our int8 (both matmul paths) vs PyTorch's dynamic int8: size on disk, perplexity, greedy CPU
 generation speed (batch 1, KV cache; interleaved rounds, the best round reported) and how many greedy tokens match
 fp32's. Table 2: global magnitude pruning, sparsity vs perplexity, before and after a short fine-tune with the masks.
@@ -42,8 +43,8 @@ reject_renamed(sys.argv[1:], {"ckpt_dir": "out_dir"})
 configure(globals(), sys.argv[1:])
 
 if not os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
-    raise FileNotFoundError(f"{out_dir}/ckpt.pt not found: create it with `python train_pretrain.py` (about 3 minutes "
-                            f"on a 2-core CPU), or pass --out_dir=<a folder holding ckpt.pt>")
+    raise FileNotFoundError(f"{out_dir}/ckpt.pt not found: create it with `python train_pretrain.py --preset=gpt2` "
+                            f"(about 3 minutes on a 2-core CPU), or pass --out_dir=<a folder holding ckpt.pt>")
 if threads:
     torch.set_num_threads(threads)
 t_start = time.time()

@@ -3,8 +3,9 @@
     python pipeline.py                                    # once: the teacher (out-pipeline/sft) and its tokenizer
     python bench/bench_distill.py                         # student base, then SFT twice: plain, and with the teacher
     python bench/bench_distill.py --student_args="--n_layer=2 --n_embd=64" --alphas=0.5,0.1
-    python bench/bench_distill.py --student_base=out      # the default pretraining run (4 x 128) as the student
-The student is pretrained on the pipeline's prepared world data (same tokenizer as the teacher), then fine-tuned on
+    python bench/bench_distill.py --student_base=out      # out/ of train_pretrain.py --preset=gpt2 (4 x 128)
+The student is pretrained with GPT-2's block and AdamW (the gpt2 preset's settings, then student_args), as in
+docs/results.md, on the pipeline's prepared world data (same tokenizer as the teacher), then fine-tuned on
 the same SFT demo set for the same iterations: once with the plain cross-entropy (alpha = 1) and once per distill
 alpha with train_sft.py --teacher=<the pipeline's SFT model>. It prints one markdown row per run, from each run's
 "after" record in metrics.jsonl (the held-out set of the SFT demo). It is not a test.
@@ -18,6 +19,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from nanollm.configurator import MissingFileError, configure  # noqa: E402
+from nanollm.pretraining import PRESETS  # noqa: E402
 
 pipeline_dir = "out-pipeline"  # where pipeline.py wrote pretrain/, sft/ (the teacher) and data/
 work_dir = "/tmp/bench_distill"  # the student's runs go here
@@ -28,6 +30,9 @@ alphas = "0.5"  # distill_alpha values to run beside the plain run (comma-separa
 distill_temperature = 2.0
 device = "cpu"
 configure(globals(), sys.argv[1:])
+# GPT-2's block and AdamW, the defaults when docs/results.md was measured: the gpt2 preset's settings one by one (not
+# --preset=gpt2, which would take back a student_args setting equal to today's default); student_args after
+CLASSIC = [f"--{key}={value}" for key, value in PRESETS["gpt2"].items()]
 
 
 def run(script, args, log_name):
@@ -54,7 +59,8 @@ base, seconds = student_base, {"base": 0.0}
 if not base:
     base = os.path.join(work_dir, "student-base")
     seconds["base"] = run("train_pretrain.py", [f"--out_dir={base}", f"--data_dir={data_dir}", f"--device={device}",
-                                                "--overwrite=True"] + student_args.split(), "student-base")
+                                                "--overwrite=True"] + CLASSIC + student_args.split(),
+                           "student-base")
 runs = [("plain SFT", 1.0)] + [(f"distilled, alpha={a}", float(a)) for a in str(alphas).strip("()").split(",")]
 rows = []
 for name, alpha in runs:

@@ -1,12 +1,13 @@
 """Benchmark: the bytes each process holds of the weights, their gradients and AdamW's two moments under DDP, FSDP2
 and tensor parallelism, at 2 and 4 CPU processes (gloo). It prints a markdown table; it is not a test.
 
-    python bench/bench_memory.py                                  # train_pretrain.py's default GPT
+    python bench/bench_memory.py                                  # train_pretrain.py's sizes, GPT-2's block
     python bench/bench_memory.py --n_layer=12 --n_embd=768 --n_head=12 --vocab_size=50304   # GPT-2 small's shape
-Each process builds the same model, wraps it as train_pretrain.py does (Runtime.wrap), takes one AdamW step on a tiny
-batch and counts what it holds itself: for a DTensor its local shard (DTensor.to_local()). Gradients are the
-parameters' .grad; DDP's bucket buffers (another copy of the gradients while they are all-reduced) and activations
-are not counted. The largest rank is reported (FSDP shards can differ by a row when a size does not divide).
+Each process builds the same model (GPTConfig's block: GPT-2's, as train_pretrain.py --preset=gpt2), wraps it as
+train_pretrain.py does (Runtime.wrap), takes one AdamW step on a tiny batch and counts what it holds itself: for a
+DTensor its local shard (DTensor.to_local()). Gradients are the parameters' .grad; DDP's bucket buffers (another copy
+of the gradients while they are all-reduced) and activations are not counted. The largest rank is reported (FSDP
+shards can differ by a row when a size does not divide).
 """
 import dataclasses
 import os
@@ -25,7 +26,7 @@ from nanollm.model import GPT, GPTConfig  # noqa: E402
 from nanollm.optim import configure_optimizer  # noqa: E402
 from nanollm.parallel import device_mesh, local_bytes  # noqa: E402
 
-vocab_size = 2048  # train_pretrain.py's default model
+vocab_size = 2048  # train_pretrain.py's default sizes
 block_size = 128
 n_layer = 4
 n_head = 4

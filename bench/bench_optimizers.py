@@ -2,11 +2,12 @@
 
     python bench/bench_optimizers.py --jobs=15            # world corpus, 8x the default batch, ~8 min of CPU
     python bench/bench_optimizers.py --max_iters=600 --extra="--n_layer=4 --n_embd=128" --device=cuda
-Every optimizer trains train_pretrain.py with gradient_accumulation_steps=8 (8 x the default 16 x 128 tokens per step)
-for max_iters steps, once per learning rate of its small grid (min_lr = learning rate / 10). The learning rate of each
-optimizer is chosen by the training split's loss at the end (eval batches of train.bin); the table then reports the
-held-out validation split's loss and bits per byte of that run, so the choice does not peek at what is reported. It
-prints two markdown tables (the chosen runs, then the whole grid); it is not a test.
+Every optimizer trains train_pretrain.py on GPT-2's block (the gpt2 preset's settings, given one by one) with
+gradient_accumulation_steps=8 (8 x the default 16 x 128 tokens per step) for max_iters steps, once per learning rate
+of its small grid (min_lr = learning rate / 10). The learning rate of each optimizer is chosen by the training split's
+loss at the end (eval batches of train.bin); the table then reports the held-out validation split's loss and bits per
+byte of that run, so the choice does not peek at what is reported. It prints two markdown tables (the chosen runs, then
+the whole grid); it is not a test.
 """
 import json
 import os
@@ -17,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from nanollm.configurator import UserError, configure  # noqa: E402
+from nanollm.pretraining import PRESETS  # noqa: E402
 
 # optimizer:learning rates (slash-separated), comma-separated. In 40-60 steps the best rates are high. LAMB moves each
 # matrix by lr·‖w‖ per step, about lr·0.02 per weight at the initial scale, where AdamW moves a weight by up to lr, so
@@ -34,6 +36,9 @@ device = "cpu"
 extra = "--n_layer=2 --n_embd=64 --n_head=2"  # more train_pretrain.py arguments, space-separated
 jobs = 1  # runs at once (each one process with its own CPU time measured; the numbers do not depend on it)
 configure(globals(), sys.argv[1:])
+# GPT-2's block, as docs/optimizers.md measured it: the gpt2 preset's settings one by one, not --preset=gpt2, which
+# would also turn --optimizer=muon (now train_pretrain.py's default) back into adamw; --optimizer and extra come after
+CLASSIC = [f"--{key}={value}" for key, value in PRESETS["gpt2"].items()]
 
 
 def parse_grid(text):
@@ -48,7 +53,7 @@ def parse_grid(text):
 def train(optimizer, learning_rate):
     """Run train_pretrain.py; returns (its final evaluation record, the CPU seconds that process used)."""
     out_dir = os.path.join(work_dir, f"{optimizer}_{learning_rate:g}")
-    command = [sys.executable, os.path.join(REPO, "train_pretrain.py"), f"--dataset={dataset}",
+    command = [sys.executable, os.path.join(REPO, "train_pretrain.py")] + CLASSIC + [f"--dataset={dataset}",
                f"--data_dir={os.path.join(work_dir, 'data')}", f"--out_dir={out_dir}", f"--optimizer={optimizer}",
                f"--learning_rate={learning_rate}", f"--min_lr={learning_rate / 10}", f"--max_iters={max_iters}",
                f"--eval_interval={max_iters}", f"--warmup_iters={warmup_iters}", "--eval_iters=16",
@@ -84,10 +89,11 @@ def run(job):
     return row
 
 
-subprocess.run([sys.executable, os.path.join(REPO, "train_pretrain.py"), f"--dataset={dataset}", "--eval_only=True",
-                f"--data_dir={os.path.join(work_dir, 'data')}", f"--out_dir={os.path.join(work_dir, 'prepare')}",
-                "--overwrite=True", f"--device={device}"] + extra.split(), check=True,
-               capture_output=True)  # the data is prepared once, before runs start in parallel
+# the data is prepared once, before runs start in parallel
+subprocess.run([sys.executable, os.path.join(REPO, "train_pretrain.py")] + CLASSIC +
+               [f"--dataset={dataset}", "--eval_only=True", f"--data_dir={os.path.join(work_dir, 'data')}",
+                f"--out_dir={os.path.join(work_dir, 'prepare')}", "--overwrite=True", f"--device={device}"]
+               + extra.split(), check=True, capture_output=True)
 jobs_list = [(name, lr) for name, rates in parse_grid(grid).items() for lr in rates]
 with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads only wait for their subprocess
     runs = list(pool.map(run, jobs_list))

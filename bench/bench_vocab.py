@@ -2,9 +2,10 @@
 
     python bench/bench_vocab.py                                   # world corpus, 2k / 8k / 32k, ~90 s of training each
     python bench/bench_vocab.py --vocab_sizes=2048,8192 --seconds=300 --device=cuda
-Each vocabulary trains train_pretrain.py (its default model otherwise) for about `seconds`: a short calibration run
-measures the time per iteration, then max_iters = seconds / that time. Loss and perplexity are per token, so they
-cannot be compared across vocabularies; bits per byte (val_bpb) can. It prints a markdown table; it is not a test.
+Each vocabulary trains train_pretrain.py (its default sizes, with GPT-2's block and AdamW: the gpt2 preset's settings,
+as docs/vocab.md measured it) for about `seconds`: a short calibration run measures the time per iteration, then
+max_iters = seconds / that time. Loss and perplexity are per token, so they cannot be compared across vocabularies;
+bits per byte (val_bpb) can. It prints a markdown table; it is not a test.
 """
 import json
 import os
@@ -18,6 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from nanollm.configurator import configure  # noqa: E402
 from nanollm.data import load_meta, load_tokenizer  # noqa: E402
+from nanollm.pretraining import PRESETS  # noqa: E402
 
 vocab_sizes = "2048,8192,32768"  # comma-separated SentencePiece vocabulary sizes
 seconds = 90.0  # training budget per vocabulary (wall clock, evaluation included)
@@ -27,12 +29,15 @@ work_dir = "/tmp/bench_vocab"  # prepared data and runs go here
 device = "cpu"
 extra = ""  # more train_pretrain.py arguments, space-separated (e.g. "--n_layer=6")
 configure(globals(), sys.argv[1:])
+# GPT-2's block and AdamW, the defaults when docs/vocab.md was measured: the gpt2 preset's settings one by one (not
+# --preset=gpt2, which would take back an extra setting equal to today's default, e.g. --optimizer=muon); extra after
+CLASSIC = [f"--{key}={value}" for key, value in PRESETS["gpt2"].items()]
 
 
 def train(vocab_size, out_name, max_iters):
     """Run train_pretrain.py; returns (its stdout, its metrics records)."""
     out_dir = os.path.join(work_dir, out_name)
-    command = [sys.executable, os.path.join(REPO, "train_pretrain.py"), f"--dataset={dataset}",
+    command = [sys.executable, os.path.join(REPO, "train_pretrain.py")] + CLASSIC + [f"--dataset={dataset}",
                f"--data_dir={os.path.join(work_dir, f'data_{vocab_size}')}", f"--vocab_size={vocab_size}",
                f"--out_dir={out_dir}", f"--max_iters={max_iters}", f"--eval_interval={max(max_iters, 1)}",
                f"--device={device}", "--overwrite=True", "--sample_tokens=1", "--log_interval=1"] + extra.split()
