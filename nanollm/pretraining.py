@@ -24,6 +24,23 @@ from nanollm.tokenizer import Tokenizer
 MODEL_TYPES = {"gpt": (GPT, GPTConfig), "bert": (BERT, BertConfig), "encdec": (EncoderDecoder, GPTConfig)}
 ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "position", "norm", "mlp", "n_kv_head", "qk_norm",
                 "tie_embeddings")  # settings saved with the weights: a resumed run's are its checkpoint's
+PRESETS = {  # whole recipes in one setting; 'gpt2': GPT-2's block (Radford et al. 2019) and AdamW, the defaults
+    # before docs/blocks.md measured RoPE + ReLU² + QK-norm + untied embeddings + Muon ahead of it at equal CPU time
+    "gpt2": dict(position="learned", norm="layernorm", mlp="gelu", n_kv_head=0, qk_norm=False, tie_embeddings=True,
+                 optimizer="adamw"),
+}
+
+
+def apply_preset(settings, defaults):
+    """settings with the preset's value for each of its keys still at the script's default (defaults); a key set to
+    another value wins: --preset=gpt2 --position=rope is GPT-2's block with RoPE. preset='' changes nothing."""
+    name = settings.get("preset", "")
+    if name and name not in PRESETS:
+        raise UserError(f"preset={name!r}: expected '' or one of {tuple(PRESETS)}")
+    for key, value in PRESETS.get(name, {}).items():
+        if settings[key] == defaults[key]:
+            settings[key] = value
+    return settings
 
 
 def check_settings(settings):

@@ -58,7 +58,7 @@ def test_prune_cli_zeroes_the_globally_smallest_weights_and_finetunes_the_rest(b
     assert "fine-tuned 3 steps with masks" in result.stdout
     before = prunable_weights(load_model(str(base_dir)).model)
     after = prunable_weights(load_model(str(tmp_path)).model)  # loads like any checkpoint
-    assert sorted(before) == sorted(after) and len(before) == 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj
+    assert sorted(before) == sorted(after) and len(before) == 5  # c_attn, attn.c_proj, c_fc, mlp.c_proj, untied lm_head
     magnitudes = torch.cat([w.abs().flatten() for w in before.values()])
     n_pruned = round(0.5 * magnitudes.numel())
     threshold = magnitudes.sort().values[n_pruned - 1]  # by hand: the n_pruned-th smallest |w| over all layers
