@@ -58,9 +58,9 @@ mlp = "relu2"  # 'relu2' (squared ReLU, So et al. 2021) | 'gelu' (GPT-2) | 'swig
 n_kv_head = 0  # key/value heads: 0 = n_head; 1 = multi-query; a divisor of n_head = grouped-query (Ainslie 2023)
 qk_norm = True  # normalize queries and keys per head before attention (False: GPT-2)
 tie_embeddings = False  # True: the output layer reuses the token embedding matrix (GPT-2; Press & Wolf 2017)
-preset = ""  # 'gpt2': GPT-2's block and AdamW for each of position, norm, mlp, n_kv_head, qk_norm, tie_embeddings
-# and optimizer still at its default here (a changed one wins). The defaults above and muon below won at equal
-# CPU time on English text (docs/blocks.md); --preset=gpt2 gives back the classic recipe in one flag
+preset = ""  # 'gpt2': GPT-2's block and AdamW for position, norm, mlp, n_kv_head, qk_norm, tie_embeddings and
+# optimizer, except those given too (--preset=gpt2 --position=rope). The defaults above and muon below beat GPT-2's
+# recipe at equal CPU time on English text (docs/blocks.md); --preset=gpt2 gives it back in one flag
 attn_impl = "auto"  # 'manual' | 'sdpa' | 'triton' | 'auto' (sdpa): how attention runs, not saved with the weights
 init = "normal"  # 'normal' (GPT-2 style) | 'xavier' | 'he'
 # optimizer and schedule
@@ -88,7 +88,7 @@ sample_prompt = "Talo"
 sample_tokens = 60
 # ----------------------------------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])
-config = apply_preset(config, script_settings(__file__))  # --preset=gpt2: GPT-2's block and AdamW back
+config = apply_preset(config, script_settings(__file__), sys.argv[1:])  # --preset=gpt2: GPT-2's block and AdamW
 runtime = setup_run(config, check_settings)  # settings and out_dir checked before any work; device, DDP, precision
 master, ctx = runtime.is_master, runtime.autocast()
 checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), runtime.device) if init_from == "resume" else None

@@ -31,14 +31,16 @@ PRESETS = {  # whole recipes in one setting; 'gpt2': GPT-2's block (Radford et a
 }
 
 
-def apply_preset(settings, defaults):
-    """settings with the preset's value for each of its keys still at the script's default (defaults); a key set to
-    another value wins: --preset=gpt2 --position=rope is GPT-2's block with RoPE. preset='' changes nothing."""
+def apply_preset(settings, defaults, argv=()):
+    """settings with the preset's value for each of its keys neither named on the command line (argv) nor changed
+    from the script's default (defaults) by a config file: --preset=gpt2 --position=rope is GPT-2's block with RoPE,
+    --preset=gpt2 --optimizer=muon GPT-2's block trained with Muon. preset='' changes nothing."""
     name = settings.get("preset", "")
     if name and name not in PRESETS:
         raise UserError(f"preset={name!r}: expected '' or one of {tuple(PRESETS)}")
+    named = {arg[2:].partition("=")[0].replace("-", "_") for arg in argv if arg.startswith("--")}
     for key, value in PRESETS.get(name, {}).items():
-        if settings[key] == defaults[key]:
+        if key not in named and settings[key] == defaults[key]:
             settings[key] = value
     return settings
 

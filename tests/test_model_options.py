@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from nanollm.checkpoint import save_checkpoint
-from nanollm.configurator import UserError
+from nanollm.configurator import UserError, script_settings
 from nanollm.distributed import Runtime
 from nanollm.encdec import EncoderDecoder
 from nanollm.export import export_release
@@ -19,7 +19,7 @@ from nanollm.gpt2 import config_to_gpt2
 from nanollm.loader import load_model
 from nanollm.model import (GPT, MLP, GPTConfig, SelfAttention, apply_rotary, attend, mlp_hidden_size, norm_layer,
                            rotary_angles)
-from nanollm.pretraining import resumed_shape
+from nanollm.pretraining import apply_preset, resumed_shape
 from nanollm.tokenizer import train_tokenizer
 
 SHAPE = dict(vocab_size=97, block_size=48, n_layer=2, n_head=4, n_embd=32)
@@ -251,6 +251,7 @@ def test_a_resumed_run_takes_its_architecture_from_the_checkpoint():
     ("--position=alibi", "position='alibi': expected one of ('learned', 'rope')"),
     ("--norm=batchnorm", "norm='batchnorm': expected one of ('layernorm', 'rmsnorm')"),
     ("--n_kv_head=3", "n_kv_head=3: expected 0 (= n_head) or a divisor of n_head=4"),
+    ("--preset=llama", "preset='llama': expected '' or one of ('gpt2',)"),
 ])
 def test_train_pretrain_refuses_a_bad_option_before_any_work(tmp_path, monkeypatch, setting, message):
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_pretrain.py")
@@ -260,3 +261,20 @@ def test_train_pretrain_refuses_a_bad_option_before_any_work(tmp_path, monkeypat
         runpy.run_path(script, run_name="__main__")
     assert str(error.value) == message
     assert list(tmp_path.iterdir()) == []
+
+
+def test_preset_gpt2_gives_gpt2s_block_and_adamw_back_except_the_settings_named_with_it():
+    defaults = script_settings(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                            "train_pretrain.py"))
+    keys = ("position", "norm", "mlp", "n_kv_head", "qk_norm", "tie_embeddings", "optimizer")
+    gpt2 = ("learned", "layernorm", "gelu", 0, False, True, "adamw")  # GPT-2 (Radford et al. 2019), by hand
+    assert tuple(defaults[k] for k in keys) == ("rope", "layernorm", "relu2", 0, True, False, "muon")
+    assert apply_preset(dict(defaults), defaults) == defaults  # preset='' changes nothing
+    plain = apply_preset(dict(defaults, preset="gpt2"), defaults, ["--preset=gpt2"])
+    assert tuple(plain[k] for k in keys) == gpt2
+    assert {k: v for k, v in plain.items() if k not in keys} == \
+        {k: v for k, v in dict(defaults, preset="gpt2").items() if k not in keys}  # nothing else moves
+    # a setting named beside the preset wins, even when it equals the script's default (muon, rope)
+    mixed = apply_preset(dict(defaults, preset="gpt2", n_kv_head=2), defaults,
+                         ["--preset=gpt2", "--optimizer=muon", "--position=rope", "--n_kv_head=2"])
+    assert tuple(mixed[k] for k in keys) == ("rope", "layernorm", "gelu", 2, False, True, "muon")
