@@ -51,16 +51,16 @@ n_layer = 4
 n_head = 4
 n_embd = 128
 dropout = 0.0
-bias = True
+bias = False  # biases in every Linear and LayerNorm (True: GPT-2)
 position = "rope"  # 'rope' (rotary: q and k rotated, Su et al. 2021) | 'learned' (GPT-2: a position table)
-norm = "layernorm"  # 'layernorm' (GPT-2) | 'rmsnorm' (Zhang & Sennrich 2019)
-mlp = "relu2"  # 'relu2' (squared ReLU, So et al. 2021) | 'gelu' (GPT-2) | 'swiglu' (Shazeer 2020)
+norm = "rmsnorm"  # 'rmsnorm' (Zhang & Sennrich 2019) | 'layernorm' (GPT-2)
+mlp = "swiglu"  # 'swiglu' (Shazeer 2020) | 'gelu' (GPT-2) | 'relu2' (squared ReLU, So et al. 2021)
 n_kv_head = 0  # key/value heads: 0 = n_head; 1 = multi-query; a divisor of n_head = grouped-query (Ainslie 2023)
 qk_norm = True  # normalize queries and keys per head before attention (False: GPT-2)
 tie_embeddings = False  # True: the output layer reuses the token embedding matrix (GPT-2; Press & Wolf 2017)
-preset = ""  # 'gpt2': GPT-2's block and AdamW for position, norm, mlp, n_kv_head, qk_norm, tie_embeddings and
-# optimizer, except those given too (--preset=gpt2 --position=rope). The defaults above and muon below beat GPT-2's
-# recipe at equal CPU time on English text (docs/blocks.md); --preset=gpt2 gives it back in one flag
+preset = ""  # 'gpt2': GPT-2's block and AdamW for bias, position, norm, mlp, n_kv_head, qk_norm, tie_embeddings and
+# optimizer, except those given too (--preset=gpt2 --position=rope). The defaults above (Qwen3's block) and muon
+# beat GPT-2's recipe at equal CPU time on English text (docs/blocks.md); --preset=gpt2 gives it back in one flag
 attn_impl = "auto"  # 'manual' | 'sdpa' | 'triton' | 'auto' (sdpa): how attention runs, not saved with the weights
 init = "normal"  # 'normal' (GPT-2 style) | 'xavier' | 'he'
 # optimizer and schedule

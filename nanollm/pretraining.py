@@ -25,9 +25,9 @@ MODEL_TYPES = {"gpt": (GPT, GPTConfig), "bert": (BERT, BertConfig), "encdec": (E
 ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "position", "norm", "mlp", "n_kv_head", "qk_norm",
                 "tie_embeddings")  # settings saved with the weights: a resumed run's are its checkpoint's
 PRESETS = {  # whole recipes in one setting; 'gpt2': GPT-2's block (Radford et al. 2019) and AdamW, the defaults
-    # before docs/blocks.md measured RoPE + ReLU² + QK-norm + untied embeddings + Muon ahead of it at equal CPU time
-    "gpt2": dict(position="learned", norm="layernorm", mlp="gelu", n_kv_head=0, qk_norm=False, tie_embeddings=True,
-                 optimizer="adamw"),
+    # before docs/blocks.md measured Qwen3's block (RoPE, RMSNorm, SwiGLU, QK-norm, untied, no biases) + Muon ahead
+    "gpt2": dict(bias=True, position="learned", norm="layernorm", mlp="gelu", n_kv_head=0, qk_norm=False,
+                 tie_embeddings=True, optimizer="adamw"),
 }
 
 

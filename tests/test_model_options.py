@@ -266,9 +266,9 @@ def test_train_pretrain_refuses_a_bad_option_before_any_work(tmp_path, monkeypat
 def test_preset_gpt2_gives_gpt2s_block_and_adamw_back_except_the_settings_named_with_it():
     defaults = script_settings(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                             "train_pretrain.py"))
-    keys = ("position", "norm", "mlp", "n_kv_head", "qk_norm", "tie_embeddings", "optimizer")
-    gpt2 = ("learned", "layernorm", "gelu", 0, False, True, "adamw")  # GPT-2 (Radford et al. 2019), by hand
-    assert tuple(defaults[k] for k in keys) == ("rope", "layernorm", "relu2", 0, True, False, "muon")
+    keys = ("bias", "position", "norm", "mlp", "n_kv_head", "qk_norm", "tie_embeddings", "optimizer")
+    gpt2 = (True, "learned", "layernorm", "gelu", 0, False, True, "adamw")  # GPT-2 (Radford et al. 2019), by hand
+    assert tuple(defaults[k] for k in keys) == (False, "rope", "rmsnorm", "swiglu", 0, True, False, "muon")  # Qwen3
     assert apply_preset(dict(defaults), defaults) == defaults  # preset='' changes nothing
     plain = apply_preset(dict(defaults, preset="gpt2"), defaults, ["--preset=gpt2"])
     assert tuple(plain[k] for k in keys) == gpt2
@@ -277,4 +277,4 @@ def test_preset_gpt2_gives_gpt2s_block_and_adamw_back_except_the_settings_named_
     # a setting named beside the preset wins, even when it equals the script's default (muon, rope)
     mixed = apply_preset(dict(defaults, preset="gpt2", n_kv_head=2), defaults,
                          ["--preset=gpt2", "--optimizer=muon", "--position=rope", "--n_kv_head=2"])
-    assert tuple(mixed[k] for k in keys) == ("rope", "layernorm", "gelu", 2, False, True, "muon")
+    assert tuple(mixed[k] for k in keys) == (True, "rope", "layernorm", "gelu", 2, False, True, "muon")
