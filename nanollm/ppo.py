@@ -21,7 +21,7 @@ from nanollm.configurator import UserError, check_ranges
 from nanollm.data import batch_seed, last_token_index, pad_sequences
 from nanollm.loader import load_model
 from nanollm.model import GPT, GPTConfig, architecture_args
-from nanollm.reward import prompt_key, response_logprob_running_mean
+from nanollm.reward import freeze_unused_lm_head, prompt_key, response_logprob_running_mean
 from nanollm.sft import language
 from nanollm.tokenizer import NUM_RESERVED, Tokenizer, prompt_ids
 
@@ -161,6 +161,7 @@ class Critic(nn.Module):
         self.backbone = backbone
         self.head = nn.Linear(backbone.config.n_embd, 1)
         self.likelihood_weight = nn.Parameter(torch.zeros(())) if likelihood else None
+        freeze_unused_lm_head(backbone, used=likelihood)  # read only by the likelihood feature
 
     @classmethod
     def from_reward_model(cls, reward_model, config=None):

@@ -52,6 +52,15 @@ def response_logprob_mean(lm, hidden, idx, attention_mask):
     return running[torch.arange(idx.size(0), device=idx.device), last_token_index(attention_mask)]
 
 
+def freeze_unused_lm_head(backbone, used):
+    """An untied LM head that no loss reads (a reward model or critic without the likelihood feature) is frozen: it
+    would get no gradient, and DDP waits for every trainable parameter's. A tied head is the token embedding: kept."""
+    head = getattr(backbone, "lm_head", None)
+    embeddings = {id(m.weight) for m in backbone.modules() if isinstance(m, nn.Embedding)}
+    if head is not None and not used and id(head.weight) not in embeddings:
+        head.weight.requires_grad_(False)
+
+
 class RewardModel(nn.Module):
     """A GPT (or BERT) backbone, its LM head unused, + Linear(n_embd, 1) read at the last real token."""
 
@@ -68,6 +77,7 @@ class RewardModel(nn.Module):
             if not isinstance(backbone, GPT):
                 raise ValueError("the likelihood feature needs a causal trunk with an LM head (backbone 'sft')")
             self.likelihood_weight = nn.Parameter(torch.full((), float(likelihood_weight)))
+        freeze_unused_lm_head(backbone, used=self.likelihood)
         # fitted after training so the mean reward on the SFT model's responses is 0; saved in the state dict
         self.register_buffer("reward_bias", torch.zeros(()))
 

@@ -76,7 +76,7 @@ def test_quantize_cli_writes_an_int8_model_equal_to_the_dequantized_float_model(
     from nanollm.quantize import dequantize, quantizable_linears, quantize_per_channel
 
     result = run_module("nanollm.quantize", f"--out_dir={base_dir}", f"--int8_dir={tmp_path}")
-    assert "4 Linear layers -> int8" in result.stdout
+    assert "5 Linear layers -> int8" in result.stdout  # one block's four and the untied lm_head
     quantized = load_model(tmp_path / "model_int8.pt").model
     reference = load_model(str(base_dir)).model.eval()
     for _, _, _, linear in quantizable_linears(reference):  # the float model with q · s in place of each weight

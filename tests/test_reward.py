@@ -342,3 +342,21 @@ def test_a_custom_dataset_is_split_by_prompt_so_no_prompt_is_on_both_sides():
     assert [g.source for g in train if g.prompt[0]["content"] == "d?"] == ["f.jsonl:2", "f.jsonl:8", "f.jsonl:9"]
     train, held_out = split_by_prompt(groups, 0.5)
     assert {g.prompt[0]["content"] for g in held_out} == {"b?", "c?"} and len(train) == 5
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_an_untied_lm_head_no_loss_reads_is_frozen_in_the_reward_model_and_the_critic(tied):
+    from nanollm.ppo import Critic
+
+    def trunk():
+        return GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16, tie_embeddings=tied))
+
+    for model in (RewardModel(trunk()), Critic(trunk())):
+        assert model.backbone.lm_head.weight.requires_grad == tied  # tied: it is the token embedding, trained
+        assert model.backbone.wte.weight.requires_grad
+    for model in (RewardModel(trunk(), likelihood_weight=1.0), Critic(trunk(), likelihood=True)):
+        assert model.backbone.lm_head.weight.requires_grad  # the likelihood feature reads the head
+    idx = torch.randint(4, 50, (3, 8))
+    reward_model = RewardModel(trunk())
+    reward_model(idx, torch.ones_like(idx)).sum().backward()  # every trainable parameter gets a gradient (DDP's need)
+    assert all(p.grad is not None for p in reward_model.parameters() if p.requires_grad)
