@@ -1,8 +1,8 @@
 """Benchmark: what int8 quantization and magnitude pruning save and cost, all measured in one run on this machine.
 
-    python bench/bench_compress.py                  # out/ (python train_pretrain.py --preset=gpt2) on data/world val
+    python bench/bench_compress.py                  # out/ (python train_pretrain.py) on data/world val
     python bench/bench_compress.py --out_dir=out-sft --sparsities=0,0.5,0.9 --finetune_iters=0
-docs/results.md measured out/ of `python train_pretrain.py --preset=gpt2`: GPT-2's block and AdamW, then the defaults.
+docs/results.md measured out/ of `python train_pretrain.py` (the default) and of `--preset=gpt2` (GPT-2's block).
 Table 1: fp32 vs our int8 (both matmul paths) vs PyTorch's dynamic int8: size on disk, perplexity, greedy CPU
 generation speed (batch 1, KV cache; interleaved rounds, the best round reported) and how many greedy tokens match
 fp32's. Table 2: global magnitude pruning, sparsity vs perplexity, before and after a short fine-tune with the masks.
@@ -43,8 +43,8 @@ reject_renamed(sys.argv[1:], {"ckpt_dir": "out_dir"})
 configure(globals(), sys.argv[1:])
 
 if not os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
-    raise FileNotFoundError(f"{out_dir}/ckpt.pt not found: create it with `python train_pretrain.py --preset=gpt2` "
-                            f"(about 3 minutes on a 2-core CPU), or pass --out_dir=<a folder holding ckpt.pt>")
+    raise FileNotFoundError(f"{out_dir}/ckpt.pt not found: create it with `python train_pretrain.py` "
+                            f"(about 2 minutes on a 2-core CPU), or pass --out_dir=<a folder holding ckpt.pt>")
 if threads:
     torch.set_num_threads(threads)
 t_start = time.time()
@@ -90,8 +90,8 @@ if torch_dynamic:
         buffer = io.BytesIO()
         torch.save(dynamic.state_dict(), buffer)
     rows["torch.ao dynamic int8"] = {"size": len(buffer.getvalue()) / 1e6, "model": dynamic}
-print(f"our int8: {len(names)} Linear layers quantized (per-row scales); the tied embedding/lm_head, position "
-      f"embedding and LayerNorms stay fp32")
+print(f"our int8: {len(names)} Linear layers quantized (per-row scales; an untied lm_head is one of them); the token "
+      f"embedding (and a tied lm_head), position embedding and norms stay fp32")
 
 for name, row in rows.items():
     quantize.matmul_path = "auto"  # perplexity batches: 'auto' takes the reference path for > 16 rows

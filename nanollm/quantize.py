@@ -3,7 +3,7 @@
 Teaches symmetric per-output-channel quantization (one scale per row: scale = max|w_row| / 127, q = round(w / scale))
 and a matmul that dequantizes on the fly, so weights live in memory and on disk as int8 while activations stay float
 (weight-only schemes as in LLM.int8(), Dettmers et al. 2022, without its outlier path; Jacob et al. 2018 for the
-int8 basics). The token embedding (tied with lm_head) and LayerNorms stay in float.
+int8 basics). The token embedding (with a tied lm_head) and the norms stay in float; an untied lm_head is quantized.
     python -m nanollm.quantize --out_dir=out --int8_dir=out-int8      # writes out-int8/model_int8.pt + tokenizer
 """
 import os
