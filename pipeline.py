@@ -1,7 +1,7 @@
 """The whole pipeline in one command, on the built-in world: pretrain -> SFT -> feedback collection + reward model
 -> PPO with the KL penalty -> PPO with β = 0 (reward hacking), then a summary report with the tables and the plot.
 
-    python pipeline.py                 # 20-22 minutes on 2 CPU cores -> out-pipeline/report.md (+ ppo_curves.png)
+    python pipeline.py                 # about 19 minutes on 2 CPU cores -> out-pipeline/report.md (+ ppo_curves.png)
     python pipeline.py --pipeline_dir=run2 --ppo_args="--max_iters=100 --target_kl=0.5"
     python pipeline.py                 # again: finished stages are skipped, an interrupted one resumes
     python pipeline.py --methods=all   # then: PPO over β, DPO over β, IPO, GRPO, RLOO, best-of-N from the same SFT
@@ -28,11 +28,11 @@ from nanollm.report import ALL_STAGE_DIRS, MARKER, build_report, read_marker, re
 # ------------------------------------------------------------------------------------------ settings
 pipeline_dir = "out-pipeline"  # every stage's out_dir (pretrain/, sft/, rm/, ppo/, ppo-beta0/), data/, logs, report
 methods = "ppo,ppo_beta0"  # the runs after the reward model, from nanollm/comparison.py's METHODS; 'all': every one
-pretrain_args = "--n_embd=192 --batch_size=32"  # extra settings for train_pretrain.py: a 2.2 M-parameter base on
-# 2x the default tokens, which knows enough facts for PPO to have something to work with (the 3-minute default does not)
+pretrain_args = "--n_embd=192 --batch_size=32"  # extra settings for train_pretrain.py: a 2.56 M-parameter base on
+# 2x the default tokens, which knows more of the world's facts than the 2-minute default (SFT exact match 0.55 vs 0.43)
 sft_args = ""  # ... for train_sft.py
 rm_args = "--likelihood_weight=1.0"  # ... for train_rm.py (feedback collection and the reward model): the reward
-# model reads its own likelihood of the reply too (README, stage 3: 78.4% -> 85.8% vs gold on this pipeline's data)
+# model reads its own likelihood of the reply too (docs/rlhf.md: 78.4% -> 85.8% vs gold on GPT-2's block's pipeline)
 ppo_args = ""  # ... for every train_ppo.py run
 ppo_beta0_args = "--max_iters=40"  # ... for the β = 0 run only (after ppo_args and --init_kl_coef=0): longer, so
 # the reward hacking has time to show
