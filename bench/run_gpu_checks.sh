@@ -11,7 +11,7 @@ PY=${PYTHON:-python3}
 } > "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 # tests: the whole suite, CUDA-only tests included (xdist when present)
-XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "-o addopts=-ra")  # pyproject asks for -n auto: without pytest-xdist, plain
 timeout 300 $PY -m pytest -q -p no:cacheprovider $XDIST ${TESTS:-tests} > "$OUT/tests.txt" 2>&1
 tail -25 "$OUT/tests.txt"
 # kernels: ours vs PyTorch (bf16, then fp16 attention only for a short sweep)
