@@ -211,5 +211,5 @@ if stop.stopped:  # Ctrl-C: the checkpoint a resumed run starts from
 elif master and not eval_only:  # the end: the held-out sets before and after, and where the samples are
     print(f"[nanollm] {max_iters} PPO iterations in {time.time() - t_start:.1f} s; final beta {controller.beta:.4f}; "
           f"samples in {out_dir}/samples.txt\n{before_after_table(read_metrics(log.path))}")
-dist_utils.teardown(runtime)
+dist_utils.end_run(runtime, stop.exit_code)  # a multi-process run exits here (with the stop's code)
 stop.exit_if_stopped()

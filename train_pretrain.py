@@ -192,5 +192,5 @@ elif master and not eval_only:  # the end: numbers and a sample
         print(f"[nanollm] a sample: python sample.py --out_dir={out_dir}")
     else:
         print("[nanollm] sample:", raw_model.sample_text(tokenizer, sample_prompt, sample_tokens))
-dist_utils.teardown(runtime)
+dist_utils.end_run(runtime, stop.exit_code)  # a multi-process run exits here (with the stop's code)
 stop.exit_if_stopped()

@@ -202,5 +202,5 @@ elif not eval_only:  # the end: fit the bias (mean reward 0 on the SFT model's r
         print(f"[nanollm] trained {max_iters} iterations in {time.time() - t_start:.1f} s; reward bias {bias:+.4f} "
               f"(the mean reward on the training responses is now 0)\n[nanollm] final: {held_out.describe(scores)}\n"
               f"{held_out.length_table(rewards)}")
-dist_utils.teardown(runtime)
+dist_utils.end_run(runtime, stop.exit_code)  # a multi-process run exits here (with the stop's code)
 stop.exit_if_stopped()

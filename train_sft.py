@@ -215,5 +215,5 @@ elif master and not eval_only:  # the end: held-out metrics before and after, an
               f"{conversation.messages[-1]['content']})")
 elif runtime.evaluates and not eval_only:  # the other ranks of a split model take part in rank 0's evaluation
     run_evaluation(with_generation=eval_examples > 0)
-dist_utils.teardown(runtime)
+dist_utils.end_run(runtime, stop.exit_code)  # a multi-process run exits here (with the stop's code)
 stop.exit_if_stopped()

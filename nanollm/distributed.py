@@ -7,6 +7,7 @@ the weights stay fp32 (Micikevicius et al. 2018); fp16 needs loss scaling (a Gra
 """
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -128,6 +129,18 @@ def teardown(runtime):
     if runtime.ddp and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def end_run(runtime, exit_code=0):
+    """A training script's last line: teardown, then a multi-process run exits here with exit_code. The DDP wrapper
+    still holds the gloo group, whose worker threads were seen to abort a rank while the interpreter shut down
+    (SIGABRT after all its work was done: the shutdown problem of pytorch/pytorch#179291). Everything is written by
+    now (the scripts close their logs first); stdout and stderr are flushed here. One process returns normally."""
+    teardown(runtime)
+    if runtime.ddp:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
 
 
 def barrier(runtime):

@@ -116,6 +116,11 @@ class GracefulStop:
             tqdm.write(f"[nanollm] stop requested: checkpoint at iteration {iter_num}; resume with --init_from=resume")
         return self.stopped
 
+    @property
+    def exit_code(self):
+        """0 for a finished run; 128 + the signal's number for a stopped one (see exit_if_stopped)."""
+        return 128 + int(self.signum) if self.stopped else 0
+
     def exit_if_stopped(self):
         """A stopped run ends with exit code 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM), as a shell
         reports it, so that a caller can tell it from a finished run (exit code 0)."""

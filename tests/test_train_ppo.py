@@ -162,6 +162,8 @@ def ppo_losses(*args, **kwargs):  # rank 0 reports an approx KL of 0: its own me
 
 
 nanollm.ppo.ppo_losses = ppo_losses
+import nanollm.distributed  # the script's end_run exits a multi-process run; return instead, to save its state below
+nanollm.distributed.end_run = lambda runtime, exit_code=0: nanollm.distributed.teardown(runtime)
 atexit.register(lambda: json.dump(measured, open(os.path.join({out!r}, f"approx_kl_rank{{rank}}.json"), "w")))
 sys.argv[0] = {script!r}
 finished = runpy.run_path({script!r}, run_name="__main__")  # the script's globals at its end
