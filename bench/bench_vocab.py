@@ -2,7 +2,7 @@
 
     python bench/bench_vocab.py                                   # world corpus, 2k / 8k / 32k, ~90 s of training each
     python bench/bench_vocab.py --vocab_sizes=2048,8192 --seconds=300 --device=cuda
-Each vocabulary trains train_pretrain.py (its default sizes, with GPT-2's block and AdamW: the gpt2 preset's settings,
+Each vocabulary trains train_pretrain.py (its default sizes, with GPT-2's block and AdamW: --preset=gpt2,
 as docs/vocab.md measured it) for about `seconds`: a short calibration run measures the time per iteration, then
 max_iters = seconds / that time. Loss and perplexity are per token, so they cannot be compared across vocabularies;
 bits per byte (val_bpb) can. It prints a markdown table; it is not a test.
@@ -19,7 +19,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from nanollm.configurator import configure  # noqa: E402
 from nanollm.data import load_meta, load_tokenizer  # noqa: E402
-from nanollm.pretraining import PRESETS  # noqa: E402
 
 vocab_sizes = "2048,8192,32768"  # comma-separated SentencePiece vocabulary sizes
 seconds = 90.0  # training budget per vocabulary (wall clock, evaluation included)
@@ -29,9 +28,7 @@ work_dir = "/tmp/bench_vocab"  # prepared data and runs go here
 device = "cpu"
 extra = ""  # more train_pretrain.py arguments, space-separated (e.g. "--n_layer=6")
 configure(globals(), sys.argv[1:])
-# GPT-2's block and AdamW, the defaults when docs/vocab.md was measured: the gpt2 preset's settings one by one (not
-# --preset=gpt2, which would take back an extra setting equal to today's default, e.g. --optimizer=muon); extra after
-CLASSIC = [f"--{key}={value}" for key, value in PRESETS["gpt2"].items()]
+CLASSIC = ["--preset=gpt2"]  # GPT-2's block and AdamW, as the docs measured it; a setting named after it wins
 
 
 def train(vocab_size, out_name, max_iters):

@@ -141,11 +141,15 @@ def configure(namespace, argv):
     return {k: namespace[k] for k in keys}
 
 
+def command_line_keys(argv):
+    """The setting names a command line gives as --key=value, in order ('--max-iters' is max_iters)."""
+    return [arg[2:].partition("=")[0].replace("-", "_") for arg in argv if arg.startswith("--")]
+
+
 def reject_renamed(argv, renamed):
     """A setting's old name ({old: new}) on the command line is a one-line error that names the new one."""
     sys.excepthook = _report_user_error
-    for arg in argv:
-        key = arg[2:].partition("=")[0].replace("-", "_") if arg.startswith("--") else None
+    for key in command_line_keys(argv):
         if key in renamed:
             raise UserError(f"command line: --{key} is now --{renamed[key]}")
 

@@ -12,7 +12,7 @@ import os
 import torch
 
 from nanollm.bert import BERT, BertConfig, mlm_accuracy
-from nanollm.configurator import UserError, check_ranges
+from nanollm.configurator import UserError, check_ranges, command_line_keys
 from nanollm.data import load_meta, load_tokenizer, prepare_dataset, tokenizer_file
 from nanollm.distributed import barrier
 from nanollm.encdec import EncoderDecoder
@@ -38,7 +38,7 @@ def apply_preset(settings, defaults, argv=()):
     name = settings.get("preset", "")
     if name and name not in PRESETS:
         raise UserError(f"preset={name!r}: expected '' or one of {tuple(PRESETS)}")
-    named = {arg[2:].partition("=")[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+    named = set(command_line_keys(argv))
     for key, value in PRESETS.get(name, {}).items():
         if key not in named and settings[key] == defaults[key]:
             settings[key] = value

@@ -56,8 +56,7 @@ def freeze_unused_lm_head(backbone, used):
     """An untied LM head that no loss reads (a reward model or critic without the likelihood feature) is frozen: it
     would get no gradient, and DDP waits for every trainable parameter's. A tied head is the token embedding: kept."""
     head = getattr(backbone, "lm_head", None)
-    embeddings = {id(m.weight) for m in backbone.modules() if isinstance(m, nn.Embedding)}
-    if head is not None and not used and id(head.weight) not in embeddings:
+    if head is not None and not used and not backbone.config.tie_embeddings:
         head.weight.requires_grad_(False)
 
 
